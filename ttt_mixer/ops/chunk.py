@@ -1,0 +1,136 @@
+"""Chunked dual form of TTT in PyTorch (SPEC.md section 4): the path used where Triton is not.
+
+Only the weight recurrence runs mini-batch by mini-batch (one matmul per layer for the gradients and
+one for the update); everything that does not feed the next mini-batch's weights (the attention-like
+dual-form terms, the output LayerNorm) runs once over all mini-batches afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ttt_mixer.ops.common import (
+    get_inner_model,
+    inner_gradients,
+    inner_output,
+    join_state,
+    loss_target,
+    split_state,
+    token_scale,
+    validate_inputs,
+    with_ones,
+)
+from ttt_mixer.ops.grid import MiniBatchGrid
+
+
+def ttt_chunk(
+    inner_model: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    token_offset: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    params: Sequence[torch.Tensor],
+    initial_state: tuple[torch.Tensor, ...] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """TTT over whole sequences in the dual form.
+
+    Args:
+        inner_model: ``"linear"`` (TTT-Linear) or ``"mlp"`` (TTT-MLP).
+        q, k, v: [B, T, H, d] queries, keys and values (after any RoPE or convolution).
+        lr: [B, T, H] per-key learning rate lr_j (base lr * sigmoid(gate) / d, SPEC.md section 2).
+        token_offset: [b] learnable offsets eps_i of the token scale; b is the mini-batch size.
+        ln_weight, ln_bias: [H, d] the inner LayerNorm, or both None for f(z) = f_res(z) (no
+            LayerNorm, no residual: the setting of SPEC.md section 8).
+        params: the inner model's initial weights, ``(w1, b1)`` or ``(w1, b1, w2, b2)`` with
+            w [H, d_in, d_out] and b [H, d_out]; used when ``initial_state`` is None.
+        initial_state: a state tuple (see ``ttt_mixer.ops.common``) to continue from, possibly in the
+            middle of a mini-batch, one per sequence.
+        output_final_state: also return the state after the last token of each sequence.
+        cu_seqlens: [N + 1] offsets of N packed sequences in a batch of size 1.
+        eps: the inner LayerNorm epsilon.
+
+    Returns:
+        o: [B, T, H, d] the outputs XQ + LN(f_res(XQ; W_bar)) in the dtype of q, and the final state
+        (float32, or float64 for float64 inputs) or None.
+    """
+    inner = get_inner_model(inner_model)
+    params = list(params)
+    num_sequences = validate_inputs(
+        inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens
+    )
+    B, T, H, _ = q.shape
+    b = token_offset.shape[0]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+
+    if initial_state is None:
+        position = torch.zeros(num_sequences, dtype=torch.long, device=q.device)
+        weights = [
+            torch.cat([params[i], params[i + 1].unsqueeze(-2)], dim=-2).to(dtype).expand(num_sequences, -1, -1, -1)
+            for i in range(0, len(params), 2)
+        ]
+        sums = None
+    else:
+        position, weights, sums = split_state(inner, initial_state)
+        weights = [w.to(dtype) for w in weights]
+        sums = [s.to(dtype) for s in sums]
+
+    grid = MiniBatchGrid(B, T, cu_seqlens, position, b)
+    # [N, M, b, H, ...] -> [N, H, M, b, ...]
+    qg, kg, vg = (grid.to_grid(t.to(dtype)).permute(0, 3, 1, 2, 4) for t in (q, k, v))
+    lrg = grid.to_grid(lr.to(dtype)).permute(0, 3, 1, 2)
+    tau = token_scale(token_offset.to(dtype))
+    lnw, lnb = (None, None) if ln_weight is None else (ln_weight.to(dtype)[:, None], ln_bias.to(dtype)[:, None])
+    k_aug, target = with_ones(kg), loss_target(kg, vg, ln_weight)
+
+    history, inputs, grads = ([[] for _ in range(inner.num_layers)] for _ in range(3))
+    all_complete = bool(grid.complete.all())
+    carried = sums
+    for m in range(grid.num_minibatches):
+        x_m, g_m = inner_gradients(inner, k_aug[:, :, m], target[:, :, m], weights, lnw, lnb, eps)
+        lr_m = lrg[:, :, m, :, None]
+        step_sums = [(lr_m * x).transpose(-1, -2) @ g for x, g in zip(x_m, g_m, strict=True)]
+        if carried is not None:
+            step_sums = [s + u for s, u in zip(carried, step_sums, strict=True)]
+        for layer in range(inner.num_layers):
+            history[layer].append(weights[layer])
+            inputs[layer].append(x_m[layer])
+            grads[layer].append(g_m[layer])
+        updated = [w - tau[-1] * s for w, s in zip(weights, step_sums, strict=True)]
+        if all_complete:
+            weights, carried = updated, None
+        else:
+            done = grid.complete[:, m, None, None, None]
+            weights = [torch.where(done, u, w) for u, w in zip(updated, weights, strict=True)]
+            carried = [torch.where(done, 0.0, s) for s in step_sums]
+
+    # eta[i, j] = tau_i * lr_j for j <= i inside each mini-batch
+    eta = (tau[:, None] * lrg[..., None, :]).tril()
+    x_query = qg
+    for layer in range(inner.num_layers):
+        q_aug = with_ones(x_query)
+        keys = torch.stack(inputs[layer], dim=2)
+        z = q_aug @ torch.stack(history[layer], dim=2) - ((q_aug @ keys.transpose(-1, -2)) * eta) @ torch.stack(
+            grads[layer], dim=2
+        )
+        if sums is not None:
+            # the accumulators of a state read mid-mini-batch only reach its first mini-batch
+            first = z[:, :, :1] - tau[:, None] * (q_aug[:, :, :1] @ sums[layer][:, :, None])
+            z = torch.cat([first, z[:, :, 1:]], dim=2)
+        if layer + 1 < inner.num_layers:
+            x_query = F.gelu(z, approximate="tanh")
+    out = inner_output(qg, z, *((None, None) if lnw is None else (lnw[:, None], lnb[:, None])), eps)
+    o = grid.from_grid(out.permute(0, 2, 3, 1, 4), B, T).to(q.dtype)
+
+    if not output_final_state:
+        return o, None
+    final_sums = carried if carried is not None else [torch.zeros_like(w) for w in weights]
+    return o, join_state(grid.final_position, weights, final_sums)

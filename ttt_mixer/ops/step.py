@@ -1,0 +1,100 @@
+"""One decoding step of TTT for a batch of sequences, each at its own position in its mini-batch
+(SPEC.md section 5): G_i at W; S += lr_i G_i; W_bar = W - tau_i S; output f(XQ_i; W_bar); at the end
+of a mini-batch W <- W_bar and S <- 0. Its cost does not depend on how many tokens came before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ttt_mixer.ops.common import (
+    get_inner_model,
+    initial_state as make_initial_state,
+    inner_forward,
+    inner_gradients,
+    inner_output,
+    join_state,
+    loss_target,
+    split_state,
+    token_scale,
+    validate_inputs,
+    with_ones,
+)
+
+
+def ttt_step(
+    inner_model: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    token_offset: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    params: Sequence[torch.Tensor],
+    initial_state: tuple[torch.Tensor, ...] | None = None,
+    output_final_state: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Read one token per sequence. Arguments as for ``ttt_chunk``, with T = 1 for a batch of rows,
+    or, packed, ``cu_seqlens`` whose sequences hold one token or none (a sequence without a token
+    keeps its state)."""
+    inner = get_inner_model(inner_model)
+    params = list(params)
+    num_sequences = validate_inputs(
+        inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens
+    )
+    B, T, H, d = q.shape
+    lengths = None
+    if cu_seqlens is None:
+        if T != 1:
+            raise ValueError(f"the decode step reads one token per sequence: q must be [B, 1, H, d], got T = {T}")
+    else:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(q.device)
+        if (lengths > 1).any():
+            raise ValueError("the decode step reads at most one token per sequence: cu_seqlens segments must be 0 or 1")
+    b = token_offset.shape[0]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    if initial_state is None:
+        initial_state = make_initial_state(inner, [p.to(dtype) for p in params], num_sequences)
+    position, weights, sums = split_state(inner, initial_state)
+    weights = [w.to(dtype) for w in weights]
+    sums = [s.to(dtype) for s in sums]
+
+    def per_sequence(x: torch.Tensor) -> torch.Tensor:
+        # [B, T, H, ...] -> [N, H, 1, ...], a zero row for a sequence without a token
+        x = x.to(dtype).reshape(B * T, *x.shape[2:])
+        if lengths is None:
+            return x.unsqueeze(2)
+        index = torch.where(lengths > 0, cu_seqlens[:-1].to(q.device), B * T)
+        return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[index].unsqueeze(2)
+
+    qn, kn, vn, lrn = (per_sequence(t) for t in (q, k, v, lr))
+    lnw, lnb = (None, None) if ln_weight is None else (ln_weight.to(dtype)[:, None], ln_bias.to(dtype)[:, None])
+    x, g = inner_gradients(inner, with_ones(kn), loss_target(kn, vn, ln_weight), weights, lnw, lnb, eps)
+    sums_new = [s + (lrn[..., None] * xl).transpose(-1, -2) @ gl for s, xl, gl in zip(sums, x, g, strict=True)]
+    tau_i = token_scale(token_offset.to(dtype))[position][:, None, None, None]
+    weights_bar = [w - tau_i * s for w, s in zip(weights, sums_new, strict=True)]
+    out = inner_output(qn, inner_forward(inner, qn, weights_bar), lnw, lnb, eps)
+    o = out.squeeze(2)
+    if lengths is not None:
+        # tokens are packed in sequence order, so the sequences that hold one give the output rows
+        o = o[lengths > 0]
+    o = o.reshape(B, T, H, d).to(q.dtype)
+
+    if not output_final_state:
+        return o, None
+    boundary = (position + 1 == b)[:, None, None, None]
+    new_weights = [torch.where(boundary, wb, w) for wb, w in zip(weights_bar, weights, strict=True)]
+    new_sums = [torch.where(boundary, 0.0, s) for s in sums_new]
+    new_position = (position + 1) % b
+    if lengths is not None:
+        has = lengths > 0
+        keep = has[:, None, None, None]
+        new_weights = [torch.where(keep, nw, w) for nw, w in zip(new_weights, weights, strict=True)]
+        new_sums = [torch.where(keep, ns, s) for ns, s in zip(new_sums, sums, strict=True)]
+        new_position = torch.where(has, new_position, position)
+    return o, join_state(new_position, new_weights, new_sums)
