@@ -64,3 +64,22 @@ class MiniBatchGrid:
         if self.identity:
             return y.reshape(batch_size, seq_len, *tail)
         return y.reshape(-1, *tail)[self.scatter_index].reshape(batch_size, seq_len, *tail)
+
+
+def minibatch_positions(
+    batch_size: int,
+    seq_len: int,
+    cu_seqlens: torch.Tensor | None,
+    start_position: torch.Tensor,
+    mini_batch_size: int,
+) -> torch.Tensor:
+    """[B, T] position of every token inside its own mini-batch, 0..b-1, counted from each sequence's
+    first token and continued from its state's position (the RoPE index of SPEC.md section 1)."""
+    device = start_position.device
+    if cu_seqlens is None:
+        offset = torch.arange(seq_len, device=device)[None, :] + start_position[:, None]
+        return offset % mini_batch_size
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    token = torch.arange(seq_len, device=device)
+    sequence = torch.searchsorted(cu[1:], token, right=True)
+    return ((token - cu[sequence] + start_position[sequence]) % mini_batch_size)[None, :]

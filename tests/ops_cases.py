@@ -1,0 +1,186 @@
+"""Shared helpers for tests of the TTT ops (and of the layers and models built on them).
+
+``make_inputs`` builds seeded random arguments of ``ttt_primal`` / ``ttt_chunk`` / ``ttt_step`` in a
+realistic range; ``make_state`` builds a random recurrent state (possibly in the middle of a
+mini-batch); the remaining functions compare, slice and stack state tuples, whose layout is
+``(position [N] int64, W1, b1, [W2, b2,] S_W1, S_b1, [S_W2, S_b2])`` (see ``ttt_mixer.ops.common``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from ttt_mixer.ops.common import get_inner_model
+
+State = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class TTTInputs:
+    """The arguments of a TTT op that precede ``initial_state``, in signature order."""
+
+    inner_model: str
+    q: torch.Tensor  # [B, T, H, d]
+    k: torch.Tensor  # [B, T, H, d]
+    v: torch.Tensor  # [B, T, H, d]
+    lr: torch.Tensor  # [B, T, H]
+    token_offset: torch.Tensor  # [b]
+    ln_weight: torch.Tensor | None  # [H, d], or None for f = f_res
+    ln_bias: torch.Tensor | None  # [H, d], or None for f = f_res
+    params: tuple[torch.Tensor, ...]  # (w1, b1) or (w1, b1, w2, b2)
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.token_offset.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.q.shape[1]
+
+    def args(self) -> tuple:
+        """Positional arguments for ``op(*inputs.args(), initial_state=..., ...)``."""
+        return (
+            self.inner_model,
+            self.q,
+            self.k,
+            self.v,
+            self.lr,
+            self.token_offset,
+            self.ln_weight,
+            self.ln_bias,
+            self.params,
+        )
+
+    def tokens(self, start: int, end: int) -> TTTInputs:
+        """Tokens start..end-1 of every row; the weights are shared."""
+        return replace(self, **{name: getattr(self, name)[:, start:end] for name in ("q", "k", "v", "lr")})
+
+    def rows(self, index: int | slice | Sequence[int]) -> TTTInputs:
+        """A subset of the batch rows (an int keeps the batch dimension); the weights are shared."""
+        index = [index] if isinstance(index, int) else index
+        return replace(self, **{name: getattr(self, name)[index] for name in ("q", "k", "v", "lr")})
+
+    def packed(self, lengths: Sequence[int]) -> tuple[TTTInputs, torch.Tensor]:
+        """Pack the first lengths[n] tokens of row n into one row [1, sum(lengths), ...]; returns the
+        packed inputs and their cu_seqlens [N + 1] (int32, as flash-attention uses)."""
+        assert len(lengths) == self.q.shape[0] and max(lengths) <= self.seq_len
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([row[:n] for row, n in zip(t, lengths, strict=True)]).unsqueeze(0)
+
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        return replace(self, **{name: pack(getattr(self, name)) for name in ("q", "k", "v", "lr")}), cu_seqlens
+
+    def float_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor argument by name (all floating point): the inputs one differentiates."""
+        named = {name: getattr(self, name) for name in ("q", "k", "v", "lr", "token_offset")}
+        if self.ln_weight is not None:
+            named |= {"ln_weight": self.ln_weight, "ln_bias": self.ln_bias}
+        names = ["w1", "b1", "w2", "b2"][: len(self.params)]
+        return named | dict(zip(names, self.params, strict=True))
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> TTTInputs:
+        """A copy with the tensors named as in ``float_tensors`` replaced."""
+        names = ["w1", "b1", "w2", "b2"][: len(self.params)]
+        params = tuple(tensors.get(name, p) for name, p in zip(names, self.params, strict=True))
+        fields = {name: t for name, t in tensors.items() if name not in names}
+        return replace(self, params=params, **fields)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+def make_inputs(
+    inner_model: str,
+    batch_size: int = 2,
+    seq_len: int = 8,
+    num_heads: int = 2,
+    head_dim: int = 4,
+    mini_batch_size: int = 4,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    layer_norm: bool = True,
+    base_lr: float = 1.0,
+) -> TTTInputs:
+    """Seeded random inputs of a TTT op, drawn in float64 and then cast, so that the same seed gives
+    the same numbers in every dtype.
+
+    q, k, v ~ N(0, 1); lr = base_lr * sigmoid(N(0, 1)) / d (SPEC.md section 2); token_offset ~
+    0.05 N(0, 1), so tau_i stays close to 1/i; ln_weight ~ 1 + 0.1 N(0, 1), ln_bias ~ 0.1 N(0, 1)
+    (both None when layer_norm is False: f = f_res); inner weights and biases ~ 0.1 N(0, 1).
+    """
+    g = _generator(seed)
+    B, T, H, d, b = batch_size, seq_len, num_heads, head_dim, mini_batch_size
+    q, k, v = (_randn(g, B, T, H, d) for _ in range(3))
+    lr = base_lr * torch.sigmoid(_randn(g, B, T, H)) / d
+    token_offset = 0.05 * _randn(g, b)
+    ln_weight, ln_bias = (1.0 + 0.1 * _randn(g, H, d), 0.1 * _randn(g, H, d)) if layer_norm else (None, None)
+    params = []
+    for d_in, d_out in get_inner_model(inner_model).layer_shapes(d):
+        params += [0.1 * _randn(g, H, d_in, d_out), 0.1 * _randn(g, H, d_out)]
+    cast = [None if t is None else t.to(dtype) for t in (q, k, v, lr, token_offset, ln_weight, ln_bias)]
+    return TTTInputs(inner_model, *cast, params=tuple(p.to(dtype) for p in params))
+
+
+def make_state(
+    inner_model: str,
+    positions: Sequence[int],
+    num_heads: int = 2,
+    head_dim: int = 4,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> State:
+    """A random state for len(positions) sequences, sequence n having read positions[n] tokens of its
+    current mini-batch: weights ~ 0.1 N(0, 1), accumulators ~ 0.01 N(0, 1) (zero at position 0, as
+    after a mini-batch boundary)."""
+    g = _generator(seed)
+    position = torch.tensor(positions, dtype=torch.long)
+    N, H = len(positions), num_heads
+    weights, sums = [], []
+    for d_in, d_out in get_inner_model(inner_model).layer_shapes(head_dim):
+        for shape in ((N, H, d_in, d_out), (N, H, d_out)):
+            weights.append(0.1 * _randn(g, *shape))
+            started = (position > 0).to(torch.float64).reshape(N, *[1] * (len(shape) - 1))
+            sums.append(0.01 * _randn(g, *shape) * started)
+    return (position, *(t.to(dtype) for t in weights + sums))
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64; shapes must agree."""
+    assert a.shape == b.shape, f"shape {list(a.shape)} != {list(b.shape)}"
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def max_state_diff(s1: State, s2: State) -> float:
+    """Largest absolute difference between two states of the same layer type: inf when their lengths
+    or their positions differ, else the max over all the floating tensors (in float64)."""
+    if len(s1) != len(s2) or not torch.equal(s1[0].long(), s2[0].long()):
+        return float("inf")
+    return max(max_abs_diff(a, b) for a, b in zip(s1[1:], s2[1:], strict=True))
+
+
+def select_state(state: State, index: int | slice | Sequence[int]) -> State:
+    """The states of a subset of the sequences (an int keeps the sequence dimension)."""
+    index = [index] if isinstance(index, int) else index
+    return tuple(t[index] for t in state)
+
+
+def cat_states(states: Sequence[State]) -> State:
+    """Stack the sequences of several states of the same layer type into one state."""
+    return tuple(torch.cat(parts) for parts in zip(*states, strict=True))
+
+
+def detach_state(state: State, requires_grad: bool = False) -> State:
+    """A copy of the state cut from the autograd graph, its floating tensors optionally made leaves
+    that require grad (the position stays an integer tensor)."""
+    return tuple(
+        t.detach().clone().requires_grad_(requires_grad and t.is_floating_point()) for t in state
+    )

@@ -1,0 +1,231 @@
+"""The TTT sequence mixer as a flash-linear-attention layer.
+
+Same constructor style, ``forward`` signature and return value as fla's layers (e.g. DeltaNet), its
+recurrent state kept in fla's ``Cache`` through fla's helpers, padding masks and ``cu_seqlens``
+handled the fla way (unpad, run packed, repad).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
+from fla.models.cache_utils import Cache
+from torch import nn
+
+from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
+from ttt_mixer.ops import ttt_chunk, ttt_step
+from ttt_mixer.ops.common import get_inner_model
+from ttt_mixer.ops.grid import minibatch_positions
+
+DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
+
+
+def check_attention_mask(attention_mask: torch.Tensor, batch_size: int, q_len: int) -> None:
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < q_len:
+        raise ValueError(
+            "attention_mask must be a 0/1 padding mask of shape [batch_size, seq_len >= q_len] = "
+            f"[{batch_size}, >= {q_len}], got {list(attention_mask.shape)}"
+        )
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+
+
+class TTTLayer(nn.Module):
+    """Test-Time Training layer (Sun et al. 2024): TTT-Linear or TTT-MLP.
+
+    Args:
+        hidden_size: model width D.
+        num_heads: heads H; the head dim d = D / H.
+        inner_model: ``"linear"`` (TTT-Linear) or ``"mlp"`` (TTT-MLP, hidden width 4d).
+        mini_batch_size: TTT mini-batch size b.
+        base_lr: eta_base of the learning-rate gate; None takes 1.0 (linear) or 0.1 (mlp).
+        use_short_conv: the Mamba-backbone ``share_qk`` form: one projection for queries and keys,
+            then two depthwise causal convolutions (with bias) give XQ and XK.
+        conv_size: width of those convolutions.
+        use_gate: output gate o = W_O(gelu_tanh(x W_G) * post_norm(z)).
+        use_rope: RoPE on XQ and XK with position ``t mod b`` (the authors' layout); False omits it.
+        rope_theta: RoPE base.
+        norm_eps: epsilon of the inner LayerNorm and of the post-norm.
+        layer_idx: index of this layer's state in the cache.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        num_heads: int = 8,
+        inner_model: str = "linear",
+        mini_batch_size: int = 16,
+        base_lr: float | None = None,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        use_gate: bool = False,
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-6,
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner = get_inner_model(inner_model)
+        if not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if not isinstance(num_heads, int) or num_heads < 1 or hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be an int >= 1, got {mini_batch_size!r}")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.mini_batch_size = mini_batch_size
+        self.base_lr = DEFAULT_BASE_LR[inner_model] if base_lr is None else float(base_lr)
+        self.use_short_conv = use_short_conv
+        self.conv_size = conv_size
+        self.use_gate = use_gate
+        self.use_rope = use_rope
+        self.rope_theta = rope_theta
+        self.norm_eps = norm_eps
+        self.layer_idx = layer_idx
+
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if use_short_conv:
+            self.q_conv1d = DepthwiseCausalConv(hidden_size, conv_size)
+            self.k_conv1d = DepthwiseCausalConv(hidden_size, conv_size)
+        else:
+            self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        # the learning-rate gate x . w_h + c_h of every head at once
+        self.lr_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        self.token_offset = nn.Parameter(torch.empty(mini_batch_size))
+        self.ttt_norm_weight = nn.Parameter(torch.empty(num_heads, self.head_dim))
+        self.ttt_norm_bias = nn.Parameter(torch.empty(num_heads, self.head_dim))
+        # inner model weights w1 [H, d, d_hidden], b1 [H, d_hidden] (and w2, b2 for TTT-MLP)
+        for i, (d_in, d_out) in enumerate(self.inner.layer_shapes(self.head_dim), start=1):
+            self.register_parameter(f"w{i}", nn.Parameter(torch.empty(num_heads, d_in, d_out)))
+            self.register_parameter(f"b{i}", nn.Parameter(torch.empty(num_heads, d_out)))
+        self.post_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The TTT-specific parameters, initialised as SPEC.md says (projections are the model's)."""
+        nn.init.zeros_(self.token_offset)
+        nn.init.ones_(self.ttt_norm_weight)
+        nn.init.zeros_(self.ttt_norm_bias)
+        for i in range(1, self.inner.num_layers + 1):
+            nn.init.normal_(getattr(self, f"w{i}"), mean=0.0, std=0.02)
+            nn.init.zeros_(getattr(self, f"b{i}"))
+
+    def inner_params(self) -> list[nn.Parameter]:
+        """The inner model's initial weights in the ops' order: w1, b1[, w2, b2]."""
+        return [getattr(self, f"{kind}{i}") for i in range(1, self.inner.num_layers + 1) for kind in ("w", "b")]
+
+    def extra_repr(self) -> str:
+        return (
+            f"inner_model={self.inner.name!r}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, use_rope={self.use_rope}"
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None, Cache | None]:
+        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values). ``cu_seqlens`` in kwargs
+        marks packed sequences (batch size 1); other fla keyword arguments are accepted and unused."""
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+            raise ValueError("hidden_states must be a tensor of shape [batch_size, seq_len, hidden_size]")
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states last dim must be hidden_size = {self.hidden_size}, got {hidden_states.shape[-1]}"
+            )
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
+        batch_size, q_len, _ = hidden_states.shape
+        if q_len == 0:
+            raise ValueError("hidden_states must hold at least one token (seq_len >= 1)")
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, batch_size, q_len)
+            if attention_mask[:, -q_len:].all():
+                attention_mask = None
+
+        last_state = get_layer_cache(self, past_key_values)
+        hidden_states, indices, cu_seqlens = unpad_hidden_states(
+            hidden_states, kwargs.get("cu_seqlens"), attention_mask, q_len
+        )
+        num_sequences = batch_size if cu_seqlens is None else cu_seqlens.numel() - 1
+        recurrent_state = last_state["recurrent_state"] if last_state is not None else None
+        conv_q, conv_k = last_state["conv_state"] if last_state is not None and self.use_short_conv else (None, None)
+        if recurrent_state is not None and recurrent_state[0].shape[0] != num_sequences:
+            raise ValueError(
+                f"the cache holds {recurrent_state[0].shape[0]} sequences but the input has {num_sequences}"
+            )
+
+        if self.use_short_conv:
+            shared = self.q_proj(hidden_states)
+            q, conv_q = self.q_conv1d(shared, conv_q, use_cache, cu_seqlens)
+            k, conv_k = self.k_conv1d(shared, conv_k, use_cache, cu_seqlens)
+        else:
+            q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
+        v = self.v_proj(hidden_states)
+        q, k, v = (x.unflatten(-1, (self.num_heads, self.head_dim)) for x in (q, k, v))
+        lr = self.base_lr / self.head_dim * torch.sigmoid(self.lr_proj(hidden_states))
+        if self.use_rope:
+            start = (
+                recurrent_state[0]
+                if recurrent_state is not None
+                else torch.zeros(num_sequences, dtype=torch.long, device=q.device)
+            )
+            positions = minibatch_positions(q.shape[0], q.shape[1], cu_seqlens, start, self.mini_batch_size)
+            q = apply_interleaved_rotary(q, positions, self.rope_theta)
+            k = apply_interleaved_rotary(k, positions, self.rope_theta)
+
+        one_token_each = q.shape[1] == 1 if cu_seqlens is None else bool((cu_seqlens.diff() <= 1).all())
+        op = ttt_step if one_token_each else ttt_chunk
+        o, recurrent_state = op(
+            self.inner.name,
+            q,
+            k,
+            v,
+            lr,
+            self.token_offset,
+            self.ttt_norm_weight,
+            self.ttt_norm_bias,
+            self.inner_params(),
+            initial_state=recurrent_state,
+            output_final_state=bool(use_cache),
+            cu_seqlens=cu_seqlens,
+            eps=self.norm_eps,
+        )
+        update_layer_cache(
+            self,
+            past_key_values,
+            recurrent_state=recurrent_state,
+            conv_state=(conv_q, conv_k) if self.use_short_conv else None,
+            offset=q_len,
+        )
+
+        o = self.post_norm(o.flatten(-2))
+        if self.use_gate:
+            o = F.gelu(self.g_proj(hidden_states), approximate="tanh") * o
+        o = self.o_proj(o)
+        return repad_hidden_states(o, indices, batch_size, q_len), None, past_key_values
+
+
+class TTTLinear(TTTLayer):
+    """TTT-Linear: ``TTTLayer`` with a linear inner model."""
+
+    def __init__(self, hidden_size: int = 1024, num_heads: int = 8, **kwargs) -> None:
+        super().__init__(hidden_size=hidden_size, num_heads=num_heads, inner_model="linear", **kwargs)
+
+
+class TTTMLP(TTTLayer):
+    """TTT-MLP: ``TTTLayer`` with a two-layer MLP (hidden 4d, tanh-GELU) inner model."""
+
+    def __init__(self, hidden_size: int = 1024, num_heads: int = 8, **kwargs) -> None:
+        super().__init__(hidden_size=hidden_size, num_heads=num_heads, inner_model="mlp", **kwargs)
