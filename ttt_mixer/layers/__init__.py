@@ -1,5 +1,5 @@
 """TTT as flash-linear-attention layers."""
 
-from ttt_mixer.layers.ttt import TTTLayer, TTTLinear, TTTMLP
+from ttt_mixer.layers.ttt import TTTMLP, TTTLayer, TTTLinear
 
-__all__ = ["TTTLayer", "TTTLinear", "TTTMLP"]
+__all__ = ["TTTMLP", "TTTLayer", "TTTLinear"]

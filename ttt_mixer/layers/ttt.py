@@ -119,7 +119,9 @@ class TTTLayer(nn.Module):
 
     def inner_params(self) -> list[nn.Parameter]:
         """The inner model's initial weights in the ops' order: w1, b1[, w2, b2]."""
-        return [getattr(self, f"{kind}{i}") for i in range(1, self.inner.num_layers + 1) for kind in ("w", "b")]
+        return [
+            getattr(self, f"{kind}{i}") for i in range(1, self.inner.num_layers + 1) for kind in ("w", "b")
+        ]
 
     def extra_repr(self) -> str:
         return (
@@ -159,8 +161,10 @@ class TTTLayer(nn.Module):
             hidden_states, kwargs.get("cu_seqlens"), attention_mask, q_len
         )
         num_sequences = batch_size if cu_seqlens is None else cu_seqlens.numel() - 1
+        # the entry may exist without our states: a block-level sublayer can write it first
         recurrent_state = last_state["recurrent_state"] if last_state is not None else None
-        conv_q, conv_k = last_state["conv_state"] if last_state is not None and self.use_short_conv else (None, None)
+        conv_state = last_state["conv_state"] if last_state is not None else None
+        conv_q, conv_k = conv_state if self.use_short_conv and conv_state is not None else (None, None)
         if recurrent_state is not None and recurrent_state[0].shape[0] != num_sequences:
             raise ValueError(
                 f"the cache holds {recurrent_state[0].shape[0]} sequences but the input has {num_sequences}"

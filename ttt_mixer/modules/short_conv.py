@@ -31,7 +31,9 @@ class DepthwiseCausalConv(nn.Conv1d):
         window = self.kernel_size[0] - 1
         # sequences as rows [N, L, D]; the grid with mini-batch 1 unpacks cu_seqlens
         num_sequences = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        grid = MiniBatchGrid(B, T, cu_seqlens, torch.zeros(num_sequences, dtype=torch.long, device=x.device), 1)
+        grid = MiniBatchGrid(
+            B, T, cu_seqlens, torch.zeros(num_sequences, dtype=torch.long, device=x.device), 1
+        )
         rows = grid.to_grid(x).squeeze(2)
         if cache is None:
             cache = x.new_zeros(num_sequences, D, window)
@@ -42,6 +44,8 @@ class DepthwiseCausalConv(nn.Conv1d):
         out = grid.from_grid(y.unsqueeze(2), B, T)
         if not output_final_state:
             return out, None
-        lengths = torch.full((num_sequences,), T, device=x.device) if cu_seqlens is None else cu_seqlens.diff()
+        lengths = (
+            torch.full((num_sequences,), T, device=x.device) if cu_seqlens is None else cu_seqlens.diff()
+        )
         index = lengths.to(x.device)[:, None] + torch.arange(window, device=x.device)[None, :]
         return out, padded.gather(2, index[:, None, :].expand(-1, D, -1))

@@ -6,4 +6,12 @@ from ttt_mixer.ops.common import INNER_MODELS, initial_state, state_length, toke
 from ttt_mixer.ops.reference import ttt_primal
 from ttt_mixer.ops.step import ttt_step
 
-__all__ = ["INNER_MODELS", "initial_state", "state_length", "token_scale", "ttt_chunk", "ttt_primal", "ttt_step"]
+__all__ = [
+    "INNER_MODELS",
+    "initial_state",
+    "state_length",
+    "token_scale",
+    "ttt_chunk",
+    "ttt_primal",
+    "ttt_step",
+]

@@ -67,14 +67,16 @@ def ttt_chunk(
     num_sequences = validate_inputs(
         inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens
     )
-    B, T, H, _ = q.shape
+    B, T = q.shape[:2]
     b = token_offset.shape[0]
     dtype = torch.promote_types(q.dtype, torch.float32)
 
     if initial_state is None:
         position = torch.zeros(num_sequences, dtype=torch.long, device=q.device)
         weights = [
-            torch.cat([params[i], params[i + 1].unsqueeze(-2)], dim=-2).to(dtype).expand(num_sequences, -1, -1, -1)
+            torch.cat([params[i], params[i + 1].unsqueeze(-2)], dim=-2)
+            .to(dtype)
+            .expand(num_sequences, -1, -1, -1)
             for i in range(0, len(params), 2)
         ]
         sums = None
@@ -88,7 +90,9 @@ def ttt_chunk(
     qg, kg, vg = (grid.to_grid(t.to(dtype)).permute(0, 3, 1, 2, 4) for t in (q, k, v))
     lrg = grid.to_grid(lr.to(dtype)).permute(0, 3, 1, 2)
     tau = token_scale(token_offset.to(dtype))
-    lnw, lnb = (None, None) if ln_weight is None else (ln_weight.to(dtype)[:, None], ln_bias.to(dtype)[:, None])
+    lnw, lnb = (
+        (None, None) if ln_weight is None else (ln_weight.to(dtype)[:, None], ln_bias.to(dtype)[:, None])
+    )
     k_aug, target = with_ones(kg), loss_target(kg, vg, ln_weight)
 
     history, inputs, grads = ([[] for _ in range(inner.num_layers)] for _ in range(3))
@@ -118,9 +122,9 @@ def ttt_chunk(
     for layer in range(inner.num_layers):
         q_aug = with_ones(x_query)
         keys = torch.stack(inputs[layer], dim=2)
-        z = q_aug @ torch.stack(history[layer], dim=2) - ((q_aug @ keys.transpose(-1, -2)) * eta) @ torch.stack(
-            grads[layer], dim=2
-        )
+        z = q_aug @ torch.stack(history[layer], dim=2) - (
+            (q_aug @ keys.transpose(-1, -2)) * eta
+        ) @ torch.stack(grads[layer], dim=2)
         if sums is not None:
             # the accumulators of a state read mid-mini-batch only reach its first mini-batch
             first = z[:, :, :1] - tau[:, None] * (q_aug[:, :, :1] @ sums[layer][:, :, None])

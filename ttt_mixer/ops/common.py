@@ -81,7 +81,11 @@ def loss_target(k: torch.Tensor, v: torch.Tensor, ln_weight: torch.Tensor | None
 
 
 def loss_grad(
-    z: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float
+    z: torch.Tensor,
+    target: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    eps: float,
 ) -> torch.Tensor:
     """dl/dZ of the last inner layer; ln_weight None means f = f_res (no LayerNorm, no residual)."""
     return z - target if ln_weight is None else ln_fused_l2_grad(z, target, ln_weight, ln_bias, eps)
@@ -194,7 +198,9 @@ def _check_float(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but q has {dtype}: inputs and weights must share a dtype")
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but q has {dtype}: inputs and weights must share a dtype"
+        )
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], form: str) -> None:
@@ -232,7 +238,9 @@ def validate_inputs(
     _check_shape("lr", lr, (B, T, H), "[B, T, H]")
     _check_float("token_offset", token_offset, q.dtype)
     if token_offset.dim() != 1 or token_offset.shape[0] < 1:
-        raise ValueError(f"token_offset must have shape [mini_batch_size >= 1], got {list(token_offset.shape)}")
+        raise ValueError(
+            f"token_offset must have shape [mini_batch_size >= 1], got {list(token_offset.shape)}"
+        )
     if (ln_weight is None) != (ln_bias is None):
         raise ValueError("ln_weight and ln_bias must both be tensors, or both None (f = f_res)")
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
@@ -247,7 +255,11 @@ def validate_inputs(
         _check_float(f"b{i + 1}", params[2 * i + 1], q.dtype)
         _check_shape(f"b{i + 1}", params[2 * i + 1], (H, d_out), "[H, d_out]")
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point() or cu_seqlens.dim() != 1:
+        if (
+            not isinstance(cu_seqlens, torch.Tensor)
+            or cu_seqlens.is_floating_point()
+            or cu_seqlens.dim() != 1
+        ):
             raise TypeError("cu_seqlens must be a 1-D integer tensor [N + 1]")
         if B != 1:
             raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed), got {B}")

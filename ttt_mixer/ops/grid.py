@@ -56,7 +56,9 @@ class MiniBatchGrid:
         if self.identity:
             return x.reshape(self.num_sequences, self.num_minibatches, self.mini_batch_size, *tail)
         flat = torch.cat([x.reshape(self.num_tokens, *tail), x.new_zeros(1, *tail)])
-        return flat[self.gather_index].reshape(self.num_sequences, self.num_minibatches, self.mini_batch_size, *tail)
+        return flat[self.gather_index].reshape(
+            self.num_sequences, self.num_minibatches, self.mini_batch_size, *tail
+        )
 
     def from_grid(self, y: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
         """[N, M, b, ...] -> [B, T, ...], keeping only the real tokens."""

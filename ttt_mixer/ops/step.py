@@ -11,7 +11,6 @@ import torch
 
 from ttt_mixer.ops.common import (
     get_inner_model,
-    initial_state as make_initial_state,
     inner_forward,
     inner_gradients,
     inner_output,
@@ -21,6 +20,9 @@ from ttt_mixer.ops.common import (
     token_scale,
     validate_inputs,
     with_ones,
+)
+from ttt_mixer.ops.common import (
+    initial_state as make_initial_state,
 )
 
 
@@ -51,11 +53,15 @@ def ttt_step(
     lengths = None
     if cu_seqlens is None:
         if T != 1:
-            raise ValueError(f"the decode step reads one token per sequence: q must be [B, 1, H, d], got T = {T}")
+            raise ValueError(
+                f"the decode step reads one token per sequence: q must be [B, 1, H, d], got T = {T}"
+            )
     else:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(q.device)
         if (lengths > 1).any():
-            raise ValueError("the decode step reads at most one token per sequence: cu_seqlens segments must be 0 or 1")
+            raise ValueError(
+                "the decode step reads at most one token per sequence: cu_seqlens segments must be 0 or 1"
+            )
     b = token_offset.shape[0]
     dtype = torch.promote_types(q.dtype, torch.float32)
     if initial_state is None:
@@ -73,9 +79,13 @@ def ttt_step(
         return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[index].unsqueeze(2)
 
     qn, kn, vn, lrn = (per_sequence(t) for t in (q, k, v, lr))
-    lnw, lnb = (None, None) if ln_weight is None else (ln_weight.to(dtype)[:, None], ln_bias.to(dtype)[:, None])
+    lnw, lnb = (
+        (None, None) if ln_weight is None else (ln_weight.to(dtype)[:, None], ln_bias.to(dtype)[:, None])
+    )
     x, g = inner_gradients(inner, with_ones(kn), loss_target(kn, vn, ln_weight), weights, lnw, lnb, eps)
-    sums_new = [s + (lrn[..., None] * xl).transpose(-1, -2) @ gl for s, xl, gl in zip(sums, x, g, strict=True)]
+    sums_new = [
+        s + (lrn[..., None] * xl).transpose(-1, -2) @ gl for s, xl, gl in zip(sums, x, g, strict=True)
+    ]
     tau_i = token_scale(token_offset.to(dtype))[position][:, None, None, None]
     weights_bar = [w - tau_i * s for w, s in zip(weights, sums_new, strict=True)]
     out = inner_output(qn, inner_forward(inner, qn, weights_bar), lnw, lnb, eps)

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from transformers.configuration_utils import PretrainedConfig
+
+from ttt_mixer.ops.common import INNER_MODELS
+
+BACKBONES = ("transformer", "mamba")
+# the paper's two block layouts (SPEC.md section 7); explicit flags override them
+BACKBONE_DEFAULTS = {
+    "transformer": {"pre_conv": False, "share_qk": False, "use_gate": False},
+    "mamba": {"pre_conv": True, "share_qk": True, "use_gate": True},
+}
+
+
+class TTTConfig(PretrainedConfig):
+    """Configuration of a TTT language model (``TTTModel``, ``TTTForCausalLM``).
+
+    Field names follow the authors' TTTConfig (SPEC.md section 9), so their configs load as they are;
+    ``backbone`` picks the Transformer or Mamba block layout, whose flags (``pre_conv``, ``share_qk``,
+    ``use_gate``) can still be set one by one.
+    """
+
+    model_type = "ttt_mixer"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 2048,
+        intermediate_size: int = 5504,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 32,
+        mini_batch_size: int = 16,
+        ttt_layer_type: str = "linear",
+        ttt_base_lr: float | None = None,
+        backbone: str = "transformer",
+        pre_conv: bool | None = None,
+        share_qk: bool | None = None,
+        use_gate: bool | None = None,
+        conv_kernel: int = 4,
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
+        ttt_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        max_position_embeddings: int = 2048,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | None = 2,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ) -> None:
+        if ttt_layer_type not in INNER_MODELS:
+            raise ValueError(f"ttt_layer_type must be one of {INNER_MODELS}, got {ttt_layer_type!r}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
+            )
+        if mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        defaults = BACKBONE_DEFAULTS[backbone]
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.mini_batch_size = mini_batch_size
+        self.ttt_layer_type = ttt_layer_type
+        self.ttt_base_lr = ttt_base_lr
+        self.backbone = backbone
+        self.pre_conv = defaults["pre_conv"] if pre_conv is None else pre_conv
+        self.share_qk = defaults["share_qk"] if share_qk is None else share_qk
+        self.use_gate = defaults["use_gate"] if use_gate is None else use_gate
+        self.conv_kernel = conv_kernel
+        self.use_rope = use_rope
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.ttt_norm_eps = ttt_norm_eps
+        self.initializer_range = initializer_range
+        self.max_position_embeddings = max_position_embeddings
+        self.use_cache = use_cache
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )

@@ -1,0 +1,277 @@
+"""Hugging Face classes for TTT language models: ``TTTModel`` and ``TTTForCausalLM``.
+
+Blocks (SPEC.md section 7): Transformer backbone x += TTT(RMSNorm(x)); x += SwiGLU(RMSNorm(x)); the
+Mamba backbone adds a pre-convolution sublayer x += Conv(RMSNorm(x)) before TTT, shares the Q/K
+projection (two short convolutions) and gates the TTT output. Padded batches are unpacked once at
+the model's input (fla's unpad), so that padding reaches neither convolutions nor TTT states.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from fla.layers.utils import repad_hidden_states, unpad_hidden_states
+from fla.models.cache_utils import Cache
+from fla.models.generation_utils import FLAGenerationMixin
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from ttt_mixer.layers import TTTLayer
+from ttt_mixer.layers.ttt import check_attention_mask
+from ttt_mixer.models.configuration_ttt import TTTConfig
+from ttt_mixer.modules import DepthwiseCausalConv, SwiGLU
+
+# ``save_pretrained`` writes this file beside the weights and names it in the config's auto_map, so
+# that ``from_pretrained(path, trust_remote_code=True)`` works in a process that never imported
+# ttt_mixer: the file only imports the installed package.
+REMOTE_CODE_FILE = "ttt_mixer_remote.py"
+REMOTE_CODE = '''"""Loads ttt-mixer's classes from the installed package: pip install ttt-mixer."""
+
+from ttt_mixer.models import TTTConfig, TTTForCausalLM, TTTModel
+
+__all__ = ["TTTConfig", "TTTForCausalLM", "TTTModel"]
+'''
+AUTO_MAP = {
+    "AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.TTTConfig",
+    "AutoModel": f"{REMOTE_CODE_FILE[:-3]}.TTTModel",
+    "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.TTTForCausalLM",
+}
+
+
+class PreConv(nn.Module):
+    """The Mamba backbone's x += DepthwiseCausalConv(RMSNorm(x)) sublayer (returns the conv term).
+
+    Its window is kept in the layer's cache entry under ``ffn_state``, the slot fla models use for
+    block-level state outside the mixer (as RWKV-7 does for its token shift)."""
+
+    def __init__(self, config: TTTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.conv = DepthwiseCausalConv(config.hidden_size, config.conv_kernel)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        past_key_values: Cache | None,
+        use_cache: bool,
+        cu_seqlens: torch.Tensor | None,
+    ) -> torch.Tensor:
+        state = None
+        if past_key_values is not None and len(past_key_values) > self.layer_idx:
+            state = past_key_values[self.layer_idx]["ffn_state"]
+        out, state = self.conv(self.norm(hidden_states), state, use_cache, cu_seqlens)
+        if past_key_values is not None and use_cache:
+            past_key_values.update(ffn_state=state, layer_idx=self.layer_idx, offset=0)
+        return out
+
+
+class TTTBlock(GradientCheckpointingLayer):
+    def __init__(self, config: TTTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.pre_conv = PreConv(config, layer_idx) if config.pre_conv else None
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = TTTLayer(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            inner_model=config.ttt_layer_type,
+            mini_batch_size=config.mini_batch_size,
+            base_lr=config.ttt_base_lr,
+            use_short_conv=config.share_qk,
+            conv_size=config.conv_kernel,
+            use_gate=config.use_gate,
+            use_rope=config.use_rope,
+            rope_theta=config.rope_theta,
+            norm_eps=config.ttt_norm_eps,
+            layer_idx=layer_idx,
+        )
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.pre_conv is not None:
+            hidden_states = hidden_states + self.pre_conv(
+                hidden_states, past_key_values, use_cache, cu_seqlens
+            )
+        mixed, _, _ = self.attn(
+            self.attn_norm(hidden_states),
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            cu_seqlens=cu_seqlens,
+        )
+        hidden_states = hidden_states + mixed
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class TTTPreTrainedModel(PreTrainedModel):
+    config_class = TTTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TTTBlock"]
+    _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """``PreTrainedModel.save_pretrained`` plus the auto_map and its remote-code file."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        Path(save_directory, REMOTE_CODE_FILE).write_text(REMOTE_CODE)
+
+
+class TTTModel(TTTPreTrainedModel):
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(TTTBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Extra keyword arguments that generation passes (``cache_position``, ``position_ids``) are
+        accepted and unused: TTT positions come from the recurrent state."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch_size, seq_len], got {list(input_ids.shape)}")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        batch_size, q_len = inputs_embeds.shape[:2]
+        if q_len == 0:
+            raise ValueError("input must hold at least one token (seq_len >= 1)")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if use_cache and not isinstance(past_key_values, Cache):
+            past_key_values = Cache.from_legacy_cache(past_key_values)
+        if past_key_values is not None and len(past_key_values) > 0:
+            cached = past_key_values[0]["recurrent_state"]
+            if cached is not None and cached[0].shape[0] != batch_size:
+                raise ValueError(
+                    f"the cache holds {cached[0].shape[0]} sequences but the input has {batch_size}"
+                )
+
+        indices, cu_seqlens = None, kwargs.get("cu_seqlens")
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, batch_size, q_len)
+            if not attention_mask[:, -q_len:].all():
+                if cu_seqlens is not None:
+                    raise ValueError(
+                        "give either cu_seqlens (packed input) or a padding attention_mask, not both"
+                    )
+                inputs_embeds, indices, cu_seqlens = unpad_hidden_states(
+                    inputs_embeds, None, attention_mask, q_len
+                )
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (repad_hidden_states(hidden_states, indices, batch_size, q_len),)
+            hidden_states = layer(hidden_states, past_key_values, use_cache, cu_seqlens)
+        hidden_states = repad_hidden_states(self.norm(hidden_states), indices, batch_size, q_len)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        past_key_values = past_key_values if use_cache else None
+        if not return_dict:
+            return tuple(x for x in (hidden_states, past_key_values, all_hidden_states) if x is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+        )
+
+
+class TTTForCausalLM(TTTPreTrainedModel, FLAGenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__(config)
+        self.model = TTTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_decoder(self) -> TTTModel:
+        return self.model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if labels is None and logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            # predict token t + 1 from tokens <= t; -100 marks positions without a target
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
+            )
+        if not return_dict:
+            output = (logits, *(x for x in (outputs.past_key_values, outputs.hidden_states) if x is not None))
+            return (loss, *output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
