@@ -1,0 +1,1 @@
+"""ttt_mixer.adapters: swap TTT and other sequence mixers into existing backbones (to come)."""

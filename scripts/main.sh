@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine (scripts/setup.sh), then runs the main job. Until the recall-gap job lands,
+# that is the demo: a tiny TTT model built in code, generating, with its decoding speed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ttt-mixer demo "$@"
