@@ -72,7 +72,9 @@ class TTTInputs:
             return torch.cat([row[:n] for row, n in zip(t, lengths, strict=True)]).unsqueeze(0)
 
         cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        return replace(self, **{name: pack(getattr(self, name)) for name in ("q", "k", "v", "lr")}), cu_seqlens
+        return replace(
+            self, **{name: pack(getattr(self, name)) for name in ("q", "k", "v", "lr")}
+        ), cu_seqlens
 
     def float_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor argument by name (all floating point): the inputs one differentiates."""
@@ -88,6 +90,13 @@ class TTTInputs:
         params = tuple(tensors.get(name, p) for name, p in zip(names, self.params, strict=True))
         fields = {name: t for name, t in tensors.items() if name not in names}
         return replace(self, params=params, **fields)
+
+
+def cat_batches(parts: Sequence[TTTInputs]) -> TTTInputs:
+    """Concatenate the batch rows of inputs that share their weights and sequence length."""
+    return replace(
+        parts[0], **{name: torch.cat([getattr(p, name) for p in parts]) for name in ("q", "k", "v", "lr")}
+    )
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -181,6 +190,4 @@ def cat_states(states: Sequence[State]) -> State:
 def detach_state(state: State, requires_grad: bool = False) -> State:
     """A copy of the state cut from the autograd graph, its floating tensors optionally made leaves
     that require grad (the position stays an integer tensor)."""
-    return tuple(
-        t.detach().clone().requires_grad_(requires_grad and t.is_floating_point()) for t in state
-    )
+    return tuple(t.detach().clone().requires_grad_(requires_grad and t.is_floating_point()) for t in state)

@@ -1,0 +1,105 @@
+"""Shared helpers of the layer, model and conversion tests: tiny seeded configs, models and layers."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+# fla warns once per process, at import time, that Triton has no backend on a CPU-only machine; the
+# filter must be in place before anything imports fla (ttt_mixer does), and pytest_configure below
+# keeps it in force inside pytest's per-test warning capture.
+TRITON_CPU_WARNING = "Triton is not supported on current platform"
+warnings.filterwarnings("ignore", message=TRITON_CPU_WARNING, category=UserWarning)
+# importing fla also trips a torch deprecation inside torch.compile's setup: not ours to act on
+JIT_DEPRECATION = "`torch.jit.script_method` is deprecated"
+warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=DeprecationWarning)
+
+from ttt_mixer import TTTConfig, TTTForCausalLM, TTTLayer  # noqa: E402
+
+# The tests run tiny tensors, for which one thread is fastest; several threads on a small or busy
+# machine spin against each other and run ten to a hundred times slower.
+torch.set_num_threads(1)
+
+INNER_MODELS = ("linear", "mlp")
+BACKBONES = ("transformer", "mamba")
+# (ttt_layer_type, backbone) of the four tiny language models
+MODEL_CASES = [(inner, backbone) for inner in INNER_MODELS for backbone in BACKBONES]
+MODEL_CASE_IDS = [f"{inner}-{backbone}" for inner, backbone in MODEL_CASES]
+
+TINY_CONFIG = {
+    "vocab_size": 50,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "mini_batch_size": 4,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    # no end-of-sequence token: generation always runs for max_new_tokens, so results compare 1:1
+    "eos_token_id": None,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("filterwarnings", f"ignore:{TRITON_CPU_WARNING}:UserWarning")
+    config.addinivalue_line("filterwarnings", f"ignore:{JIT_DEPRECATION}:DeprecationWarning")
+
+
+def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+    """Add seeded Gaussian noise to every parameter, so that parameters initialised to constants
+    (token-scale offsets, norms, inner biases, learning-rate biases) all matter in a comparison."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+            parameter.add_(scale * noise.to(parameter.dtype))
+    return module
+
+
+def make_config(ttt_layer_type: str = "linear", backbone: str = "transformer", **overrides) -> TTTConfig:
+    return TTTConfig(ttt_layer_type=ttt_layer_type, backbone=backbone, **{**TINY_CONFIG, **overrides})
+
+
+def make_model(
+    ttt_layer_type: str = "linear",
+    backbone: str = "transformer",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    perturb: float = 0.1,
+    **overrides,
+) -> TTTForCausalLM:
+    """A tiny seeded TTTForCausalLM in eval mode; ``perturb`` > 0 adds that much noise to every
+    parameter (initialised constants included)."""
+    torch.manual_seed(seed)
+    model = TTTForCausalLM(make_config(ttt_layer_type, backbone, **overrides))
+    if perturb:
+        perturb_(model, seed + 1, perturb)
+    return model.to(dtype).eval()
+
+
+def make_layer(
+    inner_model: str = "linear",
+    conv_gate: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    hidden_size: int = 16,
+    num_heads: int = 2,
+    mini_batch_size: int = 4,
+    **kwargs,
+) -> TTTLayer:
+    """A seeded TTTLayer (layer_idx 0, so it can use a Cache) with every parameter perturbed;
+    ``conv_gate`` turns on the Mamba-backbone form (use_short_conv and use_gate)."""
+    torch.manual_seed(seed)
+    layer = TTTLayer(
+        hidden_size=hidden_size,
+        num_heads=num_heads,
+        inner_model=inner_model,
+        mini_batch_size=mini_batch_size,
+        use_short_conv=conv_gate,
+        use_gate=conv_gate,
+        layer_idx=0,
+        **kwargs,
+    )
+    return perturb_(layer, seed + 1).to(dtype)
