@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before anything
+# imports Triton (fla does, when ttt_mixer is imported below).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # fla warns once per process, at import time, that Triton has no backend on a CPU-only machine; the
 # filter must be in place before anything imports fla (ttt_mixer does), and pytest_configure below

@@ -10,7 +10,9 @@ import torch
 from ttt_mixer.models import TTTConfig, TTTForCausalLM
 
 
-def _decode_ms_per_token(model: TTTForCausalLM, context: int, steps: int, generator: torch.Generator) -> float:
+def _decode_ms_per_token(
+    model: TTTForCausalLM, context: int, steps: int, generator: torch.Generator
+) -> float:
     """Prefill ``context`` random bytes, then time ``steps`` single-token steps through the cache."""
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=generator)
     with torch.no_grad():
@@ -46,7 +48,9 @@ def demo(args: argparse.Namespace) -> None:
     output = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     seconds = time.perf_counter() - start
     text = bytes(output[0, prompt.shape[1] :].tolist()).decode(errors="replace")
-    print(f"generated {args.new_tokens} tokens in {seconds:.2f} s ({args.new_tokens / seconds:.0f} tokens/s): {text!r}")
+    print(
+        f"generated {args.new_tokens} tokens in {seconds:.2f} s ({args.new_tokens / seconds:.0f} tokens/s): {text!r}"
+    )
     generator = torch.Generator().manual_seed(args.seed)
     for context in (128, 4096):
         ms = _decode_ms_per_token(model, context, 32, generator)
@@ -77,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
     p = commands.add_parser("convert", help=convert.__doc__)
-    p.add_argument("source", help="folder with the authors' config.json and model.safetensors or pytorch_model.bin")
-    p.add_argument("destination", help="output folder (Hugging Face format, loads with trust_remote_code=True)")
+    p.add_argument(
+        "source", help="folder with the authors' config.json and model.safetensors or pytorch_model.bin"
+    )
+    p.add_argument(
+        "destination", help="output folder (Hugging Face format, loads with trust_remote_code=True)"
+    )
     p.set_defaults(func=convert)
     return parser
 

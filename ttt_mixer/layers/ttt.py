@@ -7,6 +7,8 @@ handled the fla way (unpad, run packed, repad).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
@@ -14,11 +16,27 @@ from fla.models.cache_utils import Cache
 from torch import nn
 
 from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
-from ttt_mixer.ops import ttt_chunk, ttt_step
+from ttt_mixer.ops import ttt_chunk, ttt_chunk_triton, ttt_step, ttt_step_triton
 from ttt_mixer.ops.common import get_inner_model
 from ttt_mixer.ops.grid import minibatch_positions
 
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
+# backend -> (whole-sequence op, decode-step op)
+BACKENDS = {"torch": (ttt_chunk, ttt_step), "triton": (ttt_chunk_triton, ttt_step_triton)}
+BACKEND_ENV = "TTT_MIXER_BACKEND"
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The ``backend`` argument, else the TTT_MIXER_BACKEND environment variable, else Triton on
+    CUDA tensors and PyTorch elsewhere."""
+    source = "backend"
+    if backend is None and os.environ.get(BACKEND_ENV):
+        backend, source = os.environ[BACKEND_ENV], BACKEND_ENV
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {tuple(BACKENDS)}, got {backend!r}")
+    return backend
 
 
 def check_attention_mask(attention_mask: torch.Tensor, batch_size: int, q_len: int) -> None:
@@ -48,6 +66,9 @@ class TTTLayer(nn.Module):
         rope_theta: RoPE base.
         norm_eps: epsilon of the inner LayerNorm and of the post-norm.
         layer_idx: index of this layer's state in the cache.
+        backend: ``"torch"`` or ``"triton"``; None lets the TTT_MIXER_BACKEND environment variable
+            choose, else Triton on CUDA tensors and PyTorch elsewhere. Triton on a CPU tensor needs
+            Triton's interpreter (TRITON_INTERPRET=1) and is an error without it.
     """
 
     def __init__(
@@ -64,9 +85,13 @@ class TTTLayer(nn.Module):
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
         layer_idx: int | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.inner = get_inner_model(inner_model)
+        if backend is not None:
+            resolve_backend(backend, torch.device("cpu"))
+        self.backend = backend
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         if not isinstance(num_heads, int) or num_heads < 1 or hidden_size % num_heads != 0:
@@ -190,8 +215,8 @@ class TTTLayer(nn.Module):
             k = apply_interleaved_rotary(k, positions, self.rope_theta)
 
         one_token_each = q.shape[1] == 1 if cu_seqlens is None else bool((cu_seqlens.diff() <= 1).all())
-        op = ttt_step if one_token_each else ttt_chunk
-        o, recurrent_state = op(
+        chunk_op, step_op = BACKENDS[resolve_backend(self.backend, q.device)]
+        o, recurrent_state = (step_op if one_token_each else chunk_op)(
             self.inner.name,
             q,
             k,

@@ -248,7 +248,9 @@ def validate_inputs(
             _check_float(name, t, q.dtype)
             _check_shape(name, t, (H, d), "[H, d]")
     if len(params) != 2 * inner.num_layers:
-        raise ValueError(f"params: TTT-{inner.name} takes {2 * inner.num_layers} inner weights (w1, b1[, w2, b2]), got {len(params)}")
+        raise ValueError(
+            f"params: TTT-{inner.name} takes {2 * inner.num_layers} inner weights (w1, b1[, w2, b2]), got {len(params)}"
+        )
     for i, (d_in, d_out) in enumerate(inner.layer_shapes(d)):
         _check_float(f"w{i + 1}", params[2 * i], q.dtype)
         _check_shape(f"w{i + 1}", params[2 * i], (H, d_in, d_out), "[H, d_in, d_out]")

@@ -1,0 +1,385 @@
+"""TTT on Triton kernels: ``ttt_chunk_triton`` and ``ttt_step_triton``, with the arguments, results and
+state tuple of ``ttt_chunk`` and ``ttt_step`` (ttt_mixer.ops.chunk / step).
+
+What runs where:
+- Forward (``ttt_chunk_triton``): one fused Triton kernel (``ttt_mixer.ops.triton_kernels``), one
+  program per (sequence, head), walking the sequence's mini-batches with the inner weights kept on
+  chip: the loss gradients, the dual-form outputs with the output LayerNorm and residual, and the
+  weight updates, for TTT-Linear and TTT-MLP, for rows or packed sequences (``cu_seqlens``), from a
+  state possibly in the middle of a mini-batch, with per-sequence positions.
+- Decode (``ttt_step_triton``): the same fused kernel, launched once for a batch of sequences with
+  one token (or none) each, at each sequence's own position. Reading one token at position i in the
+  forward kernel is exactly the decode recurrence of SPEC.md section 5 (G_i at W; S += lr_i G_i;
+  output f(Q_i; W - tau_i S); at i = b, W <- W - tau_b S, S <- 0), so prefill and decode share one
+  implementation. A step is bound by moving the state through the chip, which a separate mat-vec
+  kernel would do just the same (TTT-MLP needs the whole hidden layer for the loss gradient before
+  any update, hence two passes over the weights in both).
+- Backward: recomputation in PyTorch. When gradients are needed, the forward kernel also stores the
+  weights at the start of every ``checkpoint_every``-th mini-batch of every sequence (memory
+  O(T / (b checkpoint_every)) states). The backward pass walks the segments of ``checkpoint_every``
+  mini-batches from last to first: it recomputes each segment from its stored start state with the
+  differentiable ``ttt_chunk`` (all the sequences active in the segment packed into one call), and
+  back-propagates the output gradient plus the gradient reaching the segment's end state, which gives
+  the gradient of its start state for the segment before. The first segment starts from the initial
+  state (its position may be mid-mini-batch); the gradient of that state becomes the gradient of
+  ``initial_state`` or, without one, of ``params``. Gradients are exact for every case the forward
+  supports (rows, packed sequences, empty sequences, mid-mini-batch states).
+
+The Triton path needs the inner LayerNorm (ln_weight, ln_bias not None). Everything accumulates in
+float32 (float64 for float64 inputs), the state is float32 (float64); inputs may be 16-bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ttt_mixer.ops.chunk import ttt_chunk
+from ttt_mixer.ops.common import InnerModel, get_inner_model, token_scale, validate_inputs
+from ttt_mixer.ops.triton_kernels import INTERPRET, launch_forward
+
+__all__ = ["ttt_chunk_triton", "ttt_step_triton"]
+
+State = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What a call fixes besides its tensors: the inner model, the sequences' layout in the flattened
+    [B * T] tokens and their start positions, the mini-batch size, eps and the checkpoint spacing."""
+
+    inner: InnerModel
+    seq_start: torch.Tensor  # [N] int64
+    seq_len: torch.Tensor  # [N] int64
+    position: torch.Tensor  # [N] int64, tokens already read in the current mini-batch
+    mini_batch_size: int
+    eps: float
+    checkpoint_every: int
+    has_initial_state: bool
+
+    @property
+    def num_params(self) -> int:
+        return 2 * self.inner.num_layers
+
+
+def ttt_chunk_triton(
+    inner_model: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    token_offset: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    checkpoint_every: int = 4,
+) -> tuple[torch.Tensor, State | None]:
+    """``ttt_chunk`` on the fused Triton forward kernel (arguments and results as there).
+
+    ln_weight and ln_bias must be tensors. ``checkpoint_every``: when gradients are needed, the
+    weights are kept every that many mini-batches, and the backward pass recomputes that many
+    mini-batches at a time (memory: T / (b checkpoint_every) states plus one segment's activations).
+    """
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    params, call = _prepare(
+        inner_model, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps,
+        checkpoint_every,
+    )  # fmt: skip
+    return _run(
+        call, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, output_final_state
+    )
+
+
+def ttt_step_triton(
+    inner_model: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    token_offset: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    initial_state: State | None = None,
+    output_final_state: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, State | None]:
+    """``ttt_step`` on the fused Triton kernel: one token per sequence (T = 1 for a batch of rows), or,
+    packed, ``cu_seqlens`` whose sequences hold one token or none (a sequence without a token keeps
+    its state). ln_weight and ln_bias must be tensors."""
+    params, call = _prepare(
+        inner_model, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps,
+        checkpoint_every=1,  # a step touches one mini-batch: the backward is a single segment
+    )  # fmt: skip
+    T = q.shape[1]
+    if cu_seqlens is None and T != 1:
+        raise ValueError(f"the decode step reads one token per sequence: q must be [B, 1, H, d], got T = {T}")
+    if cu_seqlens is not None and bool((call.seq_len > 1).any()):
+        raise ValueError(
+            "the decode step reads at most one token per sequence: cu_seqlens segments must be 0 or 1"
+        )
+    return _run(
+        call, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, output_final_state
+    )
+
+
+def _prepare(
+    inner_model: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    token_offset: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    params: Sequence[torch.Tensor],
+    initial_state: State | None,
+    cu_seqlens: torch.Tensor | None,
+    eps: float,
+    checkpoint_every: int,
+) -> tuple[list[torch.Tensor], _Call]:
+    """Validate the inputs and lay the sequences out (see ``_Call``)."""
+    inner = get_inner_model(inner_model)
+    params = list(params)
+    num_sequences = validate_inputs(
+        inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens
+    )
+    if ln_weight is None or ln_bias is None:
+        raise ValueError(
+            "the Triton TTT kernels need the inner LayerNorm: ln_weight and ln_bias must be tensors, "
+            "not None (use ttt_chunk / ttt_step for f = f_res)"
+        )
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"the Triton TTT kernels need CUDA tensors (got {q.device}), or the Triton interpreter "
+            "(TRITON_INTERPRET=1 set before ttt_mixer is imported)"
+        )
+    B, T = q.shape[:2]
+    device = q.device
+    if cu_seqlens is None:
+        seq_start = torch.arange(B, device=device, dtype=torch.long) * T
+        seq_len = torch.full((B,), T, device=device, dtype=torch.long)
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
+    if initial_state is None:
+        position = torch.zeros(num_sequences, device=device, dtype=torch.long)
+    else:
+        position = initial_state[0].to(device=device, dtype=torch.long).contiguous()
+    call = _Call(
+        inner=inner,
+        seq_start=seq_start,
+        seq_len=seq_len,
+        position=position,
+        mini_batch_size=token_offset.shape[0],
+        eps=float(eps),
+        checkpoint_every=checkpoint_every,
+        has_initial_state=initial_state is not None,
+    )
+    return params, call
+
+
+def _run(
+    call: _Call,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    token_offset: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    params: list[torch.Tensor],
+    initial_state: State | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, State | None]:
+    """The forward kernel, through the autograd function when a gradient is needed."""
+    state_floats = [] if initial_state is None else list(initial_state[1:])
+    tensors = (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state_floats)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        o, *final = _TTTTriton.apply(call, *tensors)
+    else:
+        o, final, _ = _forward(call, *tensors, store_checkpoints=False)
+    if not output_final_state:
+        return o, None
+    final_position = (call.position + call.seq_len) % call.mini_batch_size
+    return o, (final_position, *final)
+
+
+def _forward(
+    call: _Call, *tensors: torch.Tensor, store_checkpoints: bool
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Launch the kernel on (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state floats)."""
+    q, k, v, lr, token_offset, ln_weight, ln_bias = tensors[:7]
+    params, state_floats = tensors[7 : 7 + call.num_params], tensors[7 + call.num_params :]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    N = call.seq_start.shape[0]
+    if call.has_initial_state:
+        state = [t.to(compute).contiguous() for t in state_floats]
+    else:
+        weights = [p.to(compute).unsqueeze(0).expand(N, *p.shape).contiguous() for p in params]
+        state = weights + [torch.zeros_like(w) for w in weights]
+    num_checkpoints = _num_segments(call) - 1 if store_checkpoints else 0
+    o, final, checkpoints = launch_forward(
+        call.inner,
+        *(t.contiguous() for t in (q, k, v, lr)),
+        token_scale(token_offset.to(compute)).contiguous(),
+        ln_weight.contiguous(),
+        ln_bias.contiguous(),
+        call.seq_start,
+        call.seq_len,
+        call.position,
+        state,
+        num_checkpoints,
+        call.checkpoint_every,
+        call.eps,
+    )
+    return o, final, checkpoints
+
+
+def _num_segments(call: _Call) -> int:
+    """Segments of checkpoint_every mini-batches needed to cover the longest sequence (at least 1)."""
+    b = call.mini_batch_size
+    num_minibatches = int(((call.position + call.seq_len + b - 1) // b).max())
+    span = call.checkpoint_every
+    return max(1, -(-num_minibatches // span))
+
+
+class _TTTTriton(torch.autograd.Function):
+    """Forward on the Triton kernel with weight checkpoints; backward by segment recomputation."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        o, final, checkpoints = _forward(call, *tensors, store_checkpoints=True)
+        ctx.call = call
+        ctx.num_inputs = len(tensors)
+        ctx.save_for_backward(*tensors, *checkpoints)
+        return (o, *final)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_o: torch.Tensor, *grad_final: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        call: _Call = ctx.call
+        saved = ctx.saved_tensors
+        tensors, checkpoints = saved[: ctx.num_inputs], saved[ctx.num_inputs :]
+        grads = _backward(call, tensors, checkpoints, grad_o, list(grad_final))
+        grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[1:], strict=True)]
+        return (None, *grads)
+
+
+def _backward(
+    call: _Call,
+    tensors: Sequence[torch.Tensor],
+    checkpoints: Sequence[torch.Tensor],
+    grad_o: torch.Tensor,
+    grad_final: list[torch.Tensor],
+) -> list[torch.Tensor | None]:
+    """Gradients w.r.t. (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state floats) by
+    recomputing segments of checkpoint_every mini-batches with ``ttt_chunk``, last to first."""
+    q, k, v, lr, token_offset, ln_weight, ln_bias = tensors[:7]
+    params, state_floats = tensors[7 : 7 + call.num_params], tensors[7 + call.num_params :]
+    B, T, H, d = q.shape
+    N = call.seq_start.shape[0]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    num_weights = call.num_params
+
+    # the recomputation runs in the compute dtype (16-bit inputs are cast exactly, as in the kernel)
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(compute).reshape(B * T, *t.shape[2:])
+
+    tokens = [flat(t) for t in (q, k, v, lr)]
+    shared = [t.detach().to(compute) for t in (token_offset, ln_weight, ln_bias)]
+    compute_params = [p.detach().to(compute) for p in params]
+    if call.has_initial_state:
+        initial = [t.detach().to(compute) for t in state_floats]
+    else:
+        weights = [p.unsqueeze(0).expand(N, *p.shape) for p in compute_params]
+        initial = weights + [torch.zeros_like(w) for w in weights]
+
+    grad_tokens = [torch.zeros_like(t) for t in tokens]
+    grad_shared = [torch.zeros_like(t) for t in shared]
+    # the gradient w.r.t. each sequence's state at the current segment boundary, starting at the end
+    grad_state = [g.to(compute).clone() for g in grad_final]
+    grad_o_flat = grad_o.to(compute).reshape(B * T, H, d)
+
+    span = call.checkpoint_every * call.mini_batch_size  # grid cells per segment
+    for segment in reversed(range(_num_segments(call))):
+        # token offsets of each sequence inside the segment's cells
+        lo = (segment * span - call.position).clamp(min=0).minimum(call.seq_len)
+        hi = ((segment + 1) * span - call.position).clamp(min=0).minimum(call.seq_len)
+        active = torch.nonzero(hi > lo).squeeze(1)
+        counts = (hi - lo)[active]
+        total = int(counts.sum())
+        if total == 0:
+            continue
+        cu_seqlens = F.pad(counts.cumsum(0), (1, 0))
+        # flattened index of every token of the segment, sequence after sequence
+        index = (
+            torch.arange(total, device=counts.device)
+            - torch.repeat_interleave(cu_seqlens[:-1], counts)
+            + torch.repeat_interleave(call.seq_start[active] + lo[active], counts)
+        )
+        if segment == 0:
+            position = call.position[active]
+            start = [t[active] for t in initial]
+        else:
+            # a segment boundary follows a complete mini-batch: position 0, no accumulated gradient
+            position = torch.zeros_like(active)
+            start = [c[segment - 1, active] for c in checkpoints]
+            start += [torch.zeros_like(w) for w in start]
+
+        token_leaves = [t[index].unsqueeze(0).requires_grad_() for t in tokens]
+        shared_leaves = [t.clone().requires_grad_() for t in shared]
+        start_leaves = [t.detach().clone().requires_grad_() for t in start]
+        with torch.enable_grad():
+            o, end_state = ttt_chunk(
+                call.inner.name,
+                *token_leaves,
+                *shared_leaves,
+                compute_params,
+                initial_state=(position, *start_leaves),
+                output_final_state=True,
+                cu_seqlens=cu_seqlens,
+                eps=call.eps,
+            )
+            # an end state that does not depend on the inputs (all-zero accumulators) takes no gradient
+            ends = [(t, g[active]) for t, g in zip(end_state[1:], grad_state, strict=True) if t.requires_grad]
+            leaves = token_leaves + shared_leaves + start_leaves
+            grads = torch.autograd.grad(
+                [o, *(t for t, _ in ends)],
+                leaves,
+                [grad_o_flat[index].unsqueeze(0), *(g for _, g in ends)],
+                allow_unused=True,
+            )
+        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]
+        for grad_token, g in zip(grad_tokens, grads[:4], strict=True):
+            grad_token[index] = g.squeeze(0)
+        for grad_total, g in zip(grad_shared, grads[4:7], strict=True):
+            grad_total += g
+        for grad_start, g in zip(grad_state, grads[7:], strict=True):
+            grad_start[active] = g
+
+    grad_q, grad_k, grad_v, grad_lr = (
+        g.reshape(t.shape).to(t.dtype) for g, t in zip(grad_tokens, (q, k, v, lr), strict=True)
+    )
+    grad_shared = [
+        g.to(t.dtype) for g, t in zip(grad_shared, (token_offset, ln_weight, ln_bias), strict=True)
+    ]
+    if call.has_initial_state:
+        grad_params = [None] * num_weights
+        grad_initial = [g.to(t.dtype) for g, t in zip(grad_state, state_floats, strict=True)]
+    else:
+        # every sequence starts from the params: their gradient sums over sequences
+        grad_params = [g.sum(0).to(p.dtype) for g, p in zip(grad_state[:num_weights], params, strict=True)]
+        grad_initial = []
+    return [grad_q, grad_k, grad_v, grad_lr, *grad_shared, *grad_params, *grad_initial]
