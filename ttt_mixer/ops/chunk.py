@@ -86,53 +86,61 @@ def ttt_chunk(
         sums = [s.to(dtype) for s in sums]
 
     grid = MiniBatchGrid(B, T, cu_seqlens, position, b)
-    # [N, M, b, H, ...] -> [N, H, M, b, ...]
-    qg, kg, vg = (grid.to_grid(t.to(dtype)).permute(0, 3, 1, 2, 4) for t in (q, k, v))
-    lrg = grid.to_grid(lr.to(dtype)).permute(0, 3, 1, 2)
-    tau = token_scale(token_offset.to(dtype))
-    lnw, lnb = (
-        (None, None) if ln_weight is None else (ln_weight.to(dtype)[:, None], ln_bias.to(dtype)[:, None])
-    )
-    k_aug, target = with_ones(kg), loss_target(kg, vg, ln_weight)
+    N, H, M = num_sequences, q.shape[2], grid.num_minibatches
 
-    history, inputs, grads = ([[] for _ in range(inner.num_layers)] for _ in range(3))
+    def per_minibatch(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # [N, M, b, H, ...] -> M tensors [N * H, b, ...]: 3-D for baddbmm, and unbound once so that
+        # the backward pass does not zero-fill a full-size gradient for every mini-batch's slice
+        return x.movedim(3, 1).flatten(0, 1).unbind(1)
+
+    qg, kg, vg = (grid.to_grid(t.to(dtype)) for t in (q, k, v))
+    lrg = grid.to_grid(lr.to(dtype)).movedim(3, 1)  # [N, H, M, b]
+    tau = token_scale(token_offset.to(dtype))
+    lnw = lnb = None
+    if ln_weight is not None:
+        lnw, lnb = (t.to(dtype)[:, None].repeat(N, 1, 1) for t in (ln_weight, ln_bias))  # [N * H, 1, d]
+    q_aug, k_aug = with_ones(qg), with_ones(kg)
+    # eta[i, j] = tau_i * lr_j for j <= i inside each mini-batch; the first layer's dual-form scores
+    # and weight-gradient factors depend on the inputs alone, so they are batched over mini-batches
+    eta = (tau[:, None] * lrg[..., None, :]).tril().flatten(0, 1)  # [N * H, M, b, b]
+    q_mb, k_mb, target_mb = (per_minibatch(t) for t in (q_aug, k_aug, loss_target(kg, vg, ln_weight)))
+    scores_mb = ((torch.stack(q_mb, 1) @ torch.stack(k_mb, 1).transpose(-1, -2)) * eta).unbind(1)
+    lr_mb = lrg.flatten(0, 1)[..., None].unbind(1)  # [N * H, b, 1] each
+    eta_mb = eta.unbind(1)
+    weights = [w.flatten(0, 1) for w in weights]
+    sums = None if sums is None else [t.flatten(0, 1) for t in sums]
+    complete = grid.complete.repeat_interleave(H, dim=0)[:, :, None, None]  # [N * H, M, 1, 1]
     all_complete = bool(grid.complete.all())
-    carried = sums
-    for m in range(grid.num_minibatches):
-        x_m, g_m = inner_gradients(inner, k_aug[:, :, m], target[:, :, m], weights, lnw, lnb, eps)
-        lr_m = lrg[:, :, m, :, None]
-        step_sums = [(lr_m * x).transpose(-1, -2) @ g for x, g in zip(x_m, g_m, strict=True)]
-        if carried is not None:
-            step_sums = [s + u for s, u in zip(carried, step_sums, strict=True)]
+
+    carried, outputs = sums, []
+    for m in range(M):
+        x_m, g_m = inner_gradients(inner, k_mb[m], target_mb[m], weights, lnw, lnb, eps)
+        x_query = q_mb[m]
         for layer in range(inner.num_layers):
-            history[layer].append(weights[layer])
-            inputs[layer].append(x_m[layer])
-            grads[layer].append(g_m[layer])
-        updated = [w - tau[-1] * s for w, s in zip(weights, step_sums, strict=True)]
+            scores = scores_mb[m] if layer == 0 else (x_query @ x_m[layer].transpose(-1, -2)) * eta_mb[m]
+            z = torch.baddbmm(x_query @ weights[layer], scores, g_m[layer], alpha=-1)
+            if m == 0 and sums is not None:
+                # the accumulators of a state read mid-mini-batch only reach its first mini-batch
+                z = z - tau[:, None] * (x_query @ sums[layer])
+            if layer + 1 < inner.num_layers:
+                x_query = with_ones(F.gelu(z, approximate="tanh"))
+        outputs.append(z)
+        step_sums = [(lr_mb[m] * x).transpose(-1, -2) @ g for x, g in zip(x_m, g_m, strict=True)]
+        if carried is not None:
+            step_sums = [c + u for c, u in zip(carried, step_sums, strict=True)]
+        updated = [w - tau[-1] * u for w, u in zip(weights, step_sums, strict=True)]
         if all_complete:
             weights, carried = updated, None
         else:
-            done = grid.complete[:, m, None, None, None]
+            done = complete[:, m]
             weights = [torch.where(done, u, w) for u, w in zip(updated, weights, strict=True)]
-            carried = [torch.where(done, 0.0, s) for s in step_sums]
+            carried = [torch.where(done, 0.0, u) for u in step_sums]
 
-    # eta[i, j] = tau_i * lr_j for j <= i inside each mini-batch
-    eta = (tau[:, None] * lrg[..., None, :]).tril()
-    x_query = qg
-    for layer in range(inner.num_layers):
-        q_aug = with_ones(x_query)
-        keys = torch.stack(inputs[layer], dim=2)
-        z = q_aug @ torch.stack(history[layer], dim=2) - (
-            (q_aug @ keys.transpose(-1, -2)) * eta
-        ) @ torch.stack(grads[layer], dim=2)
-        if sums is not None:
-            # the accumulators of a state read mid-mini-batch only reach its first mini-batch
-            first = z[:, :, :1] - tau[:, None] * (q_aug[:, :, :1] @ sums[layer][:, :, None])
-            z = torch.cat([first, z[:, :, 1:]], dim=2)
-        if layer + 1 < inner.num_layers:
-            x_query = F.gelu(z, approximate="tanh")
-    out = inner_output(qg, z, *((None, None) if lnw is None else (lnw[:, None], lnb[:, None])), eps)
-    o = grid.from_grid(out.permute(0, 2, 3, 1, 4), B, T).to(q.dtype)
+    z = torch.stack(outputs, dim=1).unflatten(0, (N, H)).movedim(1, 3)  # [N, M, b, H, d]
+    ln = (None, None) if lnw is None else (ln_weight.to(dtype), ln_bias.to(dtype))
+    o = grid.from_grid(inner_output(qg, z, *ln, eps), B, T).to(q.dtype)
+    weights = [w.unflatten(0, (N, H)) for w in weights]
+    carried = None if carried is None else [c.unflatten(0, (N, H)) for c in carried]
 
     if not output_final_state:
         return o, None
