@@ -200,6 +200,51 @@ def _store_checkpoint(ckpt_ptr, offsets, mask, slot_stride, weight, minibatch, c
 
 
 @triton.jit
+def _program_setup(
+    seq_start_ptr,
+    seq_len_ptr,
+    position_ptr,
+    ln_weight_ptr,
+    ln_bias_ptr,
+    tau_ptr,
+    head_dim,
+    mini_batch_size,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """What every forward program reads first: its sequence and head, the sequence's bounds and
+    start position, its mini-batch count, the head's inner LayerNorm and the token scales."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_start = tl.load(seq_start_ptr + seq)
+    seq_len = tl.load(seq_len_ptr + seq)
+    position = tl.load(position_ptr + seq)
+    num_minibatches = (position + seq_len + mini_batch_size - 1) // mini_batch_size
+    cols = tl.arange(0, BLOCK_D)
+    col_valid = cols < head_dim
+    ln_weight = tl.load(ln_weight_ptr + head * head_dim + cols, mask=col_valid, other=0.0).to(COMPUTE)
+    ln_bias = tl.load(ln_bias_ptr + head * head_dim + cols, mask=col_valid, other=0.0).to(COMPUTE)
+    cells = tl.arange(0, BLOCK_T)
+    tau_rows = tl.load(tau_ptr + cells, mask=cells < mini_batch_size, other=0.0).to(COMPUTE)
+    tau_last = tl.load(tau_ptr + mini_batch_size - 1).to(COMPUTE)
+    return (
+        seq,
+        head,
+        seq_start,
+        seq_len,
+        position,
+        num_minibatches,
+        cols,
+        col_valid,
+        ln_weight,
+        ln_bias,
+        tau_rows,
+        tau_last,
+    )
+
+
+@triton.jit
 def _linear_minibatch(
     q_ptr,
     k_ptr,
@@ -305,20 +350,32 @@ def ttt_linear_forward_kernel(
     COMPUTE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_start = tl.load(seq_start_ptr + seq)
-    seq_len = tl.load(seq_len_ptr + seq)
-    position = tl.load(position_ptr + seq)
-    num_minibatches = (position + seq_len + mini_batch_size - 1) // mini_batch_size
-
-    cols = tl.arange(0, BLOCK_D)
-    col_valid = cols < head_dim
-    ln_weight = tl.load(ln_weight_ptr + head * head_dim + cols, mask=col_valid, other=0.0).to(COMPUTE)
-    ln_bias = tl.load(ln_bias_ptr + head * head_dim + cols, mask=col_valid, other=0.0).to(COMPUTE)
-    cells = tl.arange(0, BLOCK_T)
-    tau_rows = tl.load(tau_ptr + cells, mask=cells < mini_batch_size, other=0.0).to(COMPUTE)
-    tau_last = tl.load(tau_ptr + mini_batch_size - 1).to(COMPUTE)
+    (
+        seq,
+        head,
+        seq_start,
+        seq_len,
+        position,
+        num_minibatches,
+        cols,
+        col_valid,
+        ln_weight,
+        ln_bias,
+        tau_rows,
+        tau_last,
+    ) = _program_setup(
+        seq_start_ptr,
+        seq_len_ptr,
+        position_ptr,
+        ln_weight_ptr,
+        ln_bias_ptr,
+        tau_ptr,
+        head_dim,
+        mini_batch_size,
+        BLOCK_T,
+        BLOCK_D,
+        COMPUTE,
+    )
 
     state = (seq * num_heads + head).to(tl.int64)
     w_offsets = state * head_dim * head_dim + cols[:, None] * head_dim + cols[None, :]
@@ -578,20 +635,32 @@ def ttt_mlp_forward_kernel(
     COMPUTE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_start = tl.load(seq_start_ptr + seq)
-    seq_len = tl.load(seq_len_ptr + seq)
-    position = tl.load(position_ptr + seq)
-    num_minibatches = (position + seq_len + mini_batch_size - 1) // mini_batch_size
-
-    cols = tl.arange(0, BLOCK_D)
-    col_valid = cols < head_dim
-    ln_weight = tl.load(ln_weight_ptr + head * head_dim + cols, mask=col_valid, other=0.0).to(COMPUTE)
-    ln_bias = tl.load(ln_bias_ptr + head * head_dim + cols, mask=col_valid, other=0.0).to(COMPUTE)
-    cells = tl.arange(0, BLOCK_T)
-    tau_rows = tl.load(tau_ptr + cells, mask=cells < mini_batch_size, other=0.0).to(COMPUTE)
-    tau_last = tl.load(tau_ptr + mini_batch_size - 1).to(COMPUTE)
+    (
+        seq,
+        head,
+        seq_start,
+        seq_len,
+        position,
+        num_minibatches,
+        _cols,
+        _col_valid,
+        ln_weight,
+        ln_bias,
+        tau_rows,
+        tau_last,
+    ) = _program_setup(
+        seq_start_ptr,
+        seq_len_ptr,
+        position_ptr,
+        ln_weight_ptr,
+        ln_bias_ptr,
+        tau_ptr,
+        head_dim,
+        mini_batch_size,
+        BLOCK_T,
+        BLOCK_D,
+        COMPUTE,
+    )
 
     state = (seq * num_heads + head).to(tl.int64)
     b2_slot_stride = tl.num_programs(0).to(tl.int64) * num_heads * head_dim
