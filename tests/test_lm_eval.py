@@ -1,0 +1,123 @@
+"""lm-eval's Hugging Face loader (``--model hf``) runs a saved TTT checkpoint through
+``trust_remote_code``: its log-likelihoods and greedy generations are the model's own, and the
+``lm_eval`` command line scores a local task with it, offline."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from ttt_mixer import TTTConfig, TTTForCausalLM
+
+# contexts without trailing spaces: lm-eval moves those into the continuation
+PAIRS = [("hello wor", "ld"), ("the cat sat on the", " mat"), ("one two thr", "ee")]
+
+
+def character_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (and newline), plus pad, eos and unk."""
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for char in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[char] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, TTTForCausalLM, PreTrainedTokenizerFast]:
+    tokenizer = character_tokenizer()
+    config = TTTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mini_batch_size=4,
+        backbone="mamba",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = TTTForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("ttt-checkpoint")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model, tokenizer
+
+
+def direct_loglikelihood(
+    model: TTTForCausalLM, tokenizer: PreTrainedTokenizerFast, context: str, target: str
+) -> float:
+    context_ids, target_ids = tokenizer(context).input_ids, tokenizer(target).input_ids
+    ids = torch.tensor([context_ids + target_ids])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+    positions = torch.arange(len(context_ids) - 1, ids.shape[1] - 1)
+    return logprobs[positions, ids[0, len(context_ids) :]].sum().item()
+
+
+def test_hflm_loglikelihood_and_generation_are_the_models(checkpoint) -> None:
+    path, model, tokenizer = checkpoint
+    lm = HFLM(pretrained=str(path), trust_remote_code=True, batch_size=2, device="cpu")
+    requests = [
+        Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(PAIRS)
+    ]
+    for (got, _), (context, target) in zip(lm.loglikelihood(requests), PAIRS, strict=True):
+        assert got == pytest.approx(direct_loglikelihood(model, tokenizer, context, target), abs=1e-4)
+
+    prompt = "abc de"
+    request = Instance(
+        request_type="generate_until",
+        doc={},
+        arguments=(prompt, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}),
+        idx=0,
+    )
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
+    assert lm.generate_until([request]) == [tokenizer.decode(expected).split("\n")[0]]
+
+
+def test_lm_eval_command_line_scores_a_local_task(checkpoint, tmp_path: Path) -> None:
+    path, model, tokenizer = checkpoint
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"context": c, "continuation": t}) + "\n" for c, t in PAIRS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "ttt_smoke.yaml").write_text(
+        "task: ttt_smoke\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: loglikelihood\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_target: "{{continuation}}"\n'
+        "metric_list:\n  - metric: perplexity\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [
+        *(sys.executable, "-m", "lm_eval", "--model", "hf"),
+        *("--model_args", f"pretrained={path},trust_remote_code=True"),
+        *("--tasks", "ttt_smoke", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "2"),
+        *("--output_path", str(tmp_path / "results")),
+    ]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (results_file,) = (tmp_path / "results").rglob("results*.json")
+    perplexity = json.loads(results_file.read_text())["results"]["ttt_smoke"]["perplexity,none"]
+    expected = math.exp(-sum(direct_loglikelihood(model, tokenizer, c, t) for c, t in PAIRS) / len(PAIRS))
+    assert perplexity == pytest.approx(expected, rel=1e-4)
