@@ -198,6 +198,30 @@ def fwd_bwd_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
     return run
 
 
+def layer_fns(
+    ours: nn.Module, theirs: nn.Module | None, hidden: torch.Tensor
+) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
+    """Inference and forward+backward callables of the first TTT layer alone (projections, TTT,
+    post-norm, output projection; no SwiGLU, norms or embeddings): the mixers compared without the
+    matrix products the two models share around them."""
+    positions = torch.arange(hidden.shape[1])[None, :]
+    calls = {"ours": lambda: ours(hidden)[0]}
+    if theirs is not None:
+        calls["theirs"] = lambda: theirs(hidden, position_ids=positions)
+
+    def inference(call: Callable[[], torch.Tensor]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return call()
+
+        return run
+
+    def fwd_bwd(call: Callable[[], torch.Tensor]) -> Callable[[], object]:
+        return lambda: call().sum().backward()
+
+    return {k: inference(c) for k, c in calls.items()}, {k: fwd_bwd(c) for k, c in calls.items()}
+
+
 def decode_ms_per_step(
     lm: TTTForCausalLM, args: argparse.Namespace, contexts: tuple[int, ...]
 ) -> dict[int, dict[str, float]]:
@@ -261,6 +285,21 @@ def bench_layer_type(
     print(f"[{layer_type}] timing forward+backward ...", flush=True)
     t = compare({k: fwd_bwd_fn(m, ids) for k, m in models.items()}, args.repeats, args.warmup, clear_grads)
     rows.append(comparison_row(layer_type, "forward+backward", t))
+    clear_grads()
+
+    print(f"[{layer_type}] timing the TTT layer alone ...", flush=True)
+    hidden = torch.randn(
+        args.batch, args.seq_len, args.hidden, generator=torch.Generator().manual_seed(args.seed)
+    )
+    their_layer = None if theirs is None else theirs.layers[0].seq_modeling_block
+    layer_inference, layer_fwd_bwd = layer_fns(ours.layers[0].attn, their_layer, hidden)
+    rows.append(
+        comparison_row(
+            layer_type, "TTT layer inference forward", compare(layer_inference, args.repeats, args.warmup)
+        )
+    )
+    t = compare(layer_fwd_bwd, args.repeats, args.warmup, clear_grads)
+    rows.append(comparison_row(layer_type, "TTT layer forward+backward", t))
     clear_grads()
 
     print(f"[{layer_type}] timing decode ...", flush=True)
