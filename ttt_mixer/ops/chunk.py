@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ttt_mixer.ops.common import (
+    augmented_params,
     get_inner_model,
     inner_gradients,
     inner_output,
@@ -73,12 +74,7 @@ def ttt_chunk(
 
     if initial_state is None:
         position = torch.zeros(num_sequences, dtype=torch.long, device=q.device)
-        weights = [
-            torch.cat([params[i], params[i + 1].unsqueeze(-2)], dim=-2)
-            .to(dtype)
-            .expand(num_sequences, -1, -1, -1)
-            for i in range(0, len(params), 2)
-        ]
+        weights = [w.to(dtype).expand(num_sequences, -1, -1, -1) for w in augmented_params(params)]
         sums = None
     else:
         position, weights, sums = split_state(inner, initial_state)
@@ -101,7 +97,7 @@ def ttt_chunk(
         lnw, lnb = (t.to(dtype)[:, None].repeat(N, 1, 1) for t in (ln_weight, ln_bias))  # [N * H, 1, d]
     q_aug, k_aug = with_ones(qg), with_ones(kg)
     # eta[i, j] = tau_i * lr_j for j <= i inside each mini-batch; the first layer's dual-form scores
-    # and weight-gradient factors depend on the inputs alone, so they are batched over mini-batches
+    # depend on the inputs alone, so they are computed for all mini-batches at once
     eta = (tau[:, None] * lrg[..., None, :]).tril().flatten(0, 1)  # [N * H, M, b, b]
     q_mb, k_mb, target_mb = (per_minibatch(t) for t in (q_aug, k_aug, loss_target(kg, vg, ln_weight)))
     scores_mb = ((torch.stack(q_mb, 1) @ torch.stack(k_mb, 1).transpose(-1, -2)) * eta).unbind(1)
