@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ttt_mixer import TTTForCausalLM
+from ttt_mixer.cli import main
 from ttt_mixer.convert import config_from_ttt_lm_pytorch, from_ttt_lm_pytorch, load_ttt_lm_pytorch_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -184,3 +185,14 @@ def test_load_checkpoint_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"model\.safetensors"):
         load_ttt_lm_pytorch_checkpoint(tmp_path)
+
+
+def test_command_line_convert(reference, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    state, config, input_ids, expected = case_data(reference, "mlp_mamba")
+    source, destination = tmp_path / "theirs", tmp_path / "ours"
+    source.mkdir()
+    save_file(state, source / "model.safetensors")
+    (source / "config.json").write_text(json.dumps(config))
+    main(["convert", str(source), str(destination)])
+    assert str(destination) in capsys.readouterr().out
+    assert_matches_reference(TTTForCausalLM.from_pretrained(destination), input_ids, expected)
