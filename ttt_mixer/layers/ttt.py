@@ -68,7 +68,8 @@ class TTTLayer(nn.Module):
         layer_idx: index of this layer's state in the cache.
         backend: ``"torch"`` or ``"triton"``; None lets the TTT_MIXER_BACKEND environment variable
             choose, else Triton on CUDA tensors and PyTorch elsewhere. Triton on a CPU tensor needs
-            Triton's interpreter (TRITON_INTERPRET=1) and is an error without it.
+            Triton's interpreter (the TRITON_INTERPRET environment variable set to 1) and is an error
+            without it.
     """
 
     def __init__(

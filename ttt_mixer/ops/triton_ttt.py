@@ -163,7 +163,7 @@ def _prepare(
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
             f"the Triton TTT kernels need CUDA tensors (got {q.device}), or the Triton interpreter "
-            "(TRITON_INTERPRET=1 set before ttt_mixer is imported)"
+            "(the TRITON_INTERPRET environment variable set to 1 before ttt_mixer is imported)"
         )
     B, T = q.shape[:2]
     device = q.device
