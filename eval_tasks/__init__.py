@@ -1,1 +1,34 @@
-"""ttt_mixer.eval_tasks: lm-eval task configs for long-context recall and perplexity (to come)."""
+"""ttt_mixer.eval_tasks: lm-eval task configs for long-context recall.
+
+Point lm-eval at this folder with ``lm_eval --include_path $(ttt-mixer tasks-path) ...``. The
+``ttt_recall`` group holds three synthetic tasks, generated in code (``recall.py``), deterministic
+given a seed, and scored per context length (one metric key per length in the results JSON):
+
+- ``ttt_mqar``: multi-query associative recall with Zoology's generator. Keys are two-letter words
+  from ``a``-``m``, values from ``n``-``z`` (disjoint halves of the symbol vocabulary, any tokenizer),
+  symbols joined by spaces. ``mqar_num_kv_pairs`` pairs, then a query region whose gaps follow a power
+  law (filler symbols elsewhere). One document per query; metrics ``acc@L`` (the bound value is the
+  likeliest of the sequence's values, chance 1/num_kv_pairs) and ``exact_match@L`` (greedy decoding
+  writes it, Zoology's argmax accuracy), L in ``mqar_seq_lengths`` (symbols).
+- ``ttt_phonebook``: "Name: ddd-dddd" lines filling L tokens, then a question for one name;
+  ``exact_match@L`` of the first phone number in the generation, L in ``context_lengths``.
+- ``ttt_passkey``: a passkey of random digits hidden at a depth in filler text filling L tokens;
+  ``exact_match@L`` of the first number in the generation, L in ``context_lengths``.
+
+Phonebook and passkey lengths are tokens of the model's tokenizer (``pretrained`` from
+``--model_args``, or ``tokenizer`` in ``--metadata``), as in lm-eval's RULER tasks. Options, set with
+``--metadata '{"context_lengths": [512, 1024], "mqar_num_kv_pairs": 16}'``, and their defaults are
+``recall.OPTION_DEFAULTS``; a malformed value, a length too short for its prompt or an unknown option
+with a task's prefix raises ValueError naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).resolve().parent
+
+
+def tasks_path() -> str:
+    """The folder of the task YAMLs, for ``lm_eval --include_path``."""
+    return str(TASKS_DIR)

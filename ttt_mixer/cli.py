@@ -101,6 +101,13 @@ def convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.destination}")
 
 
+def tasks_path(args: argparse.Namespace) -> None:
+    """Print the folder of ttt-mixer's lm-eval task configs, for ``lm_eval --include_path``."""
+    from ttt_mixer.eval_tasks import tasks_path as eval_tasks_path
+
+    print(eval_tasks_path())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttt-mixer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "destination", help="output folder (Hugging Face format, loads with trust_remote_code=True)"
     )
     p.set_defaults(func=convert)
+    p = commands.add_parser("tasks-path", help=tasks_path.__doc__)
+    p.set_defaults(func=tasks_path)
     return parser
 
 

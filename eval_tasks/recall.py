@@ -1,0 +1,409 @@
+"""Synthetic recall tasks of the ``ttt_recall`` group, built in code: ``ttt_mqar``, ``ttt_phonebook``
+and ``ttt_passkey``.
+
+lm-eval calls the ``*_dataset`` functions (``custom_dataset`` in the task YAMLs) with the task's
+``metadata``: the YAML's own (``version``), the parsed ``--model_args`` (``pretrained``,
+``trust_remote_code``, ...) and the ``--metadata`` JSON, merged. :func:`parse_options` reads this
+module's options from it (see ``OPTION_DEFAULTS``); other keys belong to the model or lm-eval and
+are ignored, except that a key with one of this module's prefixes (``mqar_``, ``phonebook_``,
+``passkey_``, ``ttt_recall_``) that is not an option is rejected, to catch typos.
+
+Every document records its context length, and the ``*_process_results`` functions score it under a
+key named after that length (``acc@128``, ``exact_match@1024``), which lm-eval averages over the
+documents of that length: the results JSON holds one number per task, metric and length. The
+documents are interleaved across lengths (sample 0 at every length, then sample 1, ...), so that a
+small ``--limit`` still covers every length.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+
+# ---------------------------------------------------------------------------------------- options
+
+OPTION_DEFAULTS: dict[str, Any] = {
+    "seed": 1234,  # every document is drawn from an RNG seeded with (seed, task, length, sample)
+    "num_samples": 50,  # documents per length (MQAR: sequences per length, each giving one per query)
+    "context_lengths": [1024, 2048, 4096],  # phonebook and passkey: prompt tokens, model's tokenizer
+    "mqar_seq_lengths": [64, 128, 256],  # Zoology's input_seq_len, in symbols (keys, values, filler)
+    "mqar_num_kv_pairs": 8,  # key-value pairs per sequence; every key is queried once
+    "mqar_power_a": 0.01,  # query gaps g = 0, 1, ... are drawn with p(g) ∝ (g + 1) ** (power_a - 1)
+    "passkey_digits": 5,  # digits of the passkey
+    "passkey_depths": [0.0, 0.25, 0.5, 0.75, 1.0],  # where the needle sits in the filler, cycled
+}
+OPTION_PREFIXES = ("mqar_", "phonebook_", "passkey_", "ttt_recall_")
+
+
+@dataclass(frozen=True)
+class RecallOptions:
+    seed: int
+    num_samples: int
+    context_lengths: tuple[int, ...]
+    mqar_seq_lengths: tuple[int, ...]
+    mqar_num_kv_pairs: int
+    mqar_power_a: float
+    passkey_digits: int
+    passkey_depths: tuple[float, ...]
+
+
+def _int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"ttt_recall option {name!r} must be an integer {bounds}, got {value!r}")
+    return value
+
+
+def _int_list(name: str, value: Any, minimum: int) -> tuple[int, ...]:
+    values = value if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise ValueError(f"ttt_recall option {name!r} must list at least one length")
+    return tuple(_int(name, v, minimum) for v in values)
+
+
+def parse_options(metadata: Mapping[str, Any]) -> RecallOptions:
+    """This module's options from lm-eval's task ``metadata``, defaults filled in; raises ValueError
+    naming the option for a malformed value or an unknown prefixed key."""
+    for key in metadata:
+        if key.startswith(OPTION_PREFIXES) and key not in OPTION_DEFAULTS:
+            known = ", ".join(sorted(OPTION_DEFAULTS))
+            raise ValueError(f"unknown ttt_recall option {key!r}; the options are: {known}")
+    get = {**OPTION_DEFAULTS, **{k: v for k, v in metadata.items() if k in OPTION_DEFAULTS}}.__getitem__
+    power_a = get("mqar_power_a")
+    if isinstance(power_a, bool) or not isinstance(power_a, int | float) or not 0 < power_a <= 1:
+        raise ValueError(f"ttt_recall option 'mqar_power_a' must be a number in (0, 1], got {power_a!r}")
+    depths = get("passkey_depths")
+    depths = depths if isinstance(depths, list | tuple) else [depths]
+    if not depths or not all(
+        isinstance(d, int | float) and not isinstance(d, bool) and 0 <= d <= 1 for d in depths
+    ):
+        raise ValueError(f"ttt_recall option 'passkey_depths' must list numbers in [0, 1], got {depths!r}")
+    return RecallOptions(
+        seed=_int("seed", get("seed"), 0),
+        num_samples=_int("num_samples", get("num_samples"), 1),
+        context_lengths=_int_list("context_lengths", get("context_lengths"), 1),
+        mqar_seq_lengths=_int_list("mqar_seq_lengths", get("mqar_seq_lengths"), 1),
+        mqar_num_kv_pairs=_int("mqar_num_kv_pairs", get("mqar_num_kv_pairs"), 1, len(MQAR_KEYS)),
+        mqar_power_a=float(power_a),
+        passkey_digits=_int("passkey_digits", get("passkey_digits"), 1, 20),  # max_gen_toks is 32
+        passkey_depths=tuple(float(d) for d in depths),
+    )
+
+
+def _rng(seed: int, task: int, length: int, sample: int) -> np.random.Generator:
+    """Independent of the other lengths and of num_samples: adding a length changes no document."""
+    return np.random.default_rng([seed, task, length, sample])
+
+
+def _dataset(docs: list[dict[str, Any]]) -> dict[str, datasets.Dataset]:
+    return {"test": datasets.Dataset.from_list(docs, split=datasets.Split.TEST)}
+
+
+# -------------------------------------------------------------------------------------- tokenizer
+
+Tokenizer = Any  # a transformers tokenizer: anything with __call__(text).input_ids
+TokenCounter = Callable[[str], int]
+
+
+@functools.cache
+def _load_tokenizer(name: str, trust_remote_code: bool) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+
+
+def token_counter(metadata: Mapping[str, Any], tokenizer: Tokenizer | None = None) -> TokenCounter:
+    """Counts tokens of the model's tokenizer, as lm-eval's RULER tasks do: the one named by
+    ``tokenizer`` in the metadata, else the model's ``pretrained`` (both arrive from
+    ``--model_args``, or ``tokenizer`` from ``--metadata``). No special tokens: lm-eval's hf model
+    encodes contexts without them unless told to add a BOS token."""
+    if tokenizer is None:
+        name = metadata.get("tokenizer") or metadata.get("pretrained")
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                "ttt_recall option 'tokenizer': phonebook and passkey size their prompts with the "
+                "model's tokenizer; pass --model_args pretrained=... or --metadata '{\"tokenizer\": ...}'"
+            )
+        trust = str(metadata.get("trust_remote_code", False)).lower() == "true"
+        tokenizer = _load_tokenizer(name, trust)
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+# ------------------------------------------------------------------------------------------- MQAR
+
+# Zoology's vocabulary split in two, rendered as two-letter words: keys from the first half of the
+# alphabet, values from the second, so no key is ever a value, whatever the tokenizer.
+MQAR_KEYS = tuple("".join(p) for p in itertools.product("abcdefghijklm", repeat=2))
+MQAR_VALUES = tuple("".join(p) for p in itertools.product("nopqrstuvwxyz", repeat=2))
+
+
+@dataclass(frozen=True)
+class MQARSequence:
+    """One Zoology multi-query associative recall sequence, as symbols.
+
+    ``symbols[:2 * num_kv_pairs]`` are the pairs ``k1 v1 k2 v2 ...``; in the rest, the query region,
+    slot ``2 * g`` holds a queried key for each of the drawn gaps ``g`` and every other slot a random
+    filler symbol (Zoology's ``random_non_queries``; here never one of this sequence's keys, so that
+    a key appears only as a pair or a query). ``query_positions[i]`` is the index of the i-th query
+    in reading order, ``answers[i]`` the value bound to its key."""
+
+    symbols: tuple[str, ...]
+    keys: tuple[str, ...]
+    values: tuple[str, ...]
+    query_positions: tuple[int, ...]
+    gaps: tuple[int, ...]
+    answers: tuple[str, ...]
+
+
+def mqar_min_length(num_kv_pairs: int) -> int:
+    """Zoology's bound: the pairs, and a query region with a slot pair for every key."""
+    return 4 * num_kv_pairs
+
+
+def mqar_sequence(rng: np.random.Generator, seq_len: int, num_kv_pairs: int, power_a: float) -> MQARSequence:
+    """Zoology's ``multiquery_ar`` for one example: distinct keys and values, every key queried once,
+    at gaps drawn without replacement with probabilities ∝ (g + 1) ** (power_a - 1)."""
+    if not 1 <= num_kv_pairs <= len(MQAR_KEYS):
+        raise ValueError(f"ttt_recall option 'mqar_num_kv_pairs' must be in [1, {len(MQAR_KEYS)}]")
+    if seq_len < mqar_min_length(num_kv_pairs):
+        raise ValueError(
+            f"ttt_recall option 'mqar_seq_lengths': {seq_len} is below 4 * mqar_num_kv_pairs = "
+            f"{mqar_min_length(num_kv_pairs)}, the shortest sequence that holds the pairs and their queries"
+        )
+    key_idx = rng.choice(len(MQAR_KEYS), size=num_kv_pairs, replace=False)
+    keys = tuple(MQAR_KEYS[i] for i in key_idx)
+    values = tuple(MQAR_VALUES[i] for i in rng.choice(len(MQAR_VALUES), size=num_kv_pairs, replace=False))
+    context = 2 * num_kv_pairs
+    space = (seq_len - context) // 2
+    p = power_a * np.arange(1, space + 1, dtype=float) ** (power_a - 1)
+    gaps = rng.choice(space, size=num_kv_pairs, replace=False, p=p / p.sum())
+    filler = [s for s in MQAR_KEYS + MQAR_VALUES if s not in set(keys)]
+    symbols = [filler[i] for i in rng.integers(len(filler), size=seq_len)]
+    symbols[0:context:2], symbols[1:context:2] = keys, values
+    for key, gap in zip(keys, gaps, strict=True):
+        symbols[context + 2 * gap] = key
+    order = np.argsort(gaps)
+    return MQARSequence(
+        symbols=tuple(symbols),
+        keys=keys,
+        values=values,
+        query_positions=tuple(context + 2 * int(gaps[i]) for i in order),
+        gaps=tuple(int(gaps[i]) for i in order),
+        answers=tuple(values[i] for i in order),
+    )
+
+
+def mqar_dataset(**metadata: Any) -> dict[str, datasets.Dataset]:
+    """One document per query: the sequence read up to and including the queried key (what a causal
+    model sees when Zoology scores that position), the sequence's values as choices, the bound value
+    as gold."""
+    options = parse_options(metadata)
+    for length in options.mqar_seq_lengths:  # all lengths checked before any is built
+        mqar_sequence(_rng(0, 0, 0, 0), length, options.mqar_num_kv_pairs, options.mqar_power_a)
+    sequences = {
+        (length, i): mqar_sequence(
+            _rng(options.seed, 0, length, i), length, options.mqar_num_kv_pairs, options.mqar_power_a
+        )
+        for length in options.mqar_seq_lengths
+        for i in range(options.num_samples)
+    }
+    docs = []
+    for i, query, length in itertools.product(
+        range(options.num_samples), range(options.mqar_num_kv_pairs), options.mqar_seq_lengths
+    ):
+        seq = sequences[length, i]
+        position = seq.query_positions[query]
+        docs.append(
+            {
+                "context": " ".join(seq.symbols[: position + 1]),
+                "choices": list(seq.values),
+                "gold": seq.values.index(seq.answers[query]),
+                "length": length,
+                "gap": seq.gaps[query],
+            }
+        )
+    return _dataset(docs)
+
+
+def mqar_process_results(doc: Mapping[str, Any], results: Sequence[tuple[float, bool]]) -> dict[str, float]:
+    """``acc@L``: the gold value has the highest log-likelihood among the sequence's values (chance:
+    1 / mqar_num_kv_pairs), a graded signal even for a small model; ``exact_match@L``: greedy
+    decoding writes the gold value exactly (Zoology's argmax over the whole vocabulary; chance ~0)."""
+    lls = [ll for ll, _ in results]
+    gold = doc["gold"]
+    length = doc["length"]
+    return {
+        f"acc@{length}": float(int(np.argmax(lls)) == gold),
+        f"exact_match@{length}": float(results[gold][1]),
+    }
+
+
+# ------------------------------------------------------------------- token-sized prompts (shared)
+
+
+def _fill_to_length(
+    build: Callable[[int], str], count: TokenCounter, length: int, max_units: int
+) -> tuple[str, int]:
+    """The prompt ``build(n)`` with the most filler units ``n <= max_units`` that stays within
+    ``length`` tokens; assumes the token count grows with ``n``. Bisection: ~log2(max_units)
+    tokenizations."""
+    lo, hi = 0, max_units
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(build(mid)) <= length:
+            lo = mid
+        else:
+            hi = mid - 1
+    return build(lo), lo
+
+
+def _check_lengths(lengths: Sequence[int], minimum: int, what: str) -> None:
+    short = [n for n in lengths if n < minimum]
+    if short:
+        raise ValueError(
+            f"ttt_recall option 'context_lengths': {short} below {minimum} tokens, the {what} "
+            "with this tokenizer"
+        )
+
+
+def _exact_match_results(doc: Mapping[str, Any], results: Sequence[str], pattern: str) -> dict[str, float]:
+    """``exact_match@L``: the first match of ``pattern`` in the generation equals the answer."""
+    found = re.search(pattern, results[0])
+    return {f"exact_match@{doc['length']}": float(found is not None and found.group(0) == doc["answer"])}
+
+
+# -------------------------------------------------------------------------------------- phonebook
+
+PHONEBOOK_HEADER = "Below is a phonebook. Remember the numbers.\n"
+PHONEBOOK_QUESTION = "\nWhat is the phone number of {name}? The number is"
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+PHONE_PATTERN = r"\d{3}-\d{4}"
+
+
+def _name(rng: np.random.Generator) -> str:
+    def word() -> str:
+        syllables = int(rng.integers(2, 4))
+        return "".join(
+            _CONSONANTS[rng.integers(len(_CONSONANTS))] + _VOWELS[rng.integers(len(_VOWELS))]
+            for _ in range(syllables)
+        ).capitalize()
+
+    return f"{word()} {word()}"
+
+
+def phonebook_entries(rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
+    """``count`` entries with distinct names (two pseudo-words of 2-3 syllables) and distinct numbers
+    (``ddd-dddd``)."""
+    names: dict[str, None] = {}
+    while len(names) < count:
+        names[_name(rng)] = None
+    numbers = rng.choice(10**7, size=count, replace=False)
+    return [(name, f"{n // 10**4:03d}-{n % 10**4:04d}") for name, n in zip(names, numbers, strict=True)]
+
+
+def phonebook_prompt(entries: Sequence[tuple[str, str]], name: str) -> str:
+    return (
+        PHONEBOOK_HEADER
+        + "".join(f"{n}: {number}\n" for n, number in entries)
+        + PHONEBOOK_QUESTION.format(name=name)
+    )
+
+
+def phonebook_doc(rng: np.random.Generator, count: TokenCounter, length: int) -> dict[str, Any]:
+    """A phonebook of as many entries as fit in ``length`` tokens, and a question for one of them,
+    placed at a uniformly drawn depth."""
+    # every entry costs at least 6 tokens (name, ': ', 3 digits, '-', 4 digits, newline)
+    (queried, *others) = phonebook_entries(rng, max(2, length // 6))
+    depth = float(rng.random())
+
+    def entries(n: int) -> list[tuple[str, str]]:
+        kept = others[: max(n, 1)]
+        return [*kept[: round(depth * len(kept))], queried, *kept[round(depth * len(kept)) :]]
+
+    prompt, n = _fill_to_length(
+        lambda n: phonebook_prompt(entries(n), queried[0]), count, length, len(others)
+    )
+    return {"context": prompt, "answer": queried[1], "length": length, "entries": len(entries(n))}
+
+
+def phonebook_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[str, datasets.Dataset]:
+    options = parse_options(metadata)
+    count = token_counter(metadata, tokenizer)
+    minimum = count(phonebook_prompt(phonebook_entries(_rng(0, 1, 0, 0), 2), "Zuzuzu Zuzuzu")) + 8
+    _check_lengths(options.context_lengths, minimum, "phonebook prompt with two entries")
+    return _dataset(
+        [
+            phonebook_doc(_rng(options.seed, 1, length, i), count, length)
+            for i in range(options.num_samples)
+            for length in options.context_lengths
+        ]
+    )
+
+
+def phonebook_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, float]:
+    return _exact_match_results(doc, results, PHONE_PATTERN)
+
+
+# ---------------------------------------------------------------------------------------- passkey
+
+PASSKEY_HEADER = "A pass key is hidden in the text below. Remember it.\n"
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+_FILLER_WORDS = PASSKEY_FILLER.split()
+
+
+def passkey_prompt(key: str, filler_words: int, depth: float) -> str:
+    """Header, ``filler_words`` words of the repeated filler with the needle inserted at the sentence
+    boundary nearest to ``depth`` (0: first, 1: last), question."""
+    words = list(itertools.islice(itertools.cycle(_FILLER_WORDS), filler_words))
+    boundaries = [0] + [i + 1 for i, w in enumerate(words) if w.endswith(".")]
+    cut = min(boundaries, key=lambda b: abs(b - depth * filler_words))
+    before, after = " ".join(words[:cut]), " ".join(words[cut:])
+    text = (before + " " if before else "") + PASSKEY_NEEDLE.format(key=key) + after
+    return PASSKEY_HEADER + text.rstrip() + PASSKEY_QUESTION
+
+
+def passkey_doc(
+    rng: np.random.Generator, count: TokenCounter, length: int, digits: int, depth: float
+) -> dict[str, Any]:
+    key = "".join(str(d) for d in [rng.integers(1, 10), *rng.integers(0, 10, size=digits - 1)])
+    prompt, _ = _fill_to_length(lambda n: passkey_prompt(key, n, depth), count, length, length)
+    return {"context": prompt, "answer": key, "length": length, "depth": depth}
+
+
+def passkey_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[str, datasets.Dataset]:
+    options = parse_options(metadata)
+    count = token_counter(metadata, tokenizer)
+    minimum = count(passkey_prompt("9" * options.passkey_digits, 0, 0.0)) + 8
+    _check_lengths(options.context_lengths, minimum, "passkey prompt without filler")
+    depths = options.passkey_depths
+    return _dataset(
+        [
+            passkey_doc(
+                _rng(options.seed, 2, length, i),
+                count,
+                length,
+                options.passkey_digits,
+                depths[i % len(depths)],
+            )
+            for i in range(options.num_samples)
+            for length in options.context_lengths
+        ]
+    )
+
+
+def passkey_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, float]:
+    return _exact_match_results(doc, results, r"\d+")
