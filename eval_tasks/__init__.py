@@ -1,8 +1,18 @@
 """ttt_mixer.eval_tasks: lm-eval task configs for long-context recall.
 
-Point lm-eval at this folder with ``lm_eval --include_path $(ttt-mixer tasks-path) ...``. The
-``ttt_recall`` group holds three synthetic tasks, generated in code (``recall.py``), deterministic
-given a seed, and scored per context length (one metric key per length in the results JSON):
+Point lm-eval at this folder with ``lm_eval --include_path $(ttt-mixer tasks-path) ...``. Groups:
+
+- ``ttt_recall``: ``ttt_recall_synthetic`` (below) and ``ttt_recall_data``: SWDE, FDA and
+  SQuAD-completion of the Based paper and their JRT "twice" variants (``ttt_swde``,
+  ``ttt_swde_twice``, ...; metric ``contains``), reading the hub datasets or the local files of the
+  ``recall_data_files`` option (``recall_data.py``).
+- ``ttt_ppl``: ``ttt_ppl_rolling`` (word and byte perplexity, bits per byte) and
+  ``ttt_ppl_position`` (``ppl@a-b`` per token-position bucket, one state through the whole
+  document) on local text files (``ppl_files``) or PG19's test split (``perplexity.py``).
+
+The ``ttt_recall_synthetic`` group holds three synthetic tasks, generated in code (``recall.py``),
+deterministic given a seed, and scored per context length (one metric key per length in the results
+JSON):
 
 - ``ttt_mqar``: multi-query associative recall with Zoology's generator. Keys are two-letter words
   from ``a``-``m``, values from ``n``-``z`` (disjoint halves of the symbol vocabulary, any tokenizer),

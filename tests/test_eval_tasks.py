@@ -187,6 +187,8 @@ def test_tasks_path_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_lm_eval_command_line_scores_the_group_per_length(tmp_path: Path) -> None:
+    # ttt_recall_synthetic: the synthetic half of ttt_recall (the real-data half, ttt_recall_data,
+    # reads hub datasets by default; tests/test_eval_tasks_data.py runs it on local files)
     config = TTTConfig(
         vocab_size=len(TOKENIZER),
         hidden_size=32,
@@ -213,7 +215,8 @@ def test_lm_eval_command_line_scores_the_group_per_length(tmp_path: Path) -> Non
     command = [
         *(sys.executable, "-m", "lm_eval", "--model", "hf"),
         *("--model_args", f"pretrained={checkpoint},trust_remote_code=True"),
-        *("--tasks", "ttt_recall", "--include_path", tasks_path(), "--metadata", json.dumps(metadata)),
+        *("--tasks", "ttt_recall_synthetic", "--include_path", tasks_path()),
+        *("--metadata", json.dumps(metadata)),
         *("--limit", "4", "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out")),
     ]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -108,6 +110,27 @@ def tasks_path(args: argparse.Namespace) -> None:
     print(eval_tasks_path())
 
 
+def evaluate(args: argparse.Namespace) -> None:
+    """Run lm-eval's command line (all arguments pass through) with ttt_mixer imported, so TTT
+    checkpoints load without trust_remote_code, and ttt-mixer's tasks included."""
+    from ttt_mixer.evaluation import main as evaluation_main
+
+    evaluation_main(args.lm_eval_args)
+
+
+def plot(args: argparse.Namespace) -> None:
+    """Plot recall vs context length and perplexity vs position from lm-eval results JSONs, one
+    PNG per (task, metric), one line per results file."""
+    from ttt_mixer.plotting import PlotError, plot_results
+
+    try:
+        written = plot_results(args.results, args.out)
+    except PlotError as error:
+        raise SystemExit(f"ttt-mixer plot: {error}") from None
+    for path in written:
+        print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttt-mixer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -132,11 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=convert)
     p = commands.add_parser("tasks-path", help=tasks_path.__doc__)
     p.set_defaults(func=tasks_path)
+    # everything after "eval" is lm-eval's; main() hands it over before argparse could reject it
+    p = commands.add_parser(
+        "eval", help=evaluate.__doc__, add_help=False, usage="ttt-mixer eval [LM_EVAL_ARGUMENTS ...]"
+    )
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments of lm-eval's command line")
+    p.set_defaults(func=evaluate)
+    p = commands.add_parser("plot", help=plot.__doc__)
+    p.add_argument("results", nargs="+", type=Path, help="lm-eval results JSON files (one per model)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created if missing)")
+    p.set_defaults(func=plot)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # lm-eval's options would be unknown to argparse here
+        args = argparse.Namespace(func=evaluate, lm_eval_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     args.func(args)
 
 
