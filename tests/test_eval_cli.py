@@ -12,12 +12,10 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-import torch
 import yaml
-from test_lm_eval import character_tokenizer
+from eval_models import character_tokenizer, save_checkpoint, tiny_model
 from ttt_mixer.eval_tasks import tasks_path
 
-from ttt_mixer import TTTConfig, TTTForCausalLM
 from ttt_mixer.cli import main as cli_main
 from ttt_mixer.evaluation import lm_eval_argv
 from ttt_mixer.plotting import PlotError, plot_results
@@ -31,22 +29,7 @@ def eval_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The results JSON of ``ttt-mixer eval`` on ttt_mqar with a tiny random TTT checkpoint."""
     tmp_path = tmp_path_factory.mktemp("ttt-eval")
     tokenizer = character_tokenizer()
-    config = TTTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mini_batch_size=4,
-        backbone="mamba",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "tiny-ttt"
-    TTTForCausalLM(config).save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
+    checkpoint = save_checkpoint(tiny_model("ttt", tokenizer), tokenizer, tmp_path / "tiny-ttt")
     metadata = {"mqar_seq_lengths": list(MQAR_LENGTHS), "mqar_num_kv_pairs": 2, "num_samples": 2}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [

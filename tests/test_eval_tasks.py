@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from test_lm_eval import character_tokenizer
+from eval_models import MODEL_KINDS, character_tokenizer, save_checkpoint, tiny_model
 from ttt_mixer.eval_tasks import recall, tasks_path
 
-from ttt_mixer import TTTConfig, TTTForCausalLM
 from ttt_mixer.cli import main as cli_main
 
 TOKENIZER = character_tokenizer()
@@ -186,25 +184,11 @@ def test_tasks_path_command(capsys: pytest.CaptureFixture[str]) -> None:
 # -------------------------------------------------------------------------------- lm_eval end to end
 
 
-def test_lm_eval_command_line_scores_the_group_per_length(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_lm_eval_command_line_scores_the_group_per_length(tmp_path: Path, kind: str) -> None:
     # ttt_recall_synthetic: the synthetic half of ttt_recall (the real-data half, ttt_recall_data,
     # reads hub datasets by default; tests/test_eval_tasks_data.py runs it on local files)
-    config = TTTConfig(
-        vocab_size=len(TOKENIZER),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mini_batch_size=4,
-        backbone="mamba",
-        pad_token_id=TOKENIZER.pad_token_id,
-        eos_token_id=TOKENIZER.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "ttt"
-    TTTForCausalLM(config).save_pretrained(checkpoint)
-    TOKENIZER.save_pretrained(checkpoint)
+    checkpoint = save_checkpoint(tiny_model(kind, TOKENIZER), TOKENIZER, tmp_path / kind)
     metadata = {
         "context_lengths": [192, 256],
         "mqar_seq_lengths": [16, 24],

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_lm_eval import character_tokenizer
+from eval_models import MODEL_KINDS, character_tokenizer, save_checkpoint, tiny_model
 from ttt_mixer.eval_tasks import perplexity, recall_data, tasks_path
-
-from ttt_mixer import TTTConfig, TTTForCausalLM
 
 TOKENIZER = character_tokenizer()
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "it", "ran", "far", "away", "from", "home"]
@@ -248,24 +246,10 @@ def test_unknown_recall_data_option_is_rejected() -> None:
 # -------------------------------------------------------------------------------- lm_eval end to end
 
 
-def test_lm_eval_command_line_scores_perplexity_and_real_data_recall(tmp_path: Path) -> None:
-    config = TTTConfig(
-        vocab_size=len(TOKENIZER),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mini_batch_size=4,
-        backbone="mamba",
-        pad_token_id=TOKENIZER.pad_token_id,
-        eos_token_id=TOKENIZER.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = TTTForCausalLM(config).eval()
-    checkpoint = tmp_path / "ttt"
-    model.save_pretrained(checkpoint)
-    TOKENIZER.save_pretrained(checkpoint)
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_lm_eval_command_line_scores_perplexity_and_real_data_recall(tmp_path: Path, kind: str) -> None:
+    model = tiny_model(kind, TOKENIZER)
+    checkpoint = save_checkpoint(model, TOKENIZER, tmp_path / kind)
     write_documents(tmp_path)
     metadata = {
         "recall_data_files": write_recall_files(tmp_path),

@@ -11,28 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_models import character_tokenizer, save_checkpoint, tiny_model
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ttt_mixer import TTTConfig, TTTForCausalLM
+from ttt_mixer import TTTForCausalLM
 
 # contexts without trailing spaces: lm-eval moves those into the continuation
 PAIRS = [("hello wor", "ld"), ("the cat sat on the", " mat"), ("one two thr", "ee")]
-
-
-def character_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character (and newline), plus pad, eos and unk."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for char in [chr(i) for i in range(32, 127)] + ["\n"]:
-        vocab[char] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +27,8 @@ def checkpoint(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, TTTForCausalLM, PreTrainedTokenizerFast]:
     tokenizer = character_tokenizer()
-    config = TTTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mini_batch_size=4,
-        backbone="mamba",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = TTTForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("ttt-checkpoint")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path, model, tokenizer
+    model = tiny_model("ttt", tokenizer)
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ttt-checkpoint")), model, tokenizer
 
 
 def direct_loglikelihood(
