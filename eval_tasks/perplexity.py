@@ -46,7 +46,7 @@ import datasets
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
 
-from .recall import Tokenizer, _load_tokenizer
+from .recall import Tokenizer, resolve_tokenizer
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "ppl_files": None,  # local text files, one document each: a glob or a list of paths/globs
@@ -152,20 +152,6 @@ def load_texts(options: PerplexityOptions) -> list[tuple[str, str]]:
     return [(f"{options.dataset}/{i}", text) for i, text in enumerate(data[options.text_column])]
 
 
-def resolve_tokenizer(metadata: Mapping[str, Any], tokenizer: Tokenizer | None = None) -> Tokenizer:
-    """The model's tokenizer: ``tokenizer`` in the metadata, else ``pretrained`` (as recall.py)."""
-    if tokenizer is not None:
-        return tokenizer
-    name = metadata.get("tokenizer") or metadata.get("pretrained")
-    if not isinstance(name, str) or not name:
-        raise ValueError(
-            "ttt_ppl option 'tokenizer': the perplexity tasks count tokens with the model's tokenizer; "
-            "pass --model_args pretrained=... or --metadata '{\"tokenizer\": ...}'"
-        )
-    trust = str(metadata.get("trust_remote_code", False)).lower() == "true"
-    return _load_tokenizer(name, trust)
-
-
 def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
@@ -187,7 +173,7 @@ def _documents(
     tokenizer: Tokenizer | None, metadata: Mapping[str, Any], max_tokens: int
 ) -> list[dict[str, Any]]:
     options = parse_options(metadata)
-    tokenizer = resolve_tokenizer(metadata, tokenizer)
+    tokenizer = resolve_tokenizer(metadata, tokenizer, "ttt_ppl")
     docs = []
     for name, text in load_texts(options):
         text, ids = truncate(tokenizer, text.strip(), min(max_tokens, options.max_tokens))
@@ -291,7 +277,7 @@ def buckets(tokenizer: Tokenizer, ids: Sequence[int], edges: Sequence[int]) -> l
 def position_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[str, datasets.Dataset]:
     options = parse_options(metadata)
     max_tokens = min(options.max_tokens, options.bucket_edges[-1])
-    tok = resolve_tokenizer(metadata, tokenizer)
+    tok = resolve_tokenizer(metadata, tokenizer, "ttt_ppl")
     docs = _documents(tok, metadata, max_tokens)
     limit = _model_max_length(metadata)
     longest = max(len(d["ids"]) for d in docs)

@@ -124,20 +124,26 @@ def _load_tokenizer(name: str, trust_remote_code: bool) -> Tokenizer:
     return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
 
 
+def resolve_tokenizer(metadata: Mapping[str, Any], tokenizer: Tokenizer | None, group: str) -> Tokenizer:
+    """The model's tokenizer, as lm-eval's RULER tasks find it: ``tokenizer`` in the metadata, else
+    the model's ``pretrained`` (both arrive from ``--model_args``, or ``tokenizer`` from
+    ``--metadata``); an explicit ``tokenizer`` object (tests) wins."""
+    if tokenizer is not None:
+        return tokenizer
+    name = metadata.get("tokenizer") or metadata.get("pretrained")
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"{group} option 'tokenizer': these tasks count tokens with the model's tokenizer; "
+            "pass --model_args pretrained=... or --metadata '{\"tokenizer\": ...}'"
+        )
+    trust = str(metadata.get("trust_remote_code", False)).lower() == "true"
+    return _load_tokenizer(name, trust)
+
+
 def token_counter(metadata: Mapping[str, Any], tokenizer: Tokenizer | None = None) -> TokenCounter:
-    """Counts tokens of the model's tokenizer, as lm-eval's RULER tasks do: the one named by
-    ``tokenizer`` in the metadata, else the model's ``pretrained`` (both arrive from
-    ``--model_args``, or ``tokenizer`` from ``--metadata``). No special tokens: lm-eval's hf model
-    encodes contexts without them unless told to add a BOS token."""
-    if tokenizer is None:
-        name = metadata.get("tokenizer") or metadata.get("pretrained")
-        if not isinstance(name, str) or not name:
-            raise ValueError(
-                "ttt_recall option 'tokenizer': phonebook and passkey size their prompts with the "
-                "model's tokenizer; pass --model_args pretrained=... or --metadata '{\"tokenizer\": ...}'"
-            )
-        trust = str(metadata.get("trust_remote_code", False)).lower() == "true"
-        tokenizer = _load_tokenizer(name, trust)
+    """Counts tokens of the model's tokenizer without special tokens: lm-eval's hf model encodes
+    contexts without them unless told to add a BOS token."""
+    tokenizer = resolve_tokenizer(metadata, tokenizer, "ttt_recall")
     return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
 
 

@@ -3,6 +3,9 @@ tokenizer, saved with the tokenizer, as ``lm_eval --model hf`` loads them."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -48,3 +51,14 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def run_lm_eval(args: list[str], cwd: Path, module: tuple[str, ...] = ("lm_eval",)) -> Path:
+    """``python -m lm_eval ARGS`` (or another module, e.g. ``ttt_mixer.cli eval``) offline, results
+    written under ``cwd/out``; fails the test with lm-eval's stderr on error. Returns the results file."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", *module, *args, "--output_path", str(cwd / "out")]
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (results_file,) = (cwd / "out").rglob("results*.json")
+    return results_file

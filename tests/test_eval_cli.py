@@ -5,15 +5,12 @@ buckets) as PNGs, several models per figure, and rejects files it cannot plot wi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 import yaml
-from eval_models import character_tokenizer, save_checkpoint, tiny_model
+from eval_models import character_tokenizer, run_lm_eval, save_checkpoint, tiny_model
 from ttt_mixer.eval_tasks import tasks_path
 
 from ttt_mixer.cli import main as cli_main
@@ -31,17 +28,11 @@ def eval_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = character_tokenizer()
     checkpoint = save_checkpoint(tiny_model("ttt", tokenizer), tokenizer, tmp_path / "tiny-ttt")
     metadata = {"mqar_seq_lengths": list(MQAR_LENGTHS), "mqar_num_kv_pairs": 2, "num_samples": 2}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [
-        *(sys.executable, "-m", "ttt_mixer.cli", "eval", "--model", "hf"),
-        *("--model_args", f"pretrained={checkpoint}", "--tasks", "ttt_mqar"),
+    args = [
+        *("--model", "hf", "--model_args", f"pretrained={checkpoint}", "--tasks", "ttt_mqar"),
         *("--metadata", json.dumps(metadata), "--limit", "4", "--device", "cpu", "--batch_size", "4"),
-        *("--output_path", str(tmp_path / "out")),
     ]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (results_file,) = (tmp_path / "out").rglob("results*.json")
-    return results_file
+    return run_lm_eval(args, tmp_path, module=("ttt_mixer.cli", "eval"))
 
 
 def test_eval_loads_a_ttt_checkpoint_without_remote_code_and_scores_ttt_mqar(eval_results: Path) -> None:

@@ -6,14 +6,11 @@ line over all three tasks on a tiny TTT checkpoint."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_models import MODEL_KINDS, character_tokenizer, save_checkpoint, tiny_model
+from eval_models import MODEL_KINDS, character_tokenizer, run_lm_eval, save_checkpoint, tiny_model
 from ttt_mixer.eval_tasks import recall, tasks_path
 
 from ttt_mixer.cli import main as cli_main
@@ -195,18 +192,13 @@ def test_lm_eval_command_line_scores_the_group_per_length(tmp_path: Path, kind: 
         "mqar_num_kv_pairs": 2,
         "num_samples": 2,
     }
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [
-        *(sys.executable, "-m", "lm_eval", "--model", "hf"),
-        *("--model_args", f"pretrained={checkpoint},trust_remote_code=True"),
+    args = [
+        *("--model", "hf", "--model_args", f"pretrained={checkpoint},trust_remote_code=True"),
         *("--tasks", "ttt_recall_synthetic", "--include_path", tasks_path()),
         *("--metadata", json.dumps(metadata)),
-        *("--limit", "4", "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out")),
+        *("--limit", "4", "--device", "cpu", "--batch_size", "4"),
     ]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (results_file,) = (tmp_path / "out").rglob("results*.json")
-    results = json.loads(results_file.read_text())["results"]
+    results = json.loads(run_lm_eval(args, tmp_path).read_text())["results"]
     expected = {
         "ttt_mqar": ["acc@16", "acc@24", "exact_match@16", "exact_match@24"],
         "ttt_phonebook": ["exact_match@192", "exact_match@256"],

@@ -4,14 +4,11 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from eval_models import character_tokenizer, save_checkpoint, tiny_model
+from eval_models import character_tokenizer, run_lm_eval, save_checkpoint, tiny_model
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from transformers import PreTrainedTokenizerFast
@@ -79,16 +76,11 @@ def test_lm_eval_command_line_scores_a_local_task(checkpoint, tmp_path: Path) ->
         'doc_to_target: "{{continuation}}"\n'
         "metric_list:\n  - metric: perplexity\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [
-        *(sys.executable, "-m", "lm_eval", "--model", "hf"),
-        *("--model_args", f"pretrained={path},trust_remote_code=True"),
+    args = [
+        *("--model", "hf", "--model_args", f"pretrained={path},trust_remote_code=True"),
         *("--tasks", "ttt_smoke", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "2"),
-        *("--output_path", str(tmp_path / "results")),
     ]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (results_file,) = (tmp_path / "results").rglob("results*.json")
+    results_file = run_lm_eval(args, tmp_path)
     perplexity = json.loads(results_file.read_text())["results"]["ttt_smoke"]["perplexity,none"]
     expected = math.exp(-sum(direct_loglikelihood(model, tokenizer, c, t) for c, t in PAIRS) / len(PAIRS))
     assert perplexity == pytest.approx(expected, rel=1e-4)
