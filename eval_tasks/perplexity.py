@@ -46,7 +46,7 @@ import datasets
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
 
-from .recall import Tokenizer, resolve_tokenizer
+from .recall import Tokenizer, resolve_tokenizer, task_options
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "ppl_files": None,  # local text files, one document each: a glob or a list of paths/globs
@@ -87,11 +87,7 @@ def _positive_int(option: str, value: Any) -> int:
 def parse_options(metadata: Mapping[str, Any]) -> PerplexityOptions:
     """This module's options from lm-eval's task ``metadata``, defaults filled in; raises ValueError
     naming the option for a malformed value or an unknown ``ppl_`` key."""
-    for key in metadata:
-        if key.startswith(OPTION_PREFIX) and key not in OPTION_DEFAULTS:
-            known = ", ".join(sorted(OPTION_DEFAULTS))
-            raise ValueError(f"unknown ttt_ppl option {key!r}; the options are: {known}")
-    get = {**OPTION_DEFAULTS, **{k: v for k, v in metadata.items() if k in OPTION_DEFAULTS}}.__getitem__
+    get = task_options(metadata, OPTION_DEFAULTS, OPTION_PREFIX, "ttt_ppl").__getitem__
     files = get("ppl_files")
     if files is not None:
         files = [files] if isinstance(files, str) else files

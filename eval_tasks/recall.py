@@ -73,14 +73,24 @@ def _int_list(name: str, value: Any, minimum: int) -> tuple[int, ...]:
     return tuple(_int(name, v, minimum) for v in values)
 
 
+def task_options(
+    metadata: Mapping[str, Any], defaults: Mapping[str, Any], prefixes: str | tuple[str, ...], group: str
+) -> dict[str, Any]:
+    """One task group's options from lm-eval's task ``metadata``, defaults filled in. lm-eval merges
+    the model arguments into the same mapping, so other keys are ignored; but a key with one of the
+    group's prefixes that is not an option is a typo, and a ValueError naming it."""
+    for key in metadata:
+        if key.startswith(prefixes) and key not in defaults:
+            raise ValueError(
+                f"unknown {group} option {key!r}; the options are: {', '.join(sorted(defaults))}"
+            )
+    return {**defaults, **{k: v for k, v in metadata.items() if k in defaults}}
+
+
 def parse_options(metadata: Mapping[str, Any]) -> RecallOptions:
     """This module's options from lm-eval's task ``metadata``, defaults filled in; raises ValueError
     naming the option for a malformed value or an unknown prefixed key."""
-    for key in metadata:
-        if key.startswith(OPTION_PREFIXES) and key not in OPTION_DEFAULTS:
-            known = ", ".join(sorted(OPTION_DEFAULTS))
-            raise ValueError(f"unknown ttt_recall option {key!r}; the options are: {known}")
-    get = {**OPTION_DEFAULTS, **{k: v for k, v in metadata.items() if k in OPTION_DEFAULTS}}.__getitem__
+    get = task_options(metadata, OPTION_DEFAULTS, OPTION_PREFIXES, "ttt_recall").__getitem__
     power_a = get("mqar_power_a")
     if isinstance(power_a, bool) or not isinstance(power_a, int | float) or not 0 < power_a <= 1:
         raise ValueError(f"ttt_recall option 'mqar_power_a' must be a number in (0, 1], got {power_a!r}")

@@ -28,6 +28,8 @@ from typing import Any
 
 import datasets
 
+from .recall import task_options
+
 DATASETS = {
     "swde": "hazyresearch/based-swde-v2",
     "fda": "hazyresearch/based-fda",
@@ -47,10 +49,9 @@ SWDE_SUMMARY = "Summary of information above..."
 
 def data_files(metadata: Mapping[str, Any]) -> dict[str, str]:
     """The ``recall_data_files`` option: dataset name -> local file; ValueError naming it."""
-    for key in metadata:
-        if key.startswith(OPTION_PREFIX) and key not in OPTION_DEFAULTS:
-            raise ValueError(f"unknown ttt_recall_data option {key!r}; the options are: recall_data_files")
-    files = metadata.get("recall_data_files") or {}
+    files = (
+        task_options(metadata, OPTION_DEFAULTS, OPTION_PREFIX, "ttt_recall_data")["recall_data_files"] or {}
+    )
     if not isinstance(files, Mapping) or not all(
         name in DATASETS and isinstance(path, str) and path for name, path in files.items()
     ):
