@@ -75,7 +75,8 @@ def ttt_primal(
     b = token_offset.shape[0]
     n_params = len(params)
     tau = token_scale(token_offset)
-    lnw, lnb = ln_weight, ln_bias
+    # lr_j [H] broadcast against each inner gradient: weights [H, d_in, d_out], biases [H, d_out]
+    lr_shapes = [(H, 1, 1), (H, 1)] * inner.num_layers
     flat = [t.reshape(B * T, *t.shape[2:]) for t in (q, k, v, lr)]
     if cu_seqlens is None:
         bounds = [(n * T, (n + 1) * T) for n in range(B)]
@@ -95,18 +96,18 @@ def ttt_primal(
         pending: list[list[torch.Tensor]] = []
         for t in range(start, end):
             qt, kt, vt, lrt = (x[t] for x in flat)
-            grads = _token_gradient(inner, kt, vt, weights, lnw, lnb, eps)
-            lr_shape = [(H, 1, 1), (H, 1)] * inner.num_layers
-            pending.append([lrt.reshape(s) * g for s, g in zip(lr_shape, grads, strict=True)])
+            grads = _token_gradient(inner, kt, vt, weights, ln_weight, ln_bias, eps)
+            pending.append([lrt.reshape(s) * g for s, g in zip(lr_shapes, grads, strict=True)])
             total = [c + sum(parts) for c, parts in zip(carried, zip(*pending, strict=True), strict=True)]
             position += 1
             weights_bar = [w - tau[position - 1] * s for w, s in zip(weights, total, strict=True)]
-            outputs[t] = inner_output(qt, _f_res(inner, qt, weights_bar)[1][-1], lnw, lnb, eps)
+            outputs[t] = inner_output(qt, _f_res(inner, qt, weights_bar)[1][-1], ln_weight, ln_bias, eps)
             if position == b:
                 position, weights, pending = 0, weights_bar, []
                 carried = [torch.zeros_like(p) for p in weights]
         if pending:
-            carried = [c + sum(parts) for c, parts in zip(carried, zip(*pending, strict=True), strict=True)]
+            # the sequence ends mid-mini-batch: its last token's sums are the state's accumulators
+            carried = total
         finals.append((position, weights, carried))
 
     o = torch.stack(outputs).reshape(B, T, H, d)
