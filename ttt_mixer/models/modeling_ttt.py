@@ -8,39 +8,19 @@ the model's input (fla's unpad), so that padding reaches neither convolutions no
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
 from fla.layers.utils import repad_hidden_states, unpad_hidden_states
 from fla.models.cache_utils import Cache
-from fla.models.generation_utils import FLAGenerationMixin
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
 from ttt_mixer.layers import TTTLayer
 from ttt_mixer.layers.ttt import check_attention_mask
 from ttt_mixer.models.configuration_ttt import TTTConfig
+from ttt_mixer.models.hub import CausalLMGenerationMixin, RemoteCodeMixin, decoder_inputs
 from ttt_mixer.modules import DepthwiseCausalConv, SwiGLU
-
-# ``save_pretrained`` writes this file beside the weights and names it in the config's auto_map, so
-# that ``from_pretrained(path, trust_remote_code=True)`` works in a process that never imported
-# ttt_mixer: the file only imports the installed package.
-REMOTE_CODE_FILE = "ttt_mixer_remote.py"
-REMOTE_CODE = '''"""Loads ttt-mixer's classes from the installed package: pip install ttt-mixer."""
-
-from ttt_mixer.models import TTTConfig, TTTForCausalLM, TTTModel
-
-__all__ = ["TTTConfig", "TTTForCausalLM", "TTTModel"]
-'''
-AUTO_MAP = {
-    "AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.TTTConfig",
-    "AutoModel": f"{REMOTE_CODE_FILE[:-3]}.TTTModel",
-    "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.TTTForCausalLM",
-}
 
 
 class PreConv(nn.Module):
@@ -115,7 +95,13 @@ class TTTBlock(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
-class TTTPreTrainedModel(PreTrainedModel):
+class TTTPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+    remote_module = "ttt_mixer.models"
+    remote_classes = {
+        "AutoConfig": "TTTConfig",
+        "AutoModel": "TTTModel",
+        "AutoModelForCausalLM": "TTTForCausalLM",
+    }
     config_class = TTTConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -130,12 +116,6 @@ class TTTPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """``PreTrainedModel.save_pretrained`` plus the auto_map and its remote-code file."""
-        self.config.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        Path(save_directory, REMOTE_CODE_FILE).write_text(REMOTE_CODE)
 
 
 class TTTModel(TTTPreTrainedModel):
@@ -166,22 +146,14 @@ class TTTModel(TTTPreTrainedModel):
     ) -> BaseModelOutputWithPast | tuple:
         """Extra keyword arguments that generation passes (``cache_position``, ``position_ids``) are
         accepted and unused: TTT positions come from the recurrent state."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids and inputs_embeds")
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [batch_size, seq_len], got {list(input_ids.shape)}")
-        if inputs_embeds is None:
-            inputs_embeds = self.embeddings(input_ids)
+        inputs_embeds, past_key_values, use_cache = decoder_inputs(
+            self, input_ids, inputs_embeds, past_key_values, use_cache
+        )
         batch_size, q_len = inputs_embeds.shape[:2]
-        if q_len == 0:
-            raise ValueError("input must hold at least one token (seq_len >= 1)")
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if use_cache and not isinstance(past_key_values, Cache):
-            past_key_values = Cache.from_legacy_cache(past_key_values)
         if past_key_values is not None and len(past_key_values) > 0:
             cached = past_key_values[0]["recurrent_state"]
             if cached is not None and cached[0].shape[0] != batch_size:
@@ -218,7 +190,7 @@ class TTTModel(TTTPreTrainedModel):
         )
 
 
-class TTTForCausalLM(TTTPreTrainedModel, FLAGenerationMixin):
+class TTTForCausalLM(CausalLMGenerationMixin, TTTPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config: TTTConfig) -> None:
@@ -226,52 +198,3 @@ class TTTForCausalLM(TTTPreTrainedModel, FLAGenerationMixin):
         self.model = TTTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_decoder(self) -> TTTModel:
-        return self.model
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values: Cache | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        if labels is None and logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            # predict token t + 1 from tokens <= t; -100 marks positions without a target
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
-                labels[:, 1:].flatten().to(logits.device),
-                ignore_index=-100,
-            )
-        if not return_dict:
-            output = (logits, *(x for x in (outputs.past_key_values, outputs.hidden_states) if x is not None))
-            return (loss, *output) if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-        )
