@@ -1,0 +1,157 @@
+"""Based (Arora et al. 2024): linear attention with a second-order Taylor feature map, normalised;
+fla's layer with a recurrent state, a padding mask and a PyTorch path."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from einops import rearrange
+from fla.layers.based import BasedLinearAttention
+from fla.layers.utils import update_layer_cache
+from fla.models.cache_utils import Cache
+from ttt_mixer.adapters.mixers.common import cached_states, check_inputs, reject_cu_seqlens, zero_padding
+
+from ttt_mixer.layers.ttt import resolve_backend
+
+# the epsilon added to the normaliser by fla's causal kernels: parallel_based adds 1e-6, the
+# linear-attention kernels of the chunk modes 1e-10 (``eps``, 1e-12, is only forward_reference's)
+KERNEL_EPS = {"parallel": 1e-6, "chunk": 1e-10, "fused_chunk": 1e-10}
+# tokens per block of the PyTorch path: quadratic inside a block, through the state across blocks
+BLOCK_SIZE = 64
+
+
+def taylor_features(x: torch.Tensor) -> torch.Tensor:
+    """fla's TaylorFeatureMap in float32, [..., f] -> [..., 1 + f + f(f+1)/2]:
+    (1, x / f^(1/4), x_i^2 / sqrt(2f), x_i x_j / sqrt(f) for i < j), so that
+    phi(q).phi(k) = 1 + s + s^2 / 2 with s = q.k / sqrt(f). Computed here without fla's activation
+    checkpointing, which PyTorch warns about."""
+    x = x.float()
+    dim = x.shape[-1]
+    outer = x[..., :, None] * x[..., None, :]
+    upper = torch.triu_indices(dim, dim, 1, device=x.device)
+    diagonal = torch.diagonal(outer, dim1=-2, dim2=-1)
+    return torch.cat(
+        [
+            torch.ones_like(x[..., :1]),
+            x / math.sqrt(math.sqrt(dim)),
+            diagonal / (math.sqrt(dim) * math.sqrt(2)),
+            outer[..., upper[0], upper[1]] / math.sqrt(dim),
+        ],
+        dim=-1,
+    )
+
+
+class BasedMixer(BasedLinearAttention):
+    """fla's ``BasedLinearAttention`` (same parameters) on the fla layer interface, causal only.
+
+    o_t = phi(q_t) . S_t / (phi(q_t) . z_t + eps) with S_t = sum_{s<=t} phi(k_s) v_s^T and
+    z_t = sum_{s<=t} phi(k_s); eps is what the layer's fla kernel adds (``mode`` "parallel": 1e-6,
+    else 1e-10). Cache entry: ``recurrent_state`` = (S [B, H, F, dv], z [B, H, F]) float32, F = 1 + f +
+    f(f+1)/2. Padded tokens add nothing to S and z and output 0. ``backend`` "triton" runs fla's own
+    forward where it can (no padding, no cache: fla's layer keeps no state), else the PyTorch path.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        feature_dim: int = 16,
+        num_key_value_heads: int | None = None,
+        num_heads: int = 12,
+        feature_name: str = "taylor_exp",
+        eps: float = 1e-12,
+        causal: bool = True,
+        mode: str = "parallel",
+        layer_idx: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        if not causal:
+            raise ValueError("causal must be True: a language-model mixer cannot look ahead")
+        if backend is not None:
+            resolve_backend(backend, torch.device("cpu"))
+        try:
+            super().__init__(
+                hidden_size=hidden_size,
+                feature_dim=feature_dim,
+                num_key_value_heads=num_heads if num_key_value_heads is None else num_key_value_heads,
+                num_heads=num_heads,
+                feature_name=feature_name,
+                eps=eps,
+                causal=causal,
+                mode=mode,
+            )
+        except AssertionError as error:  # fla checks its arguments with asserts
+            raise ValueError(f"BasedMixer: {error}") from error
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        self.layer_idx = layer_idx
+        self.backend = backend
+        self.kernel_eps = KERNEL_EPS[mode]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None, Cache | None]:
+        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values). Other keyword arguments
+        (position_ids, cache_position, ...) are ignored; ``cu_seqlens`` is refused."""
+        mask = check_inputs(self, hidden_states, attention_mask)
+        reject_cu_seqlens(self, kwargs)
+        batch_size, q_len, _ = hidden_states.shape
+        state, _ = cached_states(self, past_key_values, batch_size)
+        stateless = mask is None and state is None and not use_cache and past_key_values is None
+        if stateless and resolve_backend(self.backend, hidden_states.device) == "triton":
+            return super().forward(hidden_states), None, past_key_values
+
+        q = rearrange(self.q_proj(hidden_states), "... (h d) -> ... h d", d=self.head_k_dim)
+        k = rearrange(self.k_proj(hidden_states), "... (h d) -> ... h d", d=self.head_k_dim)
+        v = rearrange(self.v_proj(hidden_states), "... (h d) -> ... h d", d=self.head_v_dim).float()
+        o, state = self.linear_attention(q, k, v, mask, state)
+        update_layer_cache(self, past_key_values, recurrent_state=state if use_cache else None, offset=q_len)
+        o = self.o_proj(rearrange(o, "... h d -> ... (h d)").to(hidden_states.dtype))
+        return zero_padding(o, mask), None, past_key_values
+
+    def linear_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        state: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """q, k [B, T, H, f], v [B, T, H, dv] -> (o [B, T, H, dv] float32, (S, z) after the last token),
+        in blocks: within a block the weights phi(q).phi(k) = 1 + s + s^2/2 as a matrix, from earlier
+        blocks through the state."""
+        batch_size, q_len, num_heads, _ = q.shape
+        phi_q, phi_k = taylor_features(q), taylor_features(k)
+        q, k = q.float() / math.sqrt(self.head_k_dim), k.float()
+        if state is None:
+            num_features = phi_k.shape[-1]
+            kv = v.new_zeros(batch_size, num_heads, num_features, v.shape[-1])
+            key_sum = v.new_zeros(batch_size, num_heads, num_features)
+        else:
+            kv, key_sum = state
+        if mask is not None:
+            phi_k = torch.where(mask[..., None, None], phi_k, 0)
+        outputs = []
+        for start in range(0, q_len, BLOCK_SIZE):
+            end = min(start + BLOCK_SIZE, q_len)
+            s = torch.einsum("bthf,bshf->bhts", q[:, start:end], k[:, start:end])
+            weights = (1 + s + s.square() / 2).tril()
+            if mask is not None:
+                weights = torch.where(mask[:, None, None, start:end], weights, 0)
+            numerator = torch.einsum("bhts,bshd->bthd", weights, v[:, start:end]) + torch.einsum(
+                "bthf,bhfd->bthd", phi_q[:, start:end], kv
+            )
+            denominator = weights.sum(-1).transpose(1, 2) + torch.einsum(
+                "bthf,bhf->bth", phi_q[:, start:end], key_sum
+            )
+            outputs.append(numerator / (denominator[..., None] + self.kernel_eps))
+            kv = kv + torch.einsum("bshf,bshd->bhfd", phi_k[:, start:end], v[:, start:end])
+            key_sum = key_sum + phi_k[:, start:end].sum(1)
+        return torch.cat(outputs, dim=1), (kv, key_sum)

@@ -1,0 +1,159 @@
+"""Pieces shared by the adapter mixers, all plain PyTorch so that every mixer runs on any device:
+input checks, reading a layer's fla cache entry, the padding-aware short convolution and fla's
+(gated) RMSNorm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from fla.layers.utils import get_layer_cache
+from torch import nn
+
+from ttt_mixer.layers.ttt import check_attention_mask
+
+# fla's activations by name (fla.modules.activations.ACT2FN), computed with PyTorch: fla's own are
+# Triton kernels, which cannot run on a CPU tensor
+TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "swish": F.silu,
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "logsigmoid": F.logsigmoid,
+    "relu": F.relu,
+    "sqrelu": lambda x: F.relu(x).square(),
+    # fla's "gelu" is the tanh approximation
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def torch_activation(name: str, parameter: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in TORCH_ACTIVATIONS:
+        raise ValueError(f"{parameter} must be one of {sorted(TORCH_ACTIVATIONS)}, got {name!r}")
+    return TORCH_ACTIVATIONS[name]
+
+
+def check_inputs(
+    module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """ValueError unless hidden_states is [B, T, hidden_size] with T >= 1 and attention_mask a 0/1
+    [B, L >= T] padding mask. Returns the mask of the current tokens (its last T columns) as bool, or
+    None when they are all real tokens."""
+    name = type(module).__name__
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+        raise ValueError(
+            f"{name}: hidden_states must be a tensor of shape [batch_size, seq_len, hidden_size]"
+        )
+    if not hidden_states.is_floating_point():
+        raise ValueError(f"{name}: hidden_states must be floating point, got {hidden_states.dtype}")
+    if hidden_states.shape[-1] != module.hidden_size:
+        raise ValueError(
+            f"{name}: hidden_states last dim must be hidden_size = {module.hidden_size}, got {hidden_states.shape[-1]}"
+        )
+    batch_size, q_len, _ = hidden_states.shape
+    if q_len == 0:
+        raise ValueError(f"{name}: hidden_states must hold at least one token (seq_len >= 1)")
+    if attention_mask is None:
+        return None
+    check_attention_mask(attention_mask, batch_size, q_len)
+    mask = attention_mask[:, -q_len:].bool()
+    return None if bool(mask.all()) else mask
+
+
+def reject_cu_seqlens(module: nn.Module, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("cu_seqlens") is not None:
+        raise ValueError(
+            f"{type(module).__name__}: cu_seqlens (packed sequences) is not supported on this path; "
+            "pass a padded batch and a 2-D attention_mask instead"
+        )
+
+
+def cached_states(module: nn.Module, past_key_values: Any, batch_size: int) -> tuple[Any, Any]:
+    """(recurrent_state, conv_state) of this layer in the fla cache, each None where absent."""
+    entry = get_layer_cache(module, past_key_values)
+    if entry is None:
+        return None, None
+    recurrent_state, conv_state = entry.get("recurrent_state"), entry.get("conv_state")
+    if recurrent_state is not None:
+        first = recurrent_state[0] if isinstance(recurrent_state, (tuple, list)) else recurrent_state
+        if first.shape[0] != batch_size:
+            raise ValueError(
+                f"{type(module).__name__}: the cache holds {first.shape[0]} sequences but the input has {batch_size}"
+            )
+    return recurrent_state, conv_state
+
+
+def masked_short_conv(
+    conv: nn.Conv1d,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: torch.Tensor | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's ShortConvolution ``conv`` (weights, bias, activation) in PyTorch, padding-aware:
+    x [B, T, D] -> (y [B, T, D], cache or None).
+
+    The cache has fla's layout [B, D, W] (W the kernel size): the last W inputs of the sequence, the
+    oldest first. fla's layers unpad before convolving, so a real token's window holds the previous
+    real tokens and then the cache, never a padding token; here the same windows come from moving, in
+    every row, the padding to the front (a stable sort on the mask) with the cache right before the
+    first real token. Padded positions of y are 0.
+    """
+    batch_size, _, dim = x.shape
+    width = conv.kernel_size[0]
+    if cache is None:
+        cache = x.new_zeros(batch_size, dim, width)
+    elif tuple(cache.shape) != (batch_size, dim, width):
+        raise ValueError(f"conv_state must have shape [batch_size, D, W] = {[batch_size, dim, width]}")
+    sequence = torch.cat([cache.to(x.dtype).transpose(1, 2), x], dim=1)  # [B, W + T, D]
+    if mask is not None:
+        valid = torch.cat([mask.new_ones(batch_size, width), mask], dim=1)
+        order = torch.argsort(valid.to(torch.int8), dim=1, stable=True)
+        sequence = torch.where(valid[..., None], sequence, 0).gather(1, order[..., None].expand(-1, -1, dim))
+    # y_t = sum_i w_i x_{t - W + 1 + i}, over the W-wide windows that end at each position
+    if mask is None:
+        windows = sequence[:, 1:].unfold(1, width, 1)  # [B, T, D, W]: the T current positions
+    else:
+        windows = F.pad(sequence, (0, 0, width - 1, 0)).unfold(1, width, 1)  # [B, W + T, D, W]
+    y = (windows.float() * conv.weight[:, 0].float()).sum(-1)
+    if mask is not None:
+        # back to the original order, at the T current positions
+        inverse = torch.argsort(order, dim=1)[:, width:]
+        y = y.gather(1, inverse[..., None].expand(-1, -1, dim))
+    if conv.bias is not None:
+        y = y + conv.bias.float()
+    # ShortConvolution's activation: None, "silu" or "swish"
+    if getattr(conv, "activation", None) is not None:
+        y = F.silu(y)
+    y = y.to(x.dtype)
+    if mask is not None:
+        y = torch.where(mask[..., None], y, 0)
+    final = sequence[:, -width:].transpose(1, 2).contiguous() if output_final_state else None
+    return y, final
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    gate: torch.Tensor | None = None,
+    activation: str = "swish",
+) -> torch.Tensor:
+    """fla's RMSNorm / FusedRMSNormGated over the last dim, in float32 as fla's kernels compute it:
+    x / sqrt(mean(x^2) + eps) * weight + bias, then times act(gate) if a gate is given."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    if gate is not None:
+        y = y * torch_activation(activation, "gate activation")(gate.float())
+    return y.to(x.dtype)
+
+
+def zero_padding(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Padded positions -> 0, as fla's layers return them (they re-pad with zeros)."""
+    return output if mask is None else torch.where(mask[..., None], output, 0)

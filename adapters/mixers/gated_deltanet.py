@@ -1,0 +1,170 @@
+"""Gated DeltaNet (Yang et al. 2025): fla's layer, plus a PyTorch forward for CPU tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from fla.layers.gated_deltanet import GatedDeltaNet
+from fla.layers.utils import update_layer_cache
+from fla.models.cache_utils import Cache
+from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+from ttt_mixer.adapters.mixers.common import (
+    cached_states,
+    check_inputs,
+    masked_short_conv,
+    reject_cu_seqlens,
+    rms_norm,
+    zero_padding,
+)
+
+from ttt_mixer.layers.ttt import resolve_backend
+
+# fla's l2norm kernels (fla.modules.l2norm, and the recurrent kernel's in-kernel norm): x / sqrt(|x|^2 + eps)
+L2NORM_EPS = 1e-6
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + L2NORM_EPS)
+
+
+class GatedDeltaNetMixer(GatedDeltaNet):
+    """fla's ``GatedDeltaNet`` (same arguments, parameters and cache layout) that runs anywhere.
+
+    ``backend`` "triton" runs fla's own forward (its Triton kernels); "torch" computes the same in
+    PyTorch with fla's ``naive_recurrent_gated_delta_rule``: q and k l2-normalised, the decay
+    g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) (times 2 with ``allow_neg_eigval``);
+    None picks Triton for CUDA tensors and PyTorch otherwise (TTT_MIXER_BACKEND overrides).
+    Cache entry: ``recurrent_state`` [B, HV, V, K] float32 (fla's ``state_v_first`` layout) and, with
+    ``use_short_conv``, ``conv_state`` = (q, k, v) windows [B, D, conv_size]. Padded tokens change no
+    state (beta = 0, g = 0) and output 0. Unknown arguments are a TypeError (fla's own swallows them).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 2048,
+        expand_v: float = 2,
+        head_dim: int = 256,
+        num_heads: int = 6,
+        num_v_heads: int | None = None,
+        mode: str = "chunk",
+        use_gate: bool = True,
+        use_short_conv: bool = True,
+        allow_neg_eigval: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        layer_idx: int | None = None,
+        norm_eps: float = 1e-5,
+        output_gate_activation: str = "swish",
+        backend: str | None = None,
+    ) -> None:
+        if backend is not None:
+            resolve_backend(backend, torch.device("cpu"))
+        try:
+            super().__init__(
+                hidden_size=hidden_size,
+                expand_v=expand_v,
+                head_dim=head_dim,
+                num_heads=num_heads,
+                num_v_heads=num_v_heads,
+                mode=mode,
+                use_gate=use_gate,
+                use_short_conv=use_short_conv,
+                allow_neg_eigval=allow_neg_eigval,
+                conv_size=conv_size,
+                conv_bias=conv_bias,
+                layer_idx=layer_idx,
+                norm_eps=norm_eps,
+                output_gate_activation=output_gate_activation,
+            )
+        except AssertionError as error:  # fla checks some arguments with asserts
+            raise ValueError(f"GatedDeltaNetMixer: {error}") from error
+        if self.num_v_heads < self.num_heads:
+            raise ValueError(f"num_v_heads ({self.num_v_heads}) must be >= num_heads ({self.num_heads})")
+        self.backend = backend
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None, Cache | None]:
+        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values). ``cu_seqlens`` only on the
+        Triton path; other keyword arguments (position_ids, cache_position, ...) are ignored."""
+        mask = check_inputs(self, hidden_states, attention_mask)
+        if resolve_backend(self.backend, hidden_states.device) == "triton":
+            return super().forward(
+                hidden_states,
+                attention_mask=None if mask is None else attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                **kwargs,
+            )
+        reject_cu_seqlens(self, kwargs)
+        return self.torch_forward(hidden_states, mask, past_key_values, bool(use_cache))
+
+    def torch_forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        use_cache: bool,
+    ) -> tuple[torch.Tensor, None, Cache | None]:
+        """What fla's forward computes, in PyTorch; ``mask`` [B, T] bool (None: no padding)."""
+        batch_size, q_len, _ = hidden_states.shape
+        recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
+        if self.use_short_conv:
+            conv_q, conv_k, conv_v = conv_state if conv_state is not None else (None, None, None)
+            q, conv_q = masked_short_conv(self.q_conv1d, self.q_proj(hidden_states), mask, conv_q, use_cache)
+            k, conv_k = masked_short_conv(self.k_conv1d, self.k_proj(hidden_states), mask, conv_k, use_cache)
+            v, conv_v = masked_short_conv(self.v_conv1d, self.v_proj(hidden_states), mask, conv_v, use_cache)
+        else:
+            q, k, v = (F.silu(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = (rearrange(x, "... (h d) -> ... h d", d=self.head_k_dim) for x in (q, k))
+        v = rearrange(v, "... (h d) -> ... h d", d=self.head_v_dim)
+        q, k = l2_normalize(q), l2_normalize(k)
+        if self.num_v_heads > self.num_heads:
+            # grouped value heads: value head i reads query/key head i // (HV / H), as fla's kernels do
+            groups = self.num_v_heads // self.num_heads
+            q, k = q.repeat_interleave(groups, dim=-2), k.repeat_interleave(groups, dim=-2)
+        beta = torch.sigmoid(self.b_proj(hidden_states).float())
+        if self.allow_neg_eigval:
+            beta = beta * 2
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        if mask is not None:
+            # a padded token leaves the state as it is: no write (beta 0), decay exp(0) = 1
+            beta, g = torch.where(mask[..., None], beta, 0), torch.where(mask[..., None], g, 0)
+
+        o, final_state = naive_recurrent_gated_delta_rule(
+            q,
+            k,
+            v,
+            beta,
+            g,
+            scale=self.head_k_dim**-0.5,
+            initial_state=None if recurrent_state is None else recurrent_state.transpose(-1, -2),
+            output_final_state=use_cache,
+        )
+        update_layer_cache(
+            self,
+            past_key_values,
+            recurrent_state=None if final_state is None else final_state.transpose(-1, -2).contiguous(),
+            conv_state=(conv_q, conv_k, conv_v) if self.use_short_conv else None,
+            offset=q_len,
+        )
+
+        norm = self.o_norm
+        if self.use_gate:
+            g_out = rearrange(self.g_proj(hidden_states), "... (h d) -> ... h d", d=self.head_v_dim)
+            o = rms_norm(o, norm.weight, norm.bias, norm.eps, gate=g_out, activation=norm.activation)
+        else:
+            o = rms_norm(o, norm.weight, norm.bias, norm.eps)
+        o = self.o_proj(rearrange(o, "b t h d -> b t (h d)").to(hidden_states.dtype))
+        return zero_padding(o, mask), None, past_key_values

@@ -1,0 +1,190 @@
+"""Gated Linear Attention (Yang et al. 2024): fla's layer, plus a PyTorch forward for CPU tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from fla.layers.gla import GatedLinearAttention
+from fla.layers.utils import update_layer_cache
+from fla.models.cache_utils import Cache
+from fla.ops.gla.naive import naive_recurrent_gla
+from ttt_mixer.adapters.mixers.common import (
+    cached_states,
+    check_inputs,
+    masked_short_conv,
+    reject_cu_seqlens,
+    rms_norm,
+    torch_activation,
+    zero_padding,
+)
+
+from ttt_mixer.layers.ttt import resolve_backend
+
+
+class GLAMixer(GatedLinearAttention):
+    """fla's ``GatedLinearAttention`` (same arguments, parameters and cache layout) that runs anywhere.
+
+    ``backend`` "triton" runs fla's own forward (its Triton kernels); "torch" computes the same in
+    PyTorch with fla's ``naive_recurrent_gla``; None picks Triton for CUDA tensors and PyTorch
+    otherwise (the TTT_MIXER_BACKEND environment variable overrides, as for the TTT layer).
+    Cache entry: ``recurrent_state`` [B, H, V, K] float32 (fla's ``state_v_first`` layout) and, with
+    ``use_short_conv``, ``conv_state`` = (q, k, v) windows [B, D, conv_size]. Padded tokens change no
+    state and output 0. ``mode="fused_chunk"`` is refused: fla stores that mode's state as [B, H, K, V],
+    which would not continue from the other modes' states.
+    """
+
+    def __init__(
+        self,
+        mode: str = "chunk",
+        hidden_size: int = 1024,
+        expand_k: float = 0.5,
+        expand_v: float = 1.0,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        feature_map: str | None = None,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        use_output_gate: bool = True,
+        gate_fn: str = "swish",
+        elementwise_affine: bool | None = True,
+        norm_eps: float = 1e-5,
+        gate_logit_normalizer: int = 16,
+        gate_low_rank_dim: int = 16,
+        clamp_min: float | None = None,
+        fuse_norm: bool = True,
+        layer_idx: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        if mode not in ("chunk", "fused_recurrent"):
+            raise ValueError(f"mode must be 'chunk' or 'fused_recurrent', got {mode!r}")
+        if feature_map is not None:
+            torch_activation(feature_map, "feature_map")
+        torch_activation(gate_fn, "gate_fn")
+        if backend is not None:
+            resolve_backend(backend, torch.device("cpu"))
+        try:
+            super().__init__(
+                mode=mode,
+                hidden_size=hidden_size,
+                expand_k=expand_k,
+                expand_v=expand_v,
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                feature_map=feature_map,
+                use_short_conv=use_short_conv,
+                conv_size=conv_size,
+                conv_bias=conv_bias,
+                use_output_gate=use_output_gate,
+                gate_fn=gate_fn,
+                elementwise_affine=elementwise_affine,
+                norm_eps=norm_eps,
+                gate_logit_normalizer=gate_logit_normalizer,
+                gate_low_rank_dim=gate_low_rank_dim,
+                clamp_min=clamp_min,
+                fuse_norm=fuse_norm,
+                layer_idx=layer_idx,
+            )
+        except AssertionError as error:  # fla checks its arguments with asserts
+            raise ValueError(f"GLAMixer: {error}") from error
+        self.feature_map_name = feature_map
+        self.gate_fn_name = gate_fn
+        self.backend = backend
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None, Cache | None]:
+        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values). ``cu_seqlens`` only on the
+        Triton path; other keyword arguments (position_ids, cache_position, ...) are ignored."""
+        mask = check_inputs(self, hidden_states, attention_mask)
+        if resolve_backend(self.backend, hidden_states.device) == "triton":
+            return super().forward(
+                hidden_states,
+                attention_mask=None if mask is None else attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                **kwargs,
+            )
+        reject_cu_seqlens(self, kwargs)
+        return self.torch_forward(hidden_states, mask, past_key_values, bool(use_cache))
+
+    def torch_forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        use_cache: bool,
+    ) -> tuple[torch.Tensor, None, Cache | None]:
+        """What fla's forward computes, in PyTorch; ``mask`` [B, T] bool (None: no padding)."""
+        batch_size, q_len, _ = hidden_states.shape
+        recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
+        if self.use_short_conv:
+            conv_q, conv_k, conv_v = conv_state if conv_state is not None else (None, None, None)
+            q, conv_q = masked_short_conv(self.q_conv1d, self.q_proj(hidden_states), mask, conv_q, use_cache)
+            k, conv_k = masked_short_conv(self.k_conv1d, self.k_proj(hidden_states), mask, conv_k, use_cache)
+            v, conv_v = masked_short_conv(self.v_conv1d, self.v_proj(hidden_states), mask, conv_v, use_cache)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        gk = self.gk_proj(hidden_states)
+
+        q = rearrange(q, "... (h d) -> ... h d", d=self.head_k_dim)
+        # kv heads repeat consecutively (fla's '(h g)'), i.e. repeat_interleave
+        k, gk = (rearrange(x, "... (h d) -> ... h d", d=self.head_k_dim) for x in (k, gk))
+        v = rearrange(v, "... (h d) -> ... h d", d=self.head_v_dim)
+        if self.num_kv_groups > 1:
+            k, gk, v = (x.repeat_interleave(self.num_kv_groups, dim=-2) for x in (k, gk, v))
+        gk = F.logsigmoid(gk) / self.gate_logit_normalizer
+        if self.clamp_min is not None:
+            gk = torch.clamp_min(gk, self.clamp_min)
+        if self.feature_map_name is not None:
+            feature_map = torch_activation(self.feature_map_name, "feature_map")
+            q, k = feature_map(q), feature_map(k)
+        if mask is not None:
+            # a padded token leaves the state as it is: no key/value, decay exp(0) = 1
+            m = mask[..., None, None]
+            k, v, gk = (torch.where(m, x, 0) for x in (k, v, gk))
+
+        o, final_state = naive_recurrent_gla(
+            q,
+            k,
+            v,
+            gk,
+            initial_state=None if recurrent_state is None else recurrent_state.transpose(-1, -2),
+            output_final_state=use_cache,
+        )
+        update_layer_cache(
+            self,
+            past_key_values,
+            recurrent_state=None if final_state is None else final_state.transpose(-1, -2).contiguous(),
+            conv_state=(conv_q, conv_k, conv_v) if self.use_short_conv else None,
+            offset=q_len,
+        )
+
+        if self.use_output_gate:
+            g = self.g_proj(hidden_states)
+            if self.fuse_norm_and_gate:
+                g = rearrange(g, "... (h d) -> ... h d", d=self.head_v_dim)
+                norm = self.g_norm_swish_gate
+                o = rms_norm(o, norm.weight, norm.bias, norm.eps, gate=g, activation="swish")
+                o = rearrange(o, "... h d -> ... (h d)")
+            else:
+                o = rearrange(
+                    rms_norm(o, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps), "... h d -> ... (h d)"
+                )
+                o = o * torch_activation(self.gate_fn_name, "gate_fn")(g)
+        else:
+            o = rearrange(
+                rms_norm(o, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps), "... h d -> ... (h d)"
+            )
+        o = self.o_proj(o)
+        return zero_padding(o, mask), None, past_key_values
