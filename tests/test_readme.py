@@ -18,3 +18,5 @@ def test_readme_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert namespace["o"].shape == (2, 100, 256)
     assert namespace["out"].shape == (2, 48)
     assert type(namespace["reloaded"]).__name__ == "TTTForCausalLM"
+    assert namespace["hybrid"].config.mixers == ["attention", "ttt_linear", "attention", "ttt_linear"]
+    assert namespace["generated"].shape == (1, 11)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ttt_mixer.adapters.cli import add_distill_arguments, add_swap_arguments, distill_command, swap_command
 from ttt_mixer.models import TTTConfig, TTTForCausalLM
 
 
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", type=Path, help="lm-eval results JSON files (one per model)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created if missing)")
     p.set_defaults(func=plot)
+    p = commands.add_parser("swap", help=swap_command.__doc__)
+    add_swap_arguments(p)
+    p.set_defaults(func=swap_command)
+    p = commands.add_parser("distill", help=distill_command.__doc__)
+    add_distill_arguments(p)
+    p.set_defaults(func=distill_command)
     return parser
 
 

@@ -1,0 +1,74 @@
+"""Configs of backbones whose layers may each hold a different sequence mixer.
+
+``mixers[i]`` names layer i's mixer; ``mixer_options[name]`` holds the constructor options shared by
+every layer with that mixer. Everything else is the backbone's own config (Llama or Mamba), so a
+model swapped from a checkpoint keeps its fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import LlamaConfig, MambaConfig
+from ttt_mixer.adapters.mixers import MIXER_NAMES
+
+
+def check_mixer_fields(mixers: list[str], mixer_options: dict[str, dict[str, Any]], num_layers: int) -> None:
+    """ValueError unless ``mixers`` names a known mixer for each of ``num_layers`` layers and
+    ``mixer_options`` maps known mixer names to dicts."""
+    if not isinstance(mixers, (list, tuple)) or len(mixers) != num_layers:
+        raise ValueError(f"mixers must be a list of {num_layers} mixer names (one per layer), got {mixers!r}")
+    unknown = sorted({m for m in mixers if m not in MIXER_NAMES})
+    if unknown:
+        raise ValueError(f"mixers: unknown mixer(s) {unknown}; known: {list(MIXER_NAMES)}")
+    if not isinstance(mixer_options, dict) or not all(
+        name in MIXER_NAMES and isinstance(options, dict) for name, options in mixer_options.items()
+    ):
+        raise ValueError(
+            f"mixer_options must map mixer names ({list(MIXER_NAMES)}) to dicts of options, got {mixer_options!r}"
+        )
+
+
+class MixerLlamaConfig(LlamaConfig):
+    """A Llama backbone (embeddings, RMSNorm, SwiGLU MLP) with a chosen mixer in each layer.
+
+    ``num_attention_heads`` also sets the heads of the other mixers unless their options say otherwise.
+    """
+
+    model_type = "ttt_mixer_llama"
+    mixers: list[str] | None = None
+    mixer_options: dict[str, dict[str, Any]] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.mixers is None:
+            self.mixers = ["attention"] * self.num_hidden_layers
+        self.mixers = list(self.mixers)
+        self.mixer_options = dict(self.mixer_options or {})
+        check_mixer_fields(self.mixers, self.mixer_options, self.num_hidden_layers)
+
+
+class MixerMambaConfig(MambaConfig):
+    """A Mamba backbone (embeddings, RMSNorm, residual mixer blocks) with a chosen mixer in each layer.
+
+    Mamba has no heads; ``num_heads`` sets the heads of the other mixers (default: hidden_size / 64).
+    """
+
+    model_type = "ttt_mixer_mamba"
+    mixers: list[str] | None = None
+    mixer_options: dict[str, dict[str, Any]] | None = None
+    num_heads: int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.mixers is None:
+            self.mixers = ["mamba"] * self.num_hidden_layers
+        self.mixers = list(self.mixers)
+        self.mixer_options = dict(self.mixer_options or {})
+        if self.num_heads is None:
+            self.num_heads = max(1, self.hidden_size // 64)
+        if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads must be a positive divisor of hidden_size ({self.hidden_size}), got {self.num_heads!r}"
+            )
+        check_mixer_fields(self.mixers, self.mixer_options, self.num_hidden_layers)

@@ -1,0 +1,168 @@
+"""``swap_mixer``: put a chosen sequence mixer into some or all layers of a Llama or Mamba model."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, MambaForCausalLM, PreTrainedModel
+from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
+from ttt_mixer.adapters.mixers import MIXER_NAMES
+from ttt_mixer.adapters.modeling import MixerLlamaForCausalLM, MixerMambaForCausalLM
+
+from ttt_mixer.layers import TTTLayer
+
+INITS = ("random", "attention")
+# mixers that ``init="attention"`` can start from an attention layer's q/k/v/o projections
+ATTENTION_INIT_MIXERS = ("attention", "ttt_linear", "ttt_mlp")
+# config keys that name a class or a file rather than describe the network
+_CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "mixers", "mixer_options")
+
+
+def _family(model: nn.Module) -> tuple[type, type, str, str]:
+    """(config class, model class, default mixer, module path of layer i's mixer) of a supported model."""
+    if isinstance(model, (LlamaForCausalLM, MixerLlamaForCausalLM)):
+        return MixerLlamaConfig, MixerLlamaForCausalLM, "attention", "model.layers.{}.self_attn"
+    if isinstance(model, (MambaForCausalLM, MixerMambaForCausalLM)):
+        return MixerMambaConfig, MixerMambaForCausalLM, "mamba", "backbone.layers.{}.mixer"
+    raise TypeError(
+        "swap_mixer takes a LlamaForCausalLM, MambaForCausalLM, MixerLlamaForCausalLM or "
+        f"MixerMambaForCausalLM, got {type(model).__name__}"
+    )
+
+
+def mixer_path(model: nn.Module) -> str:
+    """Module path of layer i's mixer, to ``.format(i)``."""
+    return _family(model)[3]
+
+
+def mixer_names(model: nn.Module) -> list[str]:
+    """The mixer of each layer: the config's list, or the plain backbone's own mixer everywhere."""
+    _, _, default_mixer, _ = _family(model)
+    return list(getattr(model.config, "mixers", [default_mixer] * model.config.num_hidden_layers))
+
+
+def parse_layers(layers: str | list[int] | tuple[int, ...], num_layers: int) -> list[int]:
+    """``"all"``, ``"every:k"`` (layers k-1, 2k-1, ...: every k-th layer) or a list of layer indices."""
+    if layers == "all":
+        return list(range(num_layers))
+    if isinstance(layers, str) and layers.startswith("every:"):
+        step = layers[len("every:") :]
+        if not step.isdigit() or int(step) < 1:
+            raise ValueError(f"layers: 'every:k' needs an integer k >= 1, got {layers!r}")
+        return list(range(int(step) - 1, num_layers, int(step)))
+    if isinstance(layers, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"layers must be 'all', 'every:k' or a list of layer indices, got {layers!r}")
+    indices = list(layers)
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layers: indices {bad} out of range for a model with {num_layers} layers")
+    if len(set(indices)) != len(indices) or not indices:
+        raise ValueError(f"layers must be a non-empty list of distinct indices, got {indices}")
+    return sorted(indices)
+
+
+def _mixer_config(model: PreTrainedModel, config_class: type) -> Any:
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in _CLASS_KEYS}
+    return config_class(
+        **fields, mixers=mixer_names(model), mixer_options=getattr(model.config, "mixer_options", {})
+    )
+
+
+def rope_half_to_interleaved(head_dim: int) -> torch.Tensor:
+    """Row order that turns transformers' half-split RoPE pairs (i, i + d/2) into the interleaved pairs
+    (2i, 2i + 1) that TTT rotates, so each query/key pair keeps its frequency."""
+    half = torch.arange(head_dim // 2)
+    return torch.stack([half, half + head_dim // 2], dim=1).flatten()
+
+
+def _init_ttt_from_attention(ttt: TTTLayer, attention: nn.Module, config: MixerLlamaConfig) -> None:
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if (ttt.num_heads, ttt.head_dim) != (heads, head_dim):
+        raise ValueError(
+            f"init='attention': the TTT layer has {ttt.num_heads} heads of size {ttt.head_dim} but the "
+            f"attention has {heads} heads of size {head_dim}; give num_heads={heads} and a hidden size of "
+            "num_heads * head_dim"
+        )
+    if not hasattr(ttt, "k_proj"):
+        raise ValueError("init='attention' needs separate key projections: use_short_conv must be False")
+    if config.attention_bias:
+        raise ValueError("init='attention' cannot map attention_bias=True: TTT projections have no bias")
+    order = rope_half_to_interleaved(head_dim)
+
+    def heads_view(weight: torch.Tensor, count: int, rope: bool) -> torch.Tensor:
+        weight = weight.view(count, head_dim, -1)
+        weight = weight[:, order] if rope else weight
+        # grouped-query attention: query head h reads key/value head h // (heads / kv_heads)
+        return weight.repeat_interleave(heads // count, dim=0).reshape(heads * head_dim, -1)
+
+    with torch.no_grad():
+        ttt.q_proj.weight.copy_(heads_view(attention.q_proj.weight, heads, rope=True))
+        ttt.k_proj.weight.copy_(heads_view(attention.k_proj.weight, kv_heads, rope=True))
+        ttt.v_proj.weight.copy_(heads_view(attention.v_proj.weight, kv_heads, rope=False))
+        ttt.o_proj.weight.copy_(attention.o_proj.weight)
+
+
+def swap_mixer(
+    model: PreTrainedModel,
+    mixer: str,
+    layers: str | list[int] = "all",
+    init: str = "random",
+    **mixer_options: Any,
+) -> MixerLlamaForCausalLM | MixerMambaForCausalLM:
+    """A copy of ``model`` with ``mixer`` in the named layers; every other weight is kept.
+
+    model: ``LlamaForCausalLM``, ``MambaForCausalLM`` or a model this function returned.
+    mixer: one of ``MIXER_NAMES``; ``mixer_options`` go to its constructor (e.g. ``mini_batch_size``).
+    layers: ``"all"``, ``"every:k"`` (every k-th layer: k-1, 2k-1, ...) or a list of indices.
+    init: ``"random"`` (the mixer's own initialisation) or ``"attention"``: start from the attention
+        layer it replaces. For TTT, theta_Q/K/V/O are the attention's q/k/v/o projections, key and value
+        heads repeated for grouped-query attention, and query/key rows reordered from transformers'
+        half-split RoPE pairs to TTT's interleaved ones; an attention mixer copies the layer as is.
+    """
+    config_class, model_class, _, path = _family(model)
+    if mixer not in MIXER_NAMES:
+        raise ValueError(f"mixer must be one of {list(MIXER_NAMES)}, got {mixer!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+    config = _mixer_config(model, config_class)
+    indices = parse_layers(layers, config.num_hidden_layers)
+    kept = [config.mixers[i] for i in range(config.num_hidden_layers) if i not in indices]
+    if mixer_options and mixer in kept and config.mixer_options.get(mixer, {}) != mixer_options:
+        raise ValueError(
+            f"mixer_options: layers not swapped already hold {mixer!r} with options "
+            f"{config.mixer_options.get(mixer, {})}; one mixer kind has one set of options per model"
+        )
+    if init == "attention":
+        if mixer not in ATTENTION_INIT_MIXERS:
+            raise ValueError(f"init='attention' supports mixers {list(ATTENTION_INIT_MIXERS)}, not {mixer!r}")
+        not_attention = [i for i in indices if config.mixers[i] != "attention"]
+        if not_attention:
+            raise ValueError(f"init='attention': layers {not_attention} hold no attention to start from")
+
+    new_config = copy.deepcopy(config)
+    for i in indices:
+        new_config.mixers[i] = mixer
+    if mixer_options:
+        new_config.mixer_options[mixer] = dict(mixer_options)
+    parameter = next(model.parameters())
+    swapped = model_class(new_config).to(device=parameter.device, dtype=parameter.dtype)
+
+    prefixes = tuple(f"{path.format(i)}." for i in indices)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    missing, unexpected = swapped.load_state_dict(state, strict=False)
+    stray = [k for k in missing if not k.startswith(prefixes)] + list(unexpected)
+    if stray:
+        raise ValueError(f"cannot carry {type(model).__name__}'s weights over; unmatched keys: {stray[:8]}")
+    if init == "attention":
+        for i in indices:
+            old, new = model.get_submodule(path.format(i)), swapped.get_submodule(path.format(i))
+            if isinstance(new, TTTLayer):
+                _init_ttt_from_attention(new, old, new_config)
+            else:
+                new.load_state_dict(old.state_dict())
+    swapped.generation_config = copy.deepcopy(model.generation_config)
+    swapped.train(model.training)
+    return swapped

@@ -1,0 +1,262 @@
+"""Tests of ``swap_mixer`` and the mixer backbones: every mixer swapped into Llama and Mamba, all
+layers and hybrid; forward, loss and backward; greedy generation with the cache equals recomputation
+without it (also left-padded); save -> reload in a fresh process; ``init="attention"``; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import perturb_
+from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
+from ttt_mixer.adapters import (
+    MIXER_NAMES,
+    MixerLlamaForCausalLM,
+    MixerMambaForCausalLM,
+    parse_layers,
+    swap_mixer,
+)
+from ttt_mixer.adapters.swap import rope_half_to_interleaved
+
+VOCAB = 40
+# small enough that every mixer runs its CPU path in well under a second
+MIXER_OPTIONS = {"ttt_linear": {"mini_batch_size": 4}, "ttt_mlp": {"mini_batch_size": 4}}
+
+
+def tiny_llama(num_layers: int = 2, kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_mamba(num_layers: int = 2, seed: int = 0) -> MambaForCausalLM:
+    torch.manual_seed(seed)
+    config = MambaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        state_size=8,
+        num_hidden_layers=num_layers,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
+    return MambaForCausalLM(config).eval()
+
+
+def random_ids(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def swap(model, mixer: str, layers="all", **kwargs):
+    torch.manual_seed(1)
+    return swap_mixer(model, mixer, layers, **kwargs, **MIXER_OPTIONS.get(mixer, {})).eval()
+
+
+def hybrid(base, mixers: list[str]):
+    """Layer i of ``base`` swapped to ``mixers[i]``, perturbed so that no weight is at its init."""
+    model = base
+    for i, mixer in enumerate(mixers):
+        model = swap(model, mixer, [i])
+    return perturb_(model, seed=5, scale=0.05).eval()
+
+
+def greedy_without_cache(
+    model, ids: torch.Tensor, steps: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    for _ in range(steps):
+        logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+@pytest.mark.parametrize("mixer", MIXER_NAMES)
+@pytest.mark.parametrize("layers", ["all", [1]])
+def test_swap_forward_loss_backward(backbone: str, mixer: str, layers) -> None:
+    base = tiny_llama() if backbone == "llama" else tiny_mamba()
+    model = swap(base, mixer, layers).train()
+    expected_class = MixerLlamaForCausalLM if backbone == "llama" else MixerMambaForCausalLM
+    assert isinstance(model, expected_class)
+    default = "attention" if backbone == "llama" else "mamba"
+    assert model.config.mixers == ([mixer, mixer] if layers == "all" else [default, mixer])
+    ids = random_ids(2, 11)
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 11, VOCAB)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    swapped = model.get_submodule(
+        "model.layers.1.self_attn" if backbone == "llama" else "backbone.layers.1.mixer"
+    )
+    grads = [p.grad for p in swapped.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+def test_layers_not_named_keep_their_weights(backbone: str) -> None:
+    base = tiny_llama(3) if backbone == "llama" else tiny_mamba(3)
+    model = swap(base, "ttt_linear", "every:2")
+    assert parse_layers("every:2", 3) == [1]
+    prefix = "model.layers.1." if backbone == "llama" else "backbone.layers.1."
+    old, new = base.state_dict(), model.state_dict()
+    for key, value in old.items():
+        if not key.startswith(prefix + ("self_attn" if backbone == "llama" else "mixer")):
+            assert torch.equal(new[key], value), key
+
+
+def test_attention_swapped_for_itself_reproduces_llama() -> None:
+    """With every layer's attention copied, the mixer backbone computes exactly what Llama does."""
+    base = perturb_(tiny_llama(), seed=2, scale=0.05).eval()
+    model = swap(base, "attention", init="attention")
+    ids = random_ids(2, 13)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
+        real = mask.bool()
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask).logits[real],
+            base(ids, attention_mask=mask).logits[real],
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_mamba_layers_reproduce_mamba() -> None:
+    base = perturb_(tiny_mamba(2), seed=2, scale=0.05).eval()
+    model = swap(base, "attention", [1])
+    ids = random_ids(2, 13)
+    with torch.no_grad():
+        # transformers' Mamba lists the output of each layer; ours lists the embeddings first, as Llama does
+        expected = base(ids, output_hidden_states=True).hidden_states[0]
+        actual = model(ids, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+LLAMA_HYBRID = ["attention", "ttt_linear", "mamba", "gla", "based", "gated_deltanet", "ttt_mlp"]
+MAMBA_HYBRID = ["mamba", "attention", "ttt_linear", "gated_deltanet"]
+
+
+@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+def test_hybrid_greedy_generation_with_cache_equals_recomputation(backbone: str) -> None:
+    if backbone == "llama":
+        model = hybrid(tiny_llama(len(LLAMA_HYBRID)), LLAMA_HYBRID)
+    else:
+        model = hybrid(tiny_mamba(len(MAMBA_HYBRID)), MAMBA_HYBRID)
+    ids = random_ids(2, 9, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    ids[0, :3] = 0
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False)
+        expected = greedy_without_cache(model, ids, 7, mask)
+        assert torch.equal(generated, expected)
+        # each left-padded sequence continues as it does alone
+        alone = model.generate(ids[:1, 3:], max_new_tokens=7, do_sample=False)
+        assert torch.equal(generated[0, 3:], alone[0])
+
+
+def test_save_and_reload_in_fresh_process(tmp_path: Path) -> None:
+    models = {
+        "llama": hybrid(tiny_llama(len(LLAMA_HYBRID)), LLAMA_HYBRID),
+        "mamba": hybrid(tiny_mamba(len(MAMBA_HYBRID)), MAMBA_HYBRID),
+    }
+    ids = random_ids(2, 10, seed=8)
+    torch.save(ids, tmp_path / "ids.pt")
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["mixers"] == model.config.mixers
+        assert config["auto_map"]["AutoModelForCausalLM"].startswith("ttt_mixer_remote.Mixer")
+    script = (
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "assert 'ttt_mixer' not in sys.modules\n"
+        "folder = sys.argv[1]\n"
+        "ids = torch.load(folder + '/ids.pt')\n"
+        "for name in ('llama', 'mamba'):\n"
+        "    model = AutoModelForCausalLM.from_pretrained(f'{folder}/{name}', trust_remote_code=True).eval()\n"
+        "    with torch.no_grad():\n"
+        "        torch.save(model(ids).logits, f'{folder}/{name}.pt')\n"
+    )
+    env = {**os.environ, "TRANSFORMERS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env=env, timeout=300)
+    for name, model in models.items():
+        with torch.no_grad():
+            assert torch.equal(torch.load(tmp_path / f"{name}.pt"), model(ids).logits), name
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
+def test_init_from_attention_maps_q_k_v_o_with_gqa_and_rope_order(mixer: str) -> None:
+    base = perturb_(tiny_llama(kv_heads=2), seed=4)
+    model = swap(base, mixer, init="attention")
+    head_dim, groups = 8, 2
+    order = rope_half_to_interleaved(head_dim)
+    assert order.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    attention = base.model.layers[0].self_attn
+    ttt = model.model.layers[0].self_attn
+    for head in range(4):
+        rows = slice(head * head_dim, (head + 1) * head_dim)
+        kv_rows = slice((head // groups) * head_dim, (head // groups + 1) * head_dim)
+        assert torch.equal(ttt.q_proj.weight[rows], attention.q_proj.weight[rows][order])
+        assert torch.equal(ttt.k_proj.weight[rows], attention.k_proj.weight[kv_rows][order])
+        assert torch.equal(ttt.v_proj.weight[rows], attention.v_proj.weight[kv_rows])
+    assert torch.equal(ttt.o_proj.weight, attention.o_proj.weight)
+    # the reordering moves each RoPE pair (i, i + d/2) to (2i, 2i + 1) and keeps every q.k product
+    q, k = attention.q_proj.weight[:head_dim], attention.k_proj.weight[:head_dim]
+    assert torch.allclose(q.T @ k, ttt.q_proj.weight[:head_dim].T @ ttt.k_proj.weight[:head_dim], atol=1e-6)
+
+
+def test_init_attention_copies_attention_layers() -> None:
+    base = perturb_(tiny_llama(), seed=4)
+    model = swap(base, "attention", [0], init="attention")
+    for key, value in base.model.layers[0].self_attn.state_dict().items():
+        assert torch.equal(model.model.layers[0].self_attn.state_dict()[key], value)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: swap_mixer(torch.nn.Linear(2, 2), "ttt_linear"), TypeError, "LlamaForCausalLM"),
+        (lambda: swap_mixer(tiny_llama(), "transformer_xl"), ValueError, "mixer must be one of"),
+        (lambda: swap_mixer(tiny_llama(), "ttt_linear", [0, 2]), ValueError, r"out of range"),
+        (lambda: swap_mixer(tiny_llama(), "ttt_linear", [-1]), ValueError, r"out of range"),
+        (lambda: swap_mixer(tiny_llama(), "ttt_linear", "every:0"), ValueError, "every:k"),
+        (lambda: swap_mixer(tiny_llama(), "ttt_linear", "some"), ValueError, "layers must be"),
+        (lambda: swap_mixer(tiny_llama(), "ttt_linear", [1, 1]), ValueError, "distinct"),
+        (lambda: swap_mixer(tiny_llama(), "ttt_linear", init="zeros"), ValueError, "init must be"),
+        (lambda: swap_mixer(tiny_llama(), "gla", init="attention"), ValueError, "init='attention' supports"),
+        (lambda: swap_mixer(tiny_mamba(), "ttt_linear", init="attention"), ValueError, "hold no attention"),
+        (
+            lambda: swap_mixer(tiny_llama(), "ttt_linear", init="attention", num_heads=2),
+            ValueError,
+            "heads of size",
+        ),
+        (
+            lambda: swap_mixer(swap(tiny_llama(), "ttt_linear", [0]), "ttt_linear", [1], mini_batch_size=8),
+            ValueError,
+            "mixer_options",
+        ),
+    ],
+)
+def test_bad_input_gets_clear_errors(call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call()

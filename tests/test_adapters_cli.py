@@ -1,0 +1,103 @@
+"""``ttt-mixer swap`` and ``ttt-mixer distill`` on saved checkpoints: the swapped checkpoint holds the
+named mixers and its tokenizer, distillation lowers the student's held-out perplexity, the result
+loads in the ``lm_eval`` command line, and bad arguments end with a message naming the option."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from eval_models import character_tokenizer, run_lm_eval, save_checkpoint, tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from ttt_mixer.eval_tasks import tasks_path
+
+from ttt_mixer.cli import main
+
+TEXT = "the cat sat on the mat. the dog sat on the log. " * 40
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = character_tokenizer()
+    return save_checkpoint(tiny_model("llama", tokenizer), tokenizer, tmp_path_factory.mktemp("llama"))
+
+
+def test_swap_then_distill(llama_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    swapped = tmp_path / "swapped"
+    main(
+        [
+            "swap",
+            str(llama_checkpoint),
+            str(swapped),
+            "--mixer",
+            "ttt_linear",
+            "--layers",
+            "every:2",
+            "--init",
+            "attention",
+            "--option",
+            "mini_batch_size=8",
+        ]
+    )
+    model = AutoModelForCausalLM.from_pretrained(swapped, trust_remote_code=True)
+    assert model.config.mixers == ["attention", "ttt_linear"]
+    assert model.config.mixer_options == {"ttt_linear": {"mini_batch_size": 8}}
+    assert len(AutoTokenizer.from_pretrained(swapped)) == len(character_tokenizer())
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    distilled = tmp_path / "distilled"
+    main(
+        [
+            "distill",
+            str(llama_checkpoint),
+            str(swapped),
+            str(distilled),
+            "--text",
+            str(text),
+            "--seq-len",
+            "32",
+            "--layerwise-steps",
+            "20",
+            "--finetune-steps",
+            "5",
+            "--batch-size",
+            "4",
+        ]
+    )
+    out = capsys.readouterr().out
+    before, after = map(float, re.search(r"student before (\S+), after (\S+)", out).groups())
+    assert after < before
+    assert (distilled / "model.safetensors").exists()
+
+    # the plain lm-eval command line loads the hybrid through its auto_map
+    metadata = {"mqar_seq_lengths": [16], "mqar_num_kv_pairs": 2, "num_samples": 2}
+    results = run_lm_eval(
+        [
+            *("--model", "hf", "--model_args", f"pretrained={distilled},trust_remote_code=True"),
+            *("--tasks", "ttt_mqar", "--include_path", str(tasks_path()), "--metadata", json.dumps(metadata)),
+            *("--limit", "4", "--device", "cpu", "--batch_size", "4"),
+        ],
+        tmp_path,
+    )
+    scores = json.loads(results.read_text())["results"]["ttt_mqar"]
+    assert 0.0 <= scores["acc@16,none"] <= 1.0, scores
+    assert all(v > 1.0 for k, v in scores.items() if k.startswith("word_perplexity")), scores
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mixer", "ttt_linear", "--layers", "0,7"], "out of range"),
+        (["--mixer", "ttt_linear", "--layers", "first"], "--layers"),
+        (["--mixer", "gla", "--init", "attention"], "init='attention'"),
+        (["--mixer", "ttt_linear", "--option", "mini_batch_size"], "key=value"),
+    ],
+)
+def test_swap_rejects_bad_arguments(
+    llama_checkpoint: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main(["swap", str(llama_checkpoint), str(tmp_path / "out"), *args])
