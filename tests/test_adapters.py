@@ -155,7 +155,7 @@ MAMBA_HYBRID = ["mamba", "attention", "ttt_linear", "gated_deltanet"]
 
 
 @pytest.mark.parametrize("backbone", ["llama", "mamba"])
-def test_hybrid_greedy_generation_with_cache_equals_recomputation(backbone: str) -> None:
+def test_hybrid_greedy_and_beam_generation_with_cache_equal_recomputation(backbone: str) -> None:
     if backbone == "llama":
         model = hybrid(tiny_llama(len(LLAMA_HYBRID)), LLAMA_HYBRID)
     else:
@@ -171,6 +171,14 @@ def test_hybrid_greedy_generation_with_cache_equals_recomputation(backbone: str)
         # each left-padded sequence continues as it does alone
         alone = model.generate(ids[:1, 3:], max_new_tokens=7, do_sample=False)
         assert torch.equal(generated[0, 3:], alone[0])
+        # beam search reorders every mixer's state in the cache
+        beams = {
+            use_cache: model.generate(
+                ids[1:], max_new_tokens=5, num_beams=3, do_sample=False, use_cache=use_cache
+            )
+            for use_cache in (True, False)
+        }
+        assert torch.equal(beams[True], beams[False])
 
 
 def test_save_and_reload_in_fresh_process(tmp_path: Path) -> None:
