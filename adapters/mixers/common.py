@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache
 from torch import nn
 
-from ttt_mixer.layers.ttt import check_attention_mask
+from ttt_mixer.layers.ttt import check_attention_mask, resolve_backend
 
 # fla's activations by name (fla.modules.activations.ACT2FN), computed with PyTorch: fla's own are
 # Triton kernels, which cannot run on a CPU tensor
@@ -157,3 +157,53 @@ def rms_norm(
 def zero_padding(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Padded positions -> 0, as fla's layers return them (they re-pad with zeros)."""
     return output if mask is None else torch.where(mask[..., None], output, 0)
+
+
+def conv_projections(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    mask: torch.Tensor | None,
+    conv_state: tuple[torch.Tensor, ...] | None,
+    use_cache: bool,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, ...]]:
+    """((q, k, v), their new conv windows): fla's q/k/v projections, each through its short convolution."""
+    windows = conv_state if conv_state is not None else (None, None, None)
+    outputs = [
+        masked_short_conv(conv, proj(hidden_states), mask, window, use_cache)
+        for conv, proj, window in zip(
+            (module.q_conv1d, module.k_conv1d, module.v_conv1d),
+            (module.q_proj, module.k_proj, module.v_proj),
+            windows,
+            strict=True,
+        )
+    ]
+    return tuple(out for out, _ in outputs), tuple(window for _, window in outputs)
+
+
+class TorchPathMixin:
+    """``forward`` of an fla layer subclass (list the mixin first): fla's own Triton forward where the
+    backend is Triton, else the subclass's ``torch_forward``, which computes the same in PyTorch."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None, Any]:
+        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values). ``cu_seqlens`` only on the
+        Triton path; other keyword arguments (position_ids, cache_position, ...) are ignored."""
+        mask = check_inputs(self, hidden_states, attention_mask)
+        if resolve_backend(self.backend, hidden_states.device) == "triton":
+            return super().forward(
+                hidden_states,
+                attention_mask=None if mask is None else attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                **kwargs,
+            )
+        reject_cu_seqlens(self, kwargs)
+        return self.torch_forward(hidden_states, mask, past_key_values, bool(use_cache))

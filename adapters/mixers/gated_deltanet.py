@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -12,10 +10,9 @@ from fla.layers.utils import update_layer_cache
 from fla.models.cache_utils import Cache
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 from ttt_mixer.adapters.mixers.common import (
+    TorchPathMixin,
     cached_states,
-    check_inputs,
-    masked_short_conv,
-    reject_cu_seqlens,
+    conv_projections,
     rms_norm,
     zero_padding,
 )
@@ -31,7 +28,7 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + L2NORM_EPS)
 
 
-class GatedDeltaNetMixer(GatedDeltaNet):
+class GatedDeltaNetMixer(TorchPathMixin, GatedDeltaNet):
     """fla's ``GatedDeltaNet`` (same arguments, parameters and cache layout) that runs anywhere.
 
     ``backend`` "triton" runs fla's own forward (its Triton kernels); "torch" computes the same in
@@ -86,30 +83,6 @@ class GatedDeltaNetMixer(GatedDeltaNet):
             raise ValueError(f"num_v_heads ({self.num_v_heads}) must be >= num_heads ({self.num_heads})")
         self.backend = backend
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        output_attentions: bool | None = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None, Cache | None]:
-        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values). ``cu_seqlens`` only on the
-        Triton path; other keyword arguments (position_ids, cache_position, ...) are ignored."""
-        mask = check_inputs(self, hidden_states, attention_mask)
-        if resolve_backend(self.backend, hidden_states.device) == "triton":
-            return super().forward(
-                hidden_states,
-                attention_mask=None if mask is None else attention_mask,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                output_attentions=output_attentions,
-                **kwargs,
-            )
-        reject_cu_seqlens(self, kwargs)
-        return self.torch_forward(hidden_states, mask, past_key_values, bool(use_cache))
-
     def torch_forward(
         self,
         hidden_states: torch.Tensor,
@@ -121,10 +94,7 @@ class GatedDeltaNetMixer(GatedDeltaNet):
         batch_size, q_len, _ = hidden_states.shape
         recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
         if self.use_short_conv:
-            conv_q, conv_k, conv_v = conv_state if conv_state is not None else (None, None, None)
-            q, conv_q = masked_short_conv(self.q_conv1d, self.q_proj(hidden_states), mask, conv_q, use_cache)
-            k, conv_k = masked_short_conv(self.k_conv1d, self.k_proj(hidden_states), mask, conv_k, use_cache)
-            v, conv_v = masked_short_conv(self.v_conv1d, self.v_proj(hidden_states), mask, conv_v, use_cache)
+            (q, k, v), conv_state = conv_projections(self, hidden_states, mask, conv_state, use_cache)
         else:
             q, k, v = (F.silu(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = (rearrange(x, "... (h d) -> ... h d", d=self.head_k_dim) for x in (q, k))
@@ -156,7 +126,7 @@ class GatedDeltaNetMixer(GatedDeltaNet):
             self,
             past_key_values,
             recurrent_state=None if final_state is None else final_state.transpose(-1, -2).contiguous(),
-            conv_state=(conv_q, conv_k, conv_v) if self.use_short_conv else None,
+            conv_state=conv_state if self.use_short_conv else None,
             offset=q_len,
         )
 
