@@ -1,0 +1,188 @@
+"""``ttt-mixer recall-gap`` shortened: every mixer trains a few steps through the Trainer, is saved,
+reloaded and evaluated through lm-eval; the tables and the plot hold every row; a rerun reuses the
+finished runs; an interrupted training resumes from its checkpoint; bad options and an attention
+model that did not learn are reported as errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from ttt_mixer.adapters import MIXER_NAMES
+
+from ttt_mixer.recall_gap import main
+from ttt_mixer.recall_gap.data import VOCAB, mqar_tokenizer
+from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, MQARShape
+from ttt_mixer.recall_gap.report import PLOT_PNG, TABLE_JSON, TABLE_MD
+from ttt_mixer.recall_gap.train import MODEL_DIR, TRAINER_DIR, RunSpec, build_model, train_run
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# a few steps of a width-32 model on MQAR L16-kv2, evaluated at L16 and L32 on 2 sequences per shape
+TINY = [
+    *("--widths", "32", "--heads", "2", "--steps", "3", "--batch-size", "4"),
+    *("--seq-len", "16", "--kv-pairs", "2", "--length-factors", "1,2", "--eval-samples", "2"),
+    *("--save-steps", "2", "--mixers", ",".join(ALL_MIXERS)),
+]
+SHAPES = ["L16-kv2", "L32-kv2", "L32-kv4"]
+
+
+def test_the_presets_cover_every_mixer_and_evaluate_at_1x_2x_4x_the_training_length() -> None:
+    assert set(ALL_MIXERS) == set(MIXER_NAMES)
+    (train,) = CPU.train_shapes
+    lengths = {shape.seq_len for shape in CPU.eval_shapes(train)}
+    assert lengths == {train.seq_len, 2 * train.seq_len, 4 * train.seq_len}
+    assert MQARShape(4 * train.seq_len, 4 * train.num_kv_pairs) in CPU.eval_shapes(train)
+
+
+def test_every_mixer_trains_saves_reloads_and_is_evaluated_and_a_rerun_reuses_the_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    # two worker processes, as the CPU default runs (one per core)
+    main(["--out", str(out), *TINY, "--jobs", "2", "--min-attention-accuracy", "0"])
+    table = capsys.readouterr().out
+    data = json.loads((out / TABLE_JSON).read_text())
+    assert data["status"] == "ok"
+    assert [row["mixer"] for row in data["rows"]] == list(ALL_MIXERS)
+    markdown = (out / TABLE_MD).read_text()
+    for row in data["rows"]:
+        assert set(row["accuracy"]) == set(SHAPES)
+        assert all(0 <= acc <= 1 for acc in row["accuracy"].values())
+        assert row["parameters"] > 0 and row["train_seconds"] > 0
+        assert row["state_size"] > 0
+        assert row["state_grows_with_length"] == (row["mixer"] == "attention")
+        assert f"| {row['mixer']} |" in markdown and f"| {row['mixer']} |" in table
+        # the saved checkpoint reloads as lm-eval loaded it, and lm-eval's own results were kept
+        model = AutoModelForCausalLM.from_pretrained(row["checkpoint"], trust_remote_code=True)
+        assert sum(p.numel() for p in model.parameters()) == row["parameters"]
+        lm_eval_results = json.loads((Path(row["checkpoint"]).parent / "lm_eval_results.json").read_text())
+        assert set(lm_eval_results["results"]) == {"ttt_mqar_kv2", "ttt_mqar_kv4"}
+        assert "Running loglikelihood requests" in (Path(row["checkpoint"]).parent / "log.txt").read_text()
+    assert (out / PLOT_PNG).stat().st_size > 10_000
+
+    # a rerun trains and evaluates nothing again; with the default sanity check it fails, since
+    # three steps teach attention nothing, and says so instead of printing the table
+    trained = {path: path.stat().st_mtime_ns for path in out.rglob("model.safetensors")}
+    with pytest.raises(SystemExit) as failure:
+        main(["--out", str(out), *TINY, "--jobs", "1"])
+    assert failure.value.code != 0 and "FAILED" in str(failure.value.code)
+    assert "attention" in str(failure.value.code) and "0.9" in str(failure.value.code)
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("model.safetensors")} == trained
+    assert json.loads((out / TABLE_JSON).read_text())["status"] == "failed"
+    assert "| attention |" not in capsys.readouterr().out
+
+    # the same checkpoints evaluated as given checkpoints: the same accuracies; and a plain Llama
+    # (a checkpoint not made here) has its KV cache as state
+    llama = tmp_path / "llama"
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = LlamaConfig(vocab_size=len(VOCAB), num_key_value_heads=2, **sizes)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(llama)
+    mqar_tokenizer().save_pretrained(llama)
+    checkpoints = [row["checkpoint"] for row in data["rows"][:2]]
+    main(
+        [
+            "--out",
+            str(tmp_path / "given"),
+            *TINY,
+            "--jobs",
+            "1",
+            "--checkpoints",
+            ",".join([*checkpoints, str(llama)]),
+        ]
+    )
+    given = json.loads((tmp_path / "given" / TABLE_JSON).read_text())["rows"]
+    assert [row["name"] for row in given] == [
+        "attention-d32-L16-kv2-lr0.003/model",
+        "based-d32-L16-kv2-lr0.001/model",
+        "llama",
+    ]
+    assert [row["accuracy"] for row in given[:2]] == [row["accuracy"] for row in data["rows"][:2]]
+    assert [row["train_seconds"] for row in given] == [None, None, None]
+    assert given[2]["state_size"] == 2 * 2 * 32 * 16 and given[2]["state_grows_with_length"]
+
+
+class StopAt(TrainerCallback):
+    """Ends training after ``step`` (as a kill after that step's checkpoint would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+    ) -> TrainerControl:
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    spec = RunSpec("ttt_linear", 32, 2, 2, MQARShape(16, 2), 6, 4, 3e-3, 0, 32)
+    interrupted = train_run(spec, tmp_path / "a", save_steps=3, progress_bars=False, callbacks=[StopAt(4)])
+    assert interrupted.resumed_from_step is None
+    assert not (tmp_path / "a" / MODEL_DIR).exists()
+    assert [p.name for p in (tmp_path / "a" / TRAINER_DIR).iterdir()] == ["checkpoint-3"]
+    state = json.loads((tmp_path / "a" / TRAINER_DIR / "checkpoint-3" / "trainer_state.json").read_text())
+    before = state["stateful_callbacks"]["TrainingClock"]["args"]["elapsed"]
+
+    resumed = train_run(spec, tmp_path / "a", save_steps=3, progress_bars=False)
+    assert resumed.resumed_from_step == 3
+    assert resumed.train_seconds > before > 0  # the time of the first 3 steps is kept
+    straight = train_run(spec, tmp_path / "b", save_steps=3, progress_bars=False)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / MODEL_DIR, trust_remote_code=True)
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / MODEL_DIR, trust_remote_code=True)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, msg=name)
+    assert resumed.final_loss == pytest.approx(straight.final_loss)
+    assert build_model(spec).config.mixers == ["ttt_linear", "ttt_linear"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--mixers", "attention,transformer"], "unknown mixer 'transformer'"),
+        (["--widths", "30", "--heads", "4"], "not multiples of --heads"),
+        (
+            ["--seq-len", "8", "--kv-pairs", "4"],
+            "--seq-len and --kv-pairs: seq_len 8 is below 4 * num_kv_pairs",
+        ),
+        (["--mixers", "gla,gla"], "--mixers names a value twice"),
+        (["--seed", "-1"], "expected an integer >= 0"),
+        (["--learning-rates", "0"], "learning rate must be in (0, 1)"),
+        (["--steps", "-5"], "expected an integer >= 1, got '-5'"),
+        (["--min-attention-accuracy", "1.5"], "--min-attention-accuracy must be in [0, 1]"),
+        (["--checkpoints", "x/model,y/model,x/model"], "names a checkpoint twice"),
+    ],
+)
+def test_bad_options_are_errors_that_name_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as error:
+        main(["--out", str(tmp_path), *options])
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_folder_holding_other_runs_is_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "runs" / "attention-d32-L16-kv2-lr0.003"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"mixer": "attention", "steps": 999}))
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), *TINY, "--mixers", "attention", "--learning-rates", "0.003"])
+    assert "holds a run with other settings" in capsys.readouterr().err

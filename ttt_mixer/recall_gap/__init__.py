@@ -1,0 +1,179 @@
+"""``ttt-mixer recall-gap``: train attention, Based, Mamba, TTT-Linear and TTT-MLP (GLA and Gated
+DeltaNet too) in one Llama backbone on MQAR, evaluate each through lm-eval at the training length and
+at 2x and 4x it, and report the recall gap as tables and a plot.
+
+Modules: ``presets`` (the CPU default and the GPU Zoology sweep), ``data`` (MQAR training data and
+the word-level tokenizer), ``train`` (one run through transformers' Trainer), ``evaluate`` (lm-eval
+on a saved checkpoint), ``runner`` (the runs, resumed and in parallel) and ``report`` (tables, plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ttt_mixer.recall_gap.presets import ALL_MIXERS, PRESETS, MQARShape, Preset
+
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _list(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    def parse(text: str) -> tuple[Any, ...]:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return tuple(item(part) for part in parts)
+
+    return parse
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a learning rate, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a learning rate must be in (0, 1), got {value}")
+    return value
+
+
+def _mixer(text: str) -> str:
+    if text not in ALL_MIXERS:
+        raise argparse.ArgumentTypeError(f"unknown mixer {text!r}; choose from {', '.join(ALL_MIXERS)}")
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ttt-mixer recall-gap``."""
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created; rerun to resume)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="; ".join(f"{preset.name}: {preset.description}" for preset in PRESETS.values()),
+    )
+    parser.add_argument(
+        "--mixers", type=_list(_mixer), help=f"comma-separated subset of {','.join(ALL_MIXERS)}"
+    )
+    parser.add_argument("--widths", type=_list(_positive_int), help="model widths (comma-separated)")
+    parser.add_argument("--layers", type=_positive_int, help="number of layers")
+    parser.add_argument("--heads", type=_positive_int, help="heads of every mixer")
+    parser.add_argument("--seq-len", type=_positive_int, help="training sequence length (symbols)")
+    parser.add_argument("--kv-pairs", type=_positive_int, help="key-value pairs per training sequence")
+    parser.add_argument("--steps", type=_positive_int, help="training steps (the same for every mixer)")
+    parser.add_argument("--batch-size", type=_positive_int, help="sequences per step (over all devices)")
+    parser.add_argument(
+        "--learning-rates",
+        type=_list(_learning_rate),
+        help="learning rates for every mixer; several: a sweep, the best kept per mixer",
+    )
+    parser.add_argument(
+        "--length-factors", type=_list(_positive_int), help="evaluation lengths, as multiples of --seq-len"
+    )
+    parser.add_argument("--eval-samples", type=_positive_int, help="MQAR sequences per evaluation shape")
+    parser.add_argument("--eval-batch-size", type=_positive_int, default=64, help="lm-eval batch size")
+    parser.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="seed of the models and the training data"
+    )
+    parser.add_argument("--save-steps", type=_positive_int, help="checkpoint every this many steps")
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        help="runs trained side by side in worker processes (CPU only; default: one per CPU core)",
+    )
+    parser.add_argument(
+        "--min-attention-accuracy",
+        type=float,
+        help="fail when attention scores below this at its training shape (0 turns the check off)",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        type=_list(str),
+        help="evaluate these checkpoints (folders or hub names, comma-separated) instead of training",
+    )
+
+
+def resolve_preset(args: argparse.Namespace) -> Preset:
+    """The chosen preset with the command line's overrides; ValueError naming a bad option."""
+    preset = PRESETS[args.preset]
+    changes: dict[str, Any] = {}
+    for option, name in (
+        ("mixers", "mixers"),
+        ("widths", "widths"),
+        ("layers", "num_layers"),
+        ("heads", "num_heads"),
+        ("steps", "steps"),
+        ("batch_size", "batch_size"),
+        ("learning_rates", "learning_rates"),
+        ("length_factors", "length_factors"),
+        ("eval_samples", "eval_samples"),
+        ("min_attention_accuracy", "min_attention_accuracy"),
+    ):
+        if getattr(args, option) is not None:
+            changes[name] = getattr(args, option)
+    if args.seq_len is not None or args.kv_pairs is not None:
+        if len(preset.train_shapes) > 1 and (args.seq_len is None or args.kv_pairs is None):
+            raise ValueError(
+                f"--seq-len and --kv-pairs: preset {preset.name} trains on several shapes; give both"
+            )
+        first = preset.train_shapes[0]
+        try:
+            shape = MQARShape(args.seq_len or first.seq_len, args.kv_pairs or first.num_kv_pairs)
+        except ValueError as error:
+            raise ValueError(f"--seq-len and --kv-pairs: {error}") from None
+        changes["train_shapes"] = (shape,)
+    for option in ("mixers", "widths", "learning_rates"):
+        values = changes.get(option, ())
+        if len(set(values)) != len(values):
+            raise ValueError(
+                f"--{option.replace('_', '-')} names a value twice: {','.join(map(str, values))}"
+            )
+    preset = dataclasses.replace(preset, **changes)
+    bad = [w for w in preset.widths if w % preset.num_heads]
+    if bad:
+        raise ValueError(f"--widths {bad} are not multiples of --heads {preset.num_heads}")
+    if not 0 <= preset.min_attention_accuracy <= 1:
+        raise ValueError(f"--min-attention-accuracy must be in [0, 1], got {preset.min_attention_accuracy}")
+    return preset
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run; exits with an error message for bad
+    options and with status 1 when the attention sanity check fails."""
+    parser = argparse.ArgumentParser(prog="ttt-mixer recall-gap", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        run(args)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def run(args: argparse.Namespace) -> None:
+    """The command on parsed arguments (``add_arguments``'s); ValueError for bad options."""
+    from ttt_mixer.recall_gap.pipeline import recall_gap
+
+    preset = resolve_preset(args)
+    recall_gap(
+        preset, args.out, args.seed, args.jobs, args.save_steps, args.eval_batch_size, args.checkpoints
+    )

@@ -1,0 +1,202 @@
+"""One training run: a Llama backbone with one mixer in every layer, trained on MQAR through
+transformers' ``Trainer`` (so ``accelerate launch`` spreads it over several GPUs), checkpointed as it
+goes and resumed from its last checkpoint when run again, then saved as a Hugging Face checkpoint
+with its tokenizer."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import get_last_checkpoint
+
+from ttt_mixer.adapters import swap_mixer
+from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, mqar_tokenizer
+from ttt_mixer.recall_gap.presets import MQARShape
+
+MODEL_DIR, TRAINER_DIR, TRAIN_RESULT = "model", "trainer", "train.json"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One model to train: the backbone's sizes, the mixer, the data and the optimisation."""
+
+    mixer: str
+    width: int
+    num_layers: int
+    num_heads: int
+    train_shape: MQARShape
+    steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    max_length: int  # the longest sequence it is evaluated on (the config's max_position_embeddings)
+    mixer_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.mixer}-d{self.width}-{self.train_shape.label}-lr{self.learning_rate:g}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "train_shape": asdict(self.train_shape),
+            "mixer_options": dict(self.mixer_options),
+        }
+
+
+def build_model(spec: RunSpec) -> PreTrainedModel:
+    """The seeded backbone (embedding, RMSNorms, SwiGLU MLPs of width 4x, untied head) with
+    ``spec.mixer`` in every layer."""
+    config = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=spec.width,
+        intermediate_size=4 * spec.width,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_length,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(spec.seed)
+    return swap_mixer(LlamaForCausalLM(config), spec.mixer, layers="all", **spec.mixer_options)
+
+
+class TrainingClock(TrainerCallback, ExportableState):
+    """Seconds spent training, kept in every checkpoint (the Trainer restores it on resume), so a
+    resumed run reports the time of the steps that made its model, not of the lost ones."""
+
+    def __init__(self, elapsed: float = 0.0) -> None:
+        self.elapsed = elapsed  # before this session
+        self.started: float | None = None
+
+    def seconds(self) -> float:
+        return self.elapsed + (0.0 if self.started is None else time.perf_counter() - self.started)
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        # the first step of this session: the Trainer restores this callback from a checkpoint after
+        # on_train_begin, so the clock starts here
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"elapsed": self.seconds()}, "attributes": {}}
+
+
+class ProgressFile(TrainerCallback):
+    """Writes ``{"step": n, "total": N}`` to a file at most twice a second, for a parent process
+    that draws the progress bars of several runs at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.written = path, 0.0
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        if now - self.written >= 0.5 or state.global_step == state.max_steps:
+            self.path.write_text(json.dumps({"step": state.global_step, "total": state.max_steps}))
+            self.written = now
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    train_seconds: float
+    final_loss: float | None
+    resumed_from_step: int | None
+
+
+def _training_arguments(
+    spec: RunSpec, output_dir: Path, save_steps: int, progress_bars: bool
+) -> TrainingArguments:
+    world_size = PartialState().num_processes  # under accelerate launch: the processes of the run
+    if spec.batch_size % world_size:
+        raise ValueError(f"batch_size {spec.batch_size} must be a multiple of the {world_size} processes")
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=spec.steps,
+        per_device_train_batch_size=spec.batch_size // world_size,
+        learning_rate=spec.learning_rate,
+        weight_decay=0.1,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, spec.steps // 10),
+        max_grad_norm=1.0,
+        logging_steps=max(1, spec.steps // 10),
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=1,
+        restore_callback_states_from_checkpoint=True,
+        report_to="none",
+        seed=spec.seed,
+        dataloader_drop_last=True,
+        disable_tqdm=not progress_bars,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train_run(
+    spec: RunSpec,
+    run_dir: Path,
+    save_steps: int,
+    progress_bars: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Train ``spec`` under ``run_dir`` (Trainer checkpoints in ``trainer/``, resumed from the last
+    one), save the model and tokenizer to ``model/`` and the result to ``train.json``. Extra
+    ``callbacks`` (e.g. a :class:`ProgressFile`) go to the Trainer. A run whose callbacks stop it
+    early saves no model and returns its partial result."""
+    if save_steps < 1:
+        raise ValueError(f"save_steps must be >= 1, got {save_steps}")
+    output_dir = run_dir / TRAINER_DIR
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    model = build_model(spec)
+    data = MQARDataset(
+        spec.steps * spec.batch_size, spec.train_shape.seq_len, spec.train_shape.num_kv_pairs, spec.seed
+    )
+    clock = TrainingClock()
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(spec, output_dir, save_steps, progress_bars),
+        train_dataset=data,
+        callbacks=[clock, *callbacks],
+    )
+    trainer.train(resume_from_checkpoint=last)
+    clock = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainingClock))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    result = TrainResult(
+        train_seconds=clock.seconds(),
+        final_loss=losses[-1] if losses else None,
+        resumed_from_step=int(Path(last).name.split("-")[-1]) if last else None,
+    )
+    if trainer.state.global_step < spec.steps:
+        return result
+    trainer.save_model(str(run_dir / MODEL_DIR))
+    if trainer.is_world_process_zero():
+        mqar_tokenizer().save_pretrained(run_dir / MODEL_DIR)
+        (run_dir / TRAIN_RESULT).write_text(json.dumps(asdict(result), indent=2))
+    PartialState().wait_for_everyone()  # every process evaluates the saved model next
+    return result
+
+
+def load_train_result(run_dir: Path) -> TrainResult | None:
+    """The result of a finished run, None when it has not finished."""
+    path = run_dir / TRAIN_RESULT
+    if not path.is_file() or not (run_dir / MODEL_DIR).is_dir():
+        return None
+    return TrainResult(**json.loads(path.read_text()))
