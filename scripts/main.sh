@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine (scripts/setup.sh), then runs the main job. Until the recall-gap job lands,
-# that is the demo: a small TTT model built in code, trained briefly, generating, and its decoding speed.
+# Sets up a fresh machine (scripts/setup.sh), then runs the main job: the recall-gap comparison of
+# attention, Based, Mamba, TTT-Linear, TTT-MLP, GLA and Gated DeltaNet in one Llama backbone
+# (about 5 minutes on 2 CPU cores). Output folder: outputs/recall-gap (rerun to resume); extra
+# arguments go to `ttt-mixer recall-gap` (e.g. --preset zoology-gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ttt-mixer demo "$@"
+.venv/bin/ttt-mixer recall-gap --out outputs/recall-gap "$@"

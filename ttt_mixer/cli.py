@@ -12,6 +12,7 @@ import torch
 
 from ttt_mixer.adapters.cli import add_distill_arguments, add_swap_arguments, distill_command, swap_command
 from ttt_mixer.models import TTTConfig, TTTForCausalLM
+from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
 
 
 def _decode_ms_per_token(
@@ -132,6 +133,17 @@ def plot(args: argparse.Namespace) -> None:
         print(path)
 
 
+def recall_gap(args: argparse.Namespace) -> None:
+    """The main job: train attention, Based, Mamba, TTT-Linear and TTT-MLP in one Llama backbone on
+    MQAR, evaluate them through lm-eval at 1x, 2x and 4x the training length, report the recall gap."""
+    from ttt_mixer.recall_gap import run
+
+    try:
+        run(args)
+    except ValueError as error:
+        raise SystemExit(f"ttt-mixer recall-gap: {error}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttt-mixer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", type=Path, help="lm-eval results JSON files (one per model)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created if missing)")
     p.set_defaults(func=plot)
+    p = commands.add_parser("recall-gap", help=recall_gap.__doc__)
+    add_recall_gap_arguments(p)
+    p.set_defaults(func=recall_gap)
     p = commands.add_parser("swap", help=swap_command.__doc__)
     add_swap_arguments(p)
     p.set_defaults(func=swap_command)

@@ -51,6 +51,9 @@ class CausalLMGenerationMixin(FLAGenerationMixin):
     model a generation config when a base's name ends in "GenerationMixin", hence the name.)"""
 
     decoder_attribute = "model"
+    # the loss is a mean over this batch's targets (no ``num_items_in_batch``): Trainer must scale it
+    # for gradient accumulation itself
+    accepts_loss_kwargs = False
 
     def get_decoder(self) -> torch.nn.Module:
         return getattr(self, self.decoder_attribute)
