@@ -109,3 +109,15 @@ def make_layer(
         **kwargs,
     )
     return perturb_(layer, seed + 1).to(dtype)
+
+
+def greedy_without_cache(
+    model: torch.nn.Module, ids: torch.Tensor, steps: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Greedy decoding that recomputes the whole (growing) sequence at every step, no cache."""
+    for _ in range(steps):
+        logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return ids

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb_
+from conftest import greedy_without_cache, perturb_
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 from ttt_mixer.adapters import (
     MIXER_NAMES,
@@ -73,17 +73,6 @@ def hybrid(base, mixers: list[str]):
     for i, mixer in enumerate(mixers):
         model = swap(model, mixer, [i])
     return perturb_(model, seed=5, scale=0.05).eval()
-
-
-def greedy_without_cache(
-    model, ids: torch.Tensor, steps: int, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    for _ in range(steps):
-        logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-    return ids
 
 
 @pytest.mark.parametrize("backbone", ["llama", "mamba"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODEL_CASE_IDS, MODEL_CASES, TINY_CONFIG, make_config, make_model
+from conftest import MODEL_CASE_IDS, MODEL_CASES, TINY_CONFIG, greedy_without_cache, make_config, make_model
 from fla.models.utils import Cache
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -27,16 +27,6 @@ TOL = 1e-10  # float64
 def random_ids(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """Token ids in [3, VOCAB): never the pad (0), bos (1) or eos (2) ids."""
     return torch.randint(3, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-def greedy_without_cache(model: TTTForCausalLM, ids: torch.Tensor, steps: int, mask=None) -> torch.Tensor:
-    """Greedy decoding that recomputes the whole (growing) sequence at every step, no cache."""
-    for _ in range(steps):
-        logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-    return ids
 
 
 def cache_tensors(cache: Cache) -> list[torch.Tensor]:
