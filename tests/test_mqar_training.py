@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from ttt_mixer.eval_tasks import recall, tasks_path
+
+from ttt_mixer.recall_gap.data import mqar_tokenizer
 
 SEQ_LEN, NUM_KV_PAIRS = 32, 4
 CHANCE = 1 / NUM_KV_PAIRS
@@ -24,17 +25,6 @@ METADATA = {"mqar_seq_lengths": [SEQ_LEN], "mqar_num_kv_pairs": NUM_KV_PAIRS, "n
 LIMIT = 25 * NUM_KV_PAIRS
 # the loss falls sharply around step 250 (associative recall forms) and the accuracy is ~0.94 at 500
 STEPS, BATCH, LR, SEED = 500, 64, 3e-3, 0
-SPECIALS = ("<pad>", "<eos>", "<unk>")
-
-
-def mqar_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per MQAR symbol (the two-letter keys and values), split on whitespace."""
-    vocab = {token: i for i, token in enumerate(SPECIALS + recall.MQAR_KEYS + recall.MQAR_VALUES)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
 
 
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
