@@ -18,7 +18,7 @@ from ttt_mixer.ops.common import (
     inner_gradients,
     inner_output,
     join_state,
-    loss_target,
+    loss_offset,
     split_state,
     token_scale,
     validate_inputs,
@@ -90,27 +90,29 @@ def ttt_chunk(
         return x.movedim(3, 1).flatten(0, 1).unbind(1)
 
     qg, kg, vg = (grid.to_grid(t.to(dtype)) for t in (q, k, v))
-    lrg = grid.to_grid(lr.to(dtype)).movedim(3, 1)  # [N, H, M, b]
+    lrg = grid.to_grid(lr.to(dtype)).movedim(3, 1).flatten(0, 1)  # [N * H, M, b]
     tau = token_scale(token_offset.to(dtype))
-    lnw = lnb = None
-    if ln_weight is not None:
-        lnw, lnb = (t.to(dtype)[:, None].repeat(N, 1, 1) for t in (ln_weight, ln_bias))  # [N * H, 1, d]
-    q_aug, k_aug = with_ones(qg), with_ones(kg)
+    ln = (None, None) if ln_weight is None else (ln_weight.to(dtype), ln_bias.to(dtype))
+    lnw = None if ln[0] is None else ln[0].repeat(N, 1)[:, None]  # [N * H, 1, d]
+
+    q_mb, k_mb = per_minibatch(with_ones(qg)), per_minibatch(with_ones(kg))
+    offset_mb = per_minibatch(loss_offset(kg, vg, *ln))
     # eta[i, j] = tau_i * lr_j for j <= i inside each mini-batch; the first layer's dual-form scores
     # depend on the inputs alone, so they are computed for all mini-batches at once
-    eta = (tau[:, None] * lrg[..., None, :]).tril().flatten(0, 1)  # [N * H, M, b, b]
-    q_mb, k_mb, target_mb = (per_minibatch(t) for t in (q_aug, k_aug, loss_target(kg, vg, ln_weight)))
+    eta = (tau[:, None] * lrg[..., None, :]).tril()  # [N * H, M, b, b]
     scores_mb = ((torch.stack(q_mb, 1) @ torch.stack(k_mb, 1).transpose(-1, -2)) * eta).unbind(1)
-    lr_mb = lrg.flatten(0, 1)[..., None].unbind(1)  # [N * H, b, 1] each
     eta_mb = eta.unbind(1)
     weights = [w.flatten(0, 1) for w in weights]
     sums = None if sums is None else [t.flatten(0, 1) for t in sums]
     complete = grid.complete.repeat_interleave(H, dim=0)[:, :, None, None]  # [N * H, M, 1, 1]
-    all_complete = bool(grid.complete.all())
+    # with whole mini-batches only, the end-of-mini-batch scale tau_b folds into the learning rates
+    # and each update is one baddbmm; otherwise the unscaled sums are kept for the final state
+    whole_minibatches = bool(grid.complete.all()) and sums is None
+    lr_mb = (lrg * tau[-1] if whole_minibatches else lrg)[..., None].unbind(1)  # [N * H, b, 1] each
 
     carried, outputs = sums, []
     for m in range(M):
-        x_m, g_m = inner_gradients(inner, k_mb[m], target_mb[m], weights, lnw, lnb, eps)
+        x_m, g_m = inner_gradients(inner, k_mb[m], offset_mb[m], weights, lnw, eps)
         x_query = q_mb[m]
         for layer in range(inner.num_layers):
             scores = scores_mb[m] if layer == 0 else (x_query @ x_m[layer].transpose(-1, -2)) * eta_mb[m]
@@ -121,19 +123,21 @@ def ttt_chunk(
             if layer + 1 < inner.num_layers:
                 x_query = with_ones(F.gelu(z, approximate="tanh"))
         outputs.append(z)
-        step_sums = [(lr_mb[m] * x).transpose(-1, -2) @ g for x, g in zip(x_m, g_m, strict=True)]
+        scaled_inputs = [(lr_mb[m] * x).transpose(-1, -2) for x in x_m]
+        if whole_minibatches:
+            weights = [
+                torch.baddbmm(w, x, g, alpha=-1) for w, x, g in zip(weights, scaled_inputs, g_m, strict=True)
+            ]
+            continue
+        step_sums = [x @ g for x, g in zip(scaled_inputs, g_m, strict=True)]
         if carried is not None:
             step_sums = [c + u for c, u in zip(carried, step_sums, strict=True)]
         updated = [w - tau[-1] * u for w, u in zip(weights, step_sums, strict=True)]
-        if all_complete:
-            weights, carried = updated, None
-        else:
-            done = complete[:, m]
-            weights = [torch.where(done, u, w) for u, w in zip(updated, weights, strict=True)]
-            carried = [torch.where(done, 0.0, u) for u in step_sums]
+        done = complete[:, m]
+        weights = [torch.where(done, u, w) for u, w in zip(updated, weights, strict=True)]
+        carried = [torch.where(done, 0.0, u) for u in step_sums]
 
     z = torch.stack(outputs, dim=1).unflatten(0, (N, H)).movedim(1, 3)  # [N, M, b, H, d]
-    ln = (None, None) if lnw is None else (ln_weight.to(dtype), ln_bias.to(dtype))
     o = grid.from_grid(inner_output(qg, z, *ln, eps), B, T).to(q.dtype)
     weights = [w.unflatten(0, (N, H)) for w in weights]
     carried = None if carried is None else [c.unflatten(0, (N, H)) for c in carried]

@@ -15,7 +15,7 @@ from ttt_mixer.ops.common import (
     inner_gradients,
     inner_output,
     join_state,
-    loss_target,
+    loss_offset,
     split_state,
     token_scale,
     validate_inputs,
@@ -82,7 +82,7 @@ def ttt_step(
     lnw, lnb = (
         (None, None) if ln_weight is None else (ln_weight.to(dtype)[:, None], ln_bias.to(dtype)[:, None])
     )
-    x, g = inner_gradients(inner, with_ones(kn), loss_target(kn, vn, ln_weight), weights, lnw, lnb, eps)
+    x, g = inner_gradients(inner, with_ones(kn), loss_offset(kn, vn, lnw, lnb), weights, lnw, eps)
     sums_new = [
         s + (lrn[..., None] * xl).transpose(-1, -2) @ gl for s, xl, gl in zip(sums, x, g, strict=True)
     ]
