@@ -84,24 +84,23 @@ def ttt_chunk(
     grid = MiniBatchGrid(B, T, cu_seqlens, position, b)
     N, H, M = num_sequences, q.shape[2], grid.num_minibatches
 
-    def per_minibatch(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # [N, M, b, H, ...] -> M tensors [N * H, b, ...]: 3-D for baddbmm, and unbound once so that
-        # the backward pass does not zero-fill a full-size gradient for every mini-batch's slice
-        return x.movedim(3, 1).flatten(0, 1).unbind(1)
-
     qg, kg, vg = (grid.to_grid(t.to(dtype)) for t in (q, k, v))
     lrg = grid.to_grid(lr.to(dtype)).movedim(3, 1).flatten(0, 1)  # [N * H, M, b]
     tau = token_scale(token_offset.to(dtype))
     ln = (None, None) if ln_weight is None else (ln_weight.to(dtype), ln_bias.to(dtype))
     lnw = None if ln[0] is None else ln[0].repeat(N, 1)[:, None]  # [N * H, 1, d]
 
-    q_mb, k_mb = per_minibatch(with_ones(qg)), per_minibatch(with_ones(kg))
-    offset_mb = per_minibatch(loss_offset(kg, vg, *ln))
+    # [N, M, b, H, e] -> [N * H, M, b, e]; the heads move first before the ones are appended so that
+    # q and k are copied once
+    q_aug, k_aug = (with_ones(t.movedim(3, 1)).flatten(0, 1) for t in (qg, kg))
     # eta[i, j] = tau_i * lr_j for j <= i inside each mini-batch; the first layer's dual-form scores
     # depend on the inputs alone, so they are computed for all mini-batches at once
     eta = (tau[:, None] * lrg[..., None, :]).tril()  # [N * H, M, b, b]
-    scores_mb = ((torch.stack(q_mb, 1) @ torch.stack(k_mb, 1).transpose(-1, -2)) * eta).unbind(1)
-    eta_mb = eta.unbind(1)
+    scores = (q_aug @ k_aug.transpose(-1, -2)) * eta
+    # unbound once, so that the backward pass does not zero-fill a full-size gradient for every
+    # mini-batch's slice; [N * H, b, ...] each: 3-D for (b)addbmm
+    q_mb, k_mb, scores_mb, eta_mb = (t.unbind(1) for t in (q_aug, k_aug, scores, eta))
+    offset_mb = loss_offset(kg, vg, *ln).movedim(3, 1).flatten(0, 1).unbind(1)
     weights = [w.flatten(0, 1) for w in weights]
     sums = None if sums is None else [t.flatten(0, 1) for t in sums]
     complete = grid.complete.repeat_interleave(H, dim=0)[:, :, None, None]  # [N * H, M, 1, 1]
@@ -115,8 +114,8 @@ def ttt_chunk(
         x_m, g_m = inner_gradients(inner, k_mb[m], offset_mb[m], weights, lnw, eps)
         x_query = q_mb[m]
         for layer in range(inner.num_layers):
-            scores = scores_mb[m] if layer == 0 else (x_query @ x_m[layer].transpose(-1, -2)) * eta_mb[m]
-            z = torch.baddbmm(x_query @ weights[layer], scores, g_m[layer], alpha=-1)
+            scores_m = scores_mb[m] if layer == 0 else (x_query @ x_m[layer].transpose(-1, -2)) * eta_mb[m]
+            z = torch.baddbmm(x_query @ weights[layer], scores_m, g_m[layer], alpha=-1)
             if m == 0 and sums is not None:
                 # the accumulators of a state read mid-mini-batch only reach its first mini-batch
                 z = z - tau[:, None] * (x_query @ sums[layer])
