@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MambaForCausalLM, PreTrainedModel
+from transformers import LlamaForCausalLM, MambaForCausalLM, MistralForCausalLM, PreTrainedModel
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
 from ttt_mixer.adapters.mixers import MIXER_NAMES
 from ttt_mixer.adapters.modeling import MixerLlamaForCausalLM, MixerMambaForCausalLM
@@ -17,20 +17,44 @@ from ttt_mixer.layers import TTTLayer
 INITS = ("random", "attention")
 # mixers that ``init="attention"`` can start from an attention layer's q/k/v/o projections
 ATTENTION_INIT_MIXERS = ("attention", "ttt_linear", "ttt_mlp")
-# config keys that name a class or a file rather than describe the network
-_CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "mixers", "mixer_options")
+# config keys that do not carry over: those that name a class or a file rather than describe the
+# network, and Mistral's attention window, checked not to bind (``_check_full_attention``)
+_NOT_CARRIED_KEYS = (
+    "model_type",
+    "architectures",
+    "auto_map",
+    "transformers_version",
+    "mixers",
+    "mixer_options",
+    "sliding_window",
+)
 
 
 def _family(model: nn.Module) -> tuple[type, type, str, str]:
     """(config class, model class, default mixer, module path of layer i's mixer) of a supported model."""
-    if isinstance(model, (LlamaForCausalLM, MixerLlamaForCausalLM)):
+    if isinstance(model, MistralForCausalLM):
+        _check_full_attention(model)
+    if isinstance(model, (LlamaForCausalLM, MistralForCausalLM, MixerLlamaForCausalLM)):
         return MixerLlamaConfig, MixerLlamaForCausalLM, "attention", "model.layers.{}.self_attn"
     if isinstance(model, (MambaForCausalLM, MixerMambaForCausalLM)):
         return MixerMambaConfig, MixerMambaForCausalLM, "mamba", "backbone.layers.{}.mixer"
     raise TypeError(
-        "swap_mixer takes a LlamaForCausalLM, MambaForCausalLM, MixerLlamaForCausalLM or "
-        f"MixerMambaForCausalLM, got {type(model).__name__}"
+        "swap_mixer takes a LlamaForCausalLM, MistralForCausalLM, MambaForCausalLM, MixerLlamaForCausalLM "
+        f"or MixerMambaForCausalLM, got {type(model).__name__}"
     )
+
+
+def _check_full_attention(model: MistralForCausalLM) -> None:
+    """A Mistral model is a Llama model (same modules and weight names) when its attention window never
+    binds; a binding sliding window is refused rather than widened to full attention."""
+    config = model.config
+    window = config.sliding_window
+    if window is not None and window < config.max_position_embeddings:
+        raise ValueError(
+            f"swap_mixer takes Mistral models with full attention only: sliding_window={window} is below "
+            f"max_position_embeddings={config.max_position_embeddings} (set sliding_window=None, as "
+            "Mistral-7B-v0.2 and later do)"
+        )
 
 
 def mixer_path(model: nn.Module) -> str:
@@ -65,7 +89,7 @@ def parse_layers(layers: str | list[int] | tuple[int, ...], num_layers: int) -> 
 
 
 def _mixer_config(model: PreTrainedModel, config_class: type) -> Any:
-    fields = {k: v for k, v in model.config.to_dict().items() if k not in _CLASS_KEYS}
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_CARRIED_KEYS}
     return config_class(
         **fields, mixers=mixer_names(model), mixer_options=getattr(model.config, "mixer_options", {})
     )
@@ -114,7 +138,8 @@ def swap_mixer(
 ) -> MixerLlamaForCausalLM | MixerMambaForCausalLM:
     """A copy of ``model`` with ``mixer`` in the named layers; every other weight is kept.
 
-    model: ``LlamaForCausalLM``, ``MambaForCausalLM`` or a model this function returned.
+    model: ``LlamaForCausalLM``, ``MistralForCausalLM`` (full attention: ``sliding_window`` None or
+        not below ``max_position_embeddings``), ``MambaForCausalLM`` or a model this function returned.
     mixer: one of ``MIXER_NAMES``; ``mixer_options`` go to its constructor (e.g. ``mini_batch_size``).
     layers: ``"all"``, ``"every:k"`` (every k-th layer: k-1, 2k-1, ...) or a list of indices.
     init: ``"random"`` (the mixer's own initialisation) or ``"attention"``: start from the attention

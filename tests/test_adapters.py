@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import greedy_without_cache, perturb_
-from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 from ttt_mixer.adapters import (
     MIXER_NAMES,
     MixerLlamaForCausalLM,
@@ -42,6 +49,24 @@ def tiny_llama(num_layers: int = 2, kv_heads: int = 2, seed: int = 0) -> LlamaFo
         eos_token_id=None,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_mistral(sliding_window: int | None = None, seed: int = 0) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=sliding_window,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
+    return MistralForCausalLM(config).eval()
 
 
 def tiny_mamba(num_layers: int = 2, seed: int = 0) -> MambaForCausalLM:
@@ -126,6 +151,29 @@ def test_attention_swapped_for_itself_reproduces_llama() -> None:
             atol=1e-5,
             rtol=1e-5,
         )
+
+
+@pytest.mark.parametrize("sliding_window", [None, 64])
+def test_full_attention_mistral_swaps_like_llama(sliding_window: int | None) -> None:
+    """A Mistral model whose window never binds is a Llama model: swapped for itself it gives the same
+    logits (also left-padded), and TTT swaps in from its attention."""
+    base = perturb_(tiny_mistral(sliding_window), seed=3, scale=0.05).eval()
+    same = swap(base, "attention", init="attention")
+    assert not hasattr(same.config, "sliding_window")
+    ids = random_ids(2, 13)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(same(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            same(ids, attention_mask=mask).logits[real],
+            base(ids, attention_mask=mask).logits[real],
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        hybrid_logits = swap(base, "ttt_linear", [1], init="attention")(ids).logits
+    assert hybrid_logits.shape == (2, 13, VOCAB) and torch.isfinite(hybrid_logits).all()
 
 
 def test_mamba_layers_reproduce_mamba() -> None:
@@ -233,6 +281,7 @@ def test_init_attention_copies_attention_layers() -> None:
     ("call", "error", "match"),
     [
         (lambda: swap_mixer(torch.nn.Linear(2, 2), "ttt_linear"), TypeError, "LlamaForCausalLM"),
+        (lambda: swap_mixer(tiny_mistral(sliding_window=16), "ttt_linear"), ValueError, "sliding_window=16"),
         (lambda: swap_mixer(tiny_llama(), "transformer_xl"), ValueError, "mixer must be one of"),
         (lambda: swap_mixer(tiny_llama(), "ttt_linear", [0, 2]), ValueError, r"out of range"),
         (lambda: swap_mixer(tiny_llama(), "ttt_linear", [-1]), ValueError, r"out of range"),
