@@ -34,6 +34,7 @@ from ttt_mixer.ops import (
     ttt_step,
 )
 from ttt_mixer.ops.common import (
+    GeluTanhWithGrad,
     LayerNormL2Grad,
     gelu_tanh_grad,
     get_inner_model,
@@ -464,6 +465,18 @@ def test_gelu_tanh_grad_matches_autograd() -> None:
     x.requires_grad_()
     (expected,) = torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x)
     assert max_abs_diff(gelu_tanh_grad(x.detach()), expected) <= 1e-12
+
+
+def test_gelu_tanh_with_grad_function_matches_and_differentiates() -> None:
+    """The fast GeluTanhWithGrad of TTT-MLP: its two outputs are gelu and gelu_tanh_grad, and its
+    hand-derived backward (gelu'' included) agrees with finite differences."""
+    x = torch.cat([torch.linspace(-6, 6, 49, dtype=torch.float64), torch.randn(20, dtype=torch.float64)])
+    gelu, grad = GeluTanhWithGrad.apply(x)
+    assert max_abs_diff(gelu, F.gelu(x, approximate="tanh")) <= 1e-12
+    assert max_abs_diff(grad, gelu_tanh_grad(x)) <= 1e-12
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: GeluTanhWithGrad.apply(x), (x,))
+    assert torch.autograd.gradcheck(lambda x: GeluTanhWithGrad.apply(x)[1], (x,))
 
 
 def test_token_scale_clamps_at_zero() -> None:
