@@ -251,7 +251,8 @@ def floor_row(layer_type: str, measurement: str, floor_ms: float, compared: Row)
         measurement,
         floor_ms,
         ratio=bound,
-        note="theirs ÷ this: the most any TTT speed-up can give",
+        note="ours only; theirs ÷ this bounds the speed-up",
+        is_bound=True,
     )
 
 
