@@ -18,11 +18,11 @@ Learning rates, per mixer (Zoology sweeps them too), the best measured accuracy 
 ==============  ==========================================================================
 attention       3e-3: 0.99; 1e-2: 0.23
 based           1e-3: 0.64; 3e-4: 0.28; 3e-3: 0.30
-mamba           1e-3: 0.24; 3e-3: 0.29; 1e-2: 0.24 (learns nothing in this budget)
+mamba           1e-3: 0.24; 3e-3: 0.29; 1e-2: 0.24 (learns nothing in this budget; 1500 steps: 0.81)
 ttt_linear      3e-3: 1.00 (without the short convolution: 1e-3: 0.30, 3e-3: 0.28)
 ttt_mlp         1e-2: 1.00; 1e-3: 0.29; 3e-3: 0.29
 gla             1e-2: 0.96; 3e-3: 0.62 (without the short convolution: 1e-3: 0.25, 3e-3: 0.23)
-gated_deltanet  1e-3: 0.23; 3e-3: 0.25; 1e-2: 0.23 (learns nothing in this budget)
+gated_deltanet  1e-3: 0.23; 3e-3: 0.25; 1e-2: 0.23 (learns nothing in this budget; 1500 steps: 1.00)
 ==============  ==========================================================================
 
 GPU Zoology sweep: Zoology's MQAR grid (Arora et al. 2023, *Zoology*; the Based paper's Figure 2):
