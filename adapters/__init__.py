@@ -1,5 +1,5 @@
 """ttt_mixer.adapters: put TTT, or any mixer it is compared with, into Llama (and full-attention
-Mistral) and Mamba backbones.
+Mistral and Qwen2) and Mamba backbones.
 
 ``swap_mixer`` swaps the mixer of some or all layers (from scratch or starting from attention),
 ``distill`` trains the swapped layers to reproduce the attention they replaced (LoLCATs' attention

@@ -33,14 +33,19 @@ class MixerLlamaConfig(LlamaConfig):
     """A Llama backbone (embeddings, RMSNorm, SwiGLU MLP) with a chosen mixer in each layer.
 
     ``num_attention_heads`` also sets the heads of the other mixers unless their options say otherwise.
+    ``qkv_bias``: biases on the attention's q/k/v projections only, as Qwen2 has them (None: follow
+    ``attention_bias``, which sets all four).
     """
 
     model_type = "ttt_mixer_llama"
     mixers: list[str] | None = None
     mixer_options: dict[str, dict[str, Any]] | None = None
+    qkv_bias: bool | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
+        if self.qkv_bias is None:
+            self.qkv_bias = bool(self.attention_bias)
         if self.mixers is None:
             self.mixers = ["attention"] * self.num_hidden_layers
         self.mixers = list(self.mixers)

@@ -7,7 +7,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MambaForCausalLM, MistralForCausalLM, PreTrainedModel
+from transformers import (
+    LlamaForCausalLM,
+    MambaForCausalLM,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+)
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
 from ttt_mixer.adapters.mixers import MIXER_NAMES
 from ttt_mixer.adapters.modeling import MixerLlamaForCausalLM, MixerMambaForCausalLM
@@ -18,7 +24,7 @@ INITS = ("random", "attention")
 # mixers that ``init="attention"`` can start from an attention layer's q/k/v/o projections
 ATTENTION_INIT_MIXERS = ("attention", "ttt_linear", "ttt_mlp")
 # config keys that do not carry over: those that name a class or a file rather than describe the
-# network, and Mistral's attention window, checked not to bind (``_check_full_attention``)
+# network, and Mistral's and Qwen2's attention windows, checked not to bind (``_check_full_attention``)
 _NOT_CARRIED_KEYS = (
     "model_type",
     "architectures",
@@ -27,33 +33,39 @@ _NOT_CARRIED_KEYS = (
     "mixers",
     "mixer_options",
     "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "layer_types",
 )
 
 
 def _family(model: nn.Module) -> tuple[type, type, str, str]:
     """(config class, model class, default mixer, module path of layer i's mixer) of a supported model."""
-    if isinstance(model, MistralForCausalLM):
+    if isinstance(model, (MistralForCausalLM, Qwen2ForCausalLM)):
         _check_full_attention(model)
-    if isinstance(model, (LlamaForCausalLM, MistralForCausalLM, MixerLlamaForCausalLM)):
+    if isinstance(model, (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixerLlamaForCausalLM)):
         return MixerLlamaConfig, MixerLlamaForCausalLM, "attention", "model.layers.{}.self_attn"
     if isinstance(model, (MambaForCausalLM, MixerMambaForCausalLM)):
         return MixerMambaConfig, MixerMambaForCausalLM, "mamba", "backbone.layers.{}.mixer"
     raise TypeError(
-        "swap_mixer takes a LlamaForCausalLM, MistralForCausalLM, MambaForCausalLM, MixerLlamaForCausalLM "
-        f"or MixerMambaForCausalLM, got {type(model).__name__}"
+        "swap_mixer takes a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MambaForCausalLM, "
+        f"MixerLlamaForCausalLM or MixerMambaForCausalLM, got {type(model).__name__}"
     )
 
 
-def _check_full_attention(model: MistralForCausalLM) -> None:
-    """A Mistral model is a Llama model (same modules and weight names) when its attention window never
-    binds; a binding sliding window is refused rather than widened to full attention."""
+def _check_full_attention(model: MistralForCausalLM | Qwen2ForCausalLM) -> None:
+    """Mistral and Qwen2 models are Llama models (same modules and weight names; Qwen2 with q/k/v
+    biases) when their attention window never binds; a binding sliding window is refused rather
+    than widened to full attention."""
     config = model.config
     window = config.sliding_window
+    if isinstance(model, Qwen2ForCausalLM):
+        window = window if config.use_sliding_window else None
     if window is not None and window < config.max_position_embeddings:
         raise ValueError(
-            f"swap_mixer takes Mistral models with full attention only: sliding_window={window} is below "
-            f"max_position_embeddings={config.max_position_embeddings} (set sliding_window=None, as "
-            "Mistral-7B-v0.2 and later do)"
+            f"swap_mixer takes {type(model).__name__} with full attention only: its sliding window of "
+            f"{window} tokens is below max_position_embeddings={config.max_position_embeddings} (Mistral: "
+            "sliding_window=None, as from Mistral-7B-v0.2 on; Qwen2: use_sliding_window=False, its default)"
         )
 
 
@@ -90,6 +102,8 @@ def parse_layers(layers: str | list[int] | tuple[int, ...], num_layers: int) -> 
 
 def _mixer_config(model: PreTrainedModel, config_class: type) -> Any:
     fields = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_CARRIED_KEYS}
+    if isinstance(model, Qwen2ForCausalLM):
+        fields["qkv_bias"] = True
     return config_class(
         **fields, mixers=mixer_names(model), mixer_options=getattr(model.config, "mixer_options", {})
     )
@@ -112,8 +126,8 @@ def _init_ttt_from_attention(ttt: TTTLayer, attention: nn.Module, config: MixerL
         )
     if not hasattr(ttt, "k_proj"):
         raise ValueError("init='attention' needs separate key projections: use_short_conv must be False")
-    if config.attention_bias:
-        raise ValueError("init='attention' cannot map attention_bias=True: TTT projections have no bias")
+    if config.attention_bias or config.qkv_bias:
+        raise ValueError("init='attention' cannot map biased q/k/v projections: TTT projections have no bias")
     order = rope_half_to_interleaved(head_dim)
 
     def heads_view(weight: torch.Tensor, count: int, rope: bool) -> torch.Tensor:
@@ -138,8 +152,9 @@ def swap_mixer(
 ) -> MixerLlamaForCausalLM | MixerMambaForCausalLM:
     """A copy of ``model`` with ``mixer`` in the named layers; every other weight is kept.
 
-    model: ``LlamaForCausalLM``, ``MistralForCausalLM`` (full attention: ``sliding_window`` None or
-        not below ``max_position_embeddings``), ``MambaForCausalLM`` or a model this function returned.
+    model: ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` with full attention
+        (no sliding window below ``max_position_embeddings``), ``MambaForCausalLM`` or a model this
+        function returned.
     mixer: one of ``MIXER_NAMES``; ``mixer_options`` go to its constructor (e.g. ``mini_batch_size``).
     layers: ``"all"``, ``"every:k"`` (every k-th layer: k-1, 2k-1, ...) or a list of indices.
     init: ``"random"`` (the mixer's own initialisation) or ``"attention"``: start from the attention

@@ -20,6 +20,8 @@ from transformers import (
     MambaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 from ttt_mixer.adapters import (
     MIXER_NAMES,
@@ -67,6 +69,27 @@ def tiny_mistral(sliding_window: int | None = None, seed: int = 0) -> MistralFor
         eos_token_id=None,
     )
     return MistralForCausalLM(config).eval()
+
+
+def tiny_qwen2(sliding_window: int | None = None, seed: int = 0) -> Qwen2ForCausalLM:
+    """A Qwen2 model (biases on q/k/v, none on o); a window given turns its sliding window on."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_sliding_window=sliding_window is not None,
+        sliding_window=sliding_window,
+        max_window_layers=0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
+    return Qwen2ForCausalLM(config).eval()
 
 
 def tiny_mamba(num_layers: int = 2, seed: int = 0) -> MambaForCausalLM:
@@ -153,17 +176,24 @@ def test_attention_swapped_for_itself_reproduces_llama() -> None:
         )
 
 
-@pytest.mark.parametrize("sliding_window", [None, 64])
-def test_full_attention_mistral_swaps_like_llama(sliding_window: int | None) -> None:
-    """A Mistral model whose window never binds is a Llama model: swapped for itself it gives the same
-    logits (also left-padded), and TTT swaps in from its attention."""
-    base = perturb_(tiny_mistral(sliding_window), seed=3, scale=0.05).eval()
+@pytest.mark.parametrize(
+    "make_base",
+    [lambda: tiny_mistral(None), lambda: tiny_mistral(64), tiny_qwen2],
+    ids=["mistral", "mistral-window-never-binds", "qwen2"],
+)
+def test_full_attention_mistral_and_qwen2_swap_like_llama(make_base, tmp_path: Path) -> None:
+    """Mistral and Qwen2 models whose window never binds are Llama models (Qwen2 with q/k/v biases):
+    swapped for itself each gives the same logits (also left-padded), saves and reloads, and TTT swaps
+    in."""
+    base = perturb_(make_base(), seed=3, scale=0.05).eval()
     same = swap(base, "attention", init="attention")
     assert not hasattr(same.config, "sliding_window")
     ids = random_ids(2, 13)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     real = mask.bool()
+    same.save_pretrained(tmp_path)
+    reloaded = MixerLlamaForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(same(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(
@@ -172,7 +202,8 @@ def test_full_attention_mistral_swaps_like_llama(sliding_window: int | None) -> 
             atol=1e-5,
             rtol=1e-5,
         )
-        hybrid_logits = swap(base, "ttt_linear", [1], init="attention")(ids).logits
+        assert torch.equal(reloaded(ids).logits, same(ids).logits)
+        hybrid_logits = swap(base, "ttt_linear", [1])(ids).logits
     assert hybrid_logits.shape == (2, 13, VOCAB) and torch.isfinite(hybrid_logits).all()
 
 
@@ -281,7 +312,9 @@ def test_init_attention_copies_attention_layers() -> None:
     ("call", "error", "match"),
     [
         (lambda: swap_mixer(torch.nn.Linear(2, 2), "ttt_linear"), TypeError, "LlamaForCausalLM"),
-        (lambda: swap_mixer(tiny_mistral(sliding_window=16), "ttt_linear"), ValueError, "sliding_window=16"),
+        (lambda: swap_mixer(tiny_mistral(sliding_window=16), "ttt_linear"), ValueError, "window of 16"),
+        (lambda: swap_mixer(tiny_qwen2(sliding_window=16), "ttt_linear"), ValueError, "window of 16"),
+        (lambda: swap_mixer(tiny_qwen2(), "ttt_linear", init="attention"), ValueError, "biased q/k/v"),
         (lambda: swap_mixer(tiny_llama(), "transformer_xl"), ValueError, "mixer must be one of"),
         (lambda: swap_mixer(tiny_llama(), "ttt_linear", [0, 2]), ValueError, r"out of range"),
         (lambda: swap_mixer(tiny_llama(), "ttt_linear", [-1]), ValueError, r"out of range"),

@@ -32,6 +32,12 @@ class CachedAttention(LlamaAttention):
 
     def __init__(self, config: LlamaConfig, layer_idx: int | None = None) -> None:
         super().__init__(config, layer_idx)
+        qkv_bias = getattr(config, "qkv_bias", config.attention_bias)
+        if qkv_bias != config.attention_bias:
+            # Qwen2's layout: biases on q/k/v, none on o; LlamaAttention gives all four the same
+            for name in ("q_proj", "k_proj", "v_proj"):
+                old = getattr(self, name)
+                setattr(self, name, torch.nn.Linear(old.in_features, old.out_features, bias=qkv_bias))
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
