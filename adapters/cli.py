@@ -41,7 +41,9 @@ def _save(model: Any, source: str, destination: Path) -> None:
 
 
 def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, or a swapped model)")
+    parser.add_argument(
+        "source", help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, or a swapped model)"
+    )
     parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
     parser.add_argument("--mixer", choices=MIXER_NAMES, required=True)
     parser.add_argument("--layers", default="all", help="'all', 'every:k' or indices such as 0,2,5")
