@@ -26,7 +26,14 @@ from ttt_mixer.recall_gap import main
 from ttt_mixer.recall_gap.data import VOCAB, mqar_tokenizer
 from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, MQARShape
 from ttt_mixer.recall_gap.report import PLOT_PNG, TABLE_JSON, TABLE_MD
-from ttt_mixer.recall_gap.train import MODEL_DIR, TRAINER_DIR, RunSpec, build_model, train_run
+from ttt_mixer.recall_gap.train import (
+    MODEL_DIR,
+    TRAINER_DIR,
+    RecallTrainer,
+    RunSpec,
+    build_model,
+    train_run,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -149,6 +156,23 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path: Path
         torch.testing.assert_close(x, y, msg=name)
     assert resumed.final_loss == pytest.approx(straight.final_loss)
     assert build_model(spec).config.mixers == ["ttt_linear", "ttt_linear"]
+
+
+@pytest.mark.parametrize(
+    ("mixer", "exempt"),
+    [("mamba", {"A_log", "D"}), ("gated_deltanet", {"A_log", "dt_bias"}), ("attention", set())],
+)
+def test_weight_decay_leaves_out_what_the_mixers_own_recipes_exempt(
+    mixer: str, exempt: set[str], tmp_path: Path
+) -> None:
+    spec = RunSpec(mixer, 32, 1, 1, MQARShape(16, 2), 1, 2, 1e-3, 0, 32)
+    model = build_model(spec)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    decayed = set(RecallTrainer(model=model, args=args).get_decay_parameter_names(model))
+    mixer_params = {name.rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".self_attn." in name}
+    assert mixer_params & exempt == exempt
+    assert not any(name.rsplit(".", 1)[-1] in exempt for name in decayed)
+    assert any(name.endswith("_proj.weight") for name in decayed)
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,10 @@ class CachedMambaMixer(MambaMixer):
 
     def __init__(self, config: MambaConfig, layer_idx: int = 0) -> None:
         super().__init__(config, layer_idx)
+        # Mamba's own recipe (mamba_ssm) keeps weight decay off A_log and D; fla marks its A_log and
+        # dt_bias the same way, and ttt_mixer.recall_gap's trainer honours the mark
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
 
     def forward(
         self,

@@ -115,6 +115,16 @@ class ProgressFile(TrainerCallback):
             self.written = now
 
 
+class RecallTrainer(Trainer):
+    """transformers' ``Trainer``, leaving out of weight decay the parameters their layers mark
+    ``_no_weight_decay`` (Mamba's A_log and D, Gated DeltaNet's A_log and dt_bias), as their own
+    libraries' training recipes do."""
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        exempt = {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        return [name for name in super().get_decay_parameter_names(model) if name not in exempt]
+
+
 @dataclass(frozen=True)
 class TrainResult:
     train_seconds: float
@@ -170,7 +180,7 @@ def train_run(
         spec.steps * spec.batch_size, spec.train_shape.seq_len, spec.train_shape.num_kv_pairs, spec.seed
     )
     clock = TrainingClock()
-    trainer = Trainer(
+    trainer = RecallTrainer(
         model=model,
         args=_training_arguments(spec, output_dir, save_steps, progress_bars),
         train_dataset=data,
