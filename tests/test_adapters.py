@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from transformers import (
     MambaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -37,59 +39,46 @@ VOCAB = 40
 MIXER_OPTIONS = {"ttt_linear": {"mini_batch_size": 4}, "ttt_mlp": {"mini_batch_size": 4}}
 
 
-def tiny_llama(num_layers: int = 2, kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def tiny_attention_model(model_class: type, config_class: type, seed: int, **fields: Any) -> PreTrainedModel:
+    """A seeded 4-head, width-32 model of a Llama-like family; ``fields`` add to or override its config."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
+    defaults = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": None,
+    }
+    return model_class(config_class(**(defaults | fields))).eval()
+
+
+def tiny_llama(num_layers: int = 2, kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    return tiny_attention_model(
+        LlamaForCausalLM, LlamaConfig, seed, num_hidden_layers=num_layers, num_key_value_heads=kv_heads
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_mistral(sliding_window: int | None = None, seed: int = 0) -> MistralForCausalLM:
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        sliding_window=sliding_window,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
+    return tiny_attention_model(
+        MistralForCausalLM, MistralConfig, seed, max_position_embeddings=64, sliding_window=sliding_window
     )
-    return MistralForCausalLM(config).eval()
 
 
 def tiny_qwen2(sliding_window: int | None = None, seed: int = 0) -> Qwen2ForCausalLM:
     """A Qwen2 model (biases on q/k/v, none on o); a window given turns its sliding window on."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    return tiny_attention_model(
+        Qwen2ForCausalLM,
+        Qwen2Config,
+        seed,
         max_position_embeddings=64,
         use_sliding_window=sliding_window is not None,
         sliding_window=sliding_window,
         max_window_layers=0,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
     )
-    return Qwen2ForCausalLM(config).eval()
 
 
 def tiny_mamba(num_layers: int = 2, seed: int = 0) -> MambaForCausalLM:
