@@ -58,21 +58,25 @@ def layer_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(z, z.shape[-1:], eps=eps) * weight + bias
 
 
+def _layer_norm_backward(grad: torch.Tensor, z_hat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """rstd * (grad - mean(grad) - z_hat * mean(grad * z_hat)): LayerNorm's backward without affine.
+
+    Written out on the normalised z_hat: ATen's native backward expands it in the raw z and loses
+    several digits to cancellation when the mean of a row is large against its spread."""
+    centred = grad - grad.mean(dim=-1, keepdim=True)
+    return torch.addcmul(centred, z_hat, (grad * z_hat).mean(dim=-1, keepdim=True), value=-1.0) * rstd
+
+
 def ln_fused_l2_grad(
     z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """d/dz of 1/2 ||LN(z) - target||^2, the LayerNorm backward fused with the L2 loss (closed form)."""
-    d = z.shape[-1]
     centred = z - z.mean(dim=-1, keepdim=True)
     # the variance as a mean of squares: Tensor.var is several times slower on small rows
     rstd = torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
     z_hat = centred * rstd
     grad_hat = (weight * z_hat + bias - target) * weight
-    return (
-        d * grad_hat
-        - grad_hat.sum(dim=-1, keepdim=True)
-        - z_hat * (grad_hat * z_hat).sum(dim=-1, keepdim=True)
-    ) * (rstd / d)
+    return _layer_norm_backward(grad_hat, z_hat, rstd)
 
 
 def loss_target(k: torch.Tensor, v: torch.Tensor, ln_weight: torch.Tensor | None) -> torch.Tensor:
@@ -138,15 +142,6 @@ class GeluTanhWithGrad(torch.autograd.Function):
 def with_ones(x: torch.Tensor) -> torch.Tensor:
     """Append a trailing 1 feature so that x' @ [W; b] = x @ W + b."""
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-
-
-def _layer_norm_backward(grad: torch.Tensor, z_hat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """rstd * (grad - mean(grad) - z_hat * mean(grad * z_hat)): LayerNorm's backward without affine.
-
-    Written out on the normalised z_hat: ATen's native backward expands it in the raw z and loses
-    several digits to cancellation when the mean of a row is large against its spread."""
-    centred = grad - grad.mean(dim=-1, keepdim=True)
-    return torch.addcmul(centred, z_hat, (grad * z_hat).mean(dim=-1, keepdim=True), value=-1.0) * rstd
 
 
 class LayerNormL2Grad(torch.autograd.Function):
