@@ -23,7 +23,7 @@ from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
 from ttt_mixer.adapters.mixers import build_mixer
 
 from ttt_mixer.layers import TTTLayer
-from ttt_mixer.models.hub import CausalLMGenerationMixin, RemoteCodeMixin, decoder_inputs
+from ttt_mixer.models.hub import CausalLMGenerationMixin, RemoteCodeMixin, decoder_inputs, decoder_output
 
 # keyword arguments that generation passes and the mixers do not need: positions come from the cache
 # and the padding mask
@@ -77,7 +77,6 @@ class MixerDecoderMixin:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
@@ -93,12 +92,7 @@ class MixerDecoderMixin:
         hidden_states = self.final_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        past_key_values = past_key_values if use_cache else None
-        if not return_dict:
-            return tuple(x for x in (hidden_states, past_key_values, all_hidden_states) if x is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
-        )
+        return decoder_output(self, hidden_states, past_key_values, use_cache, all_hidden_states, return_dict)
 
 
 def mix(mixer: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:

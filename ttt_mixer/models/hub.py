@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from fla.models.cache_utils import Cache
 from fla.models.generation_utils import FLAGenerationMixin
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
 # ``save_pretrained`` writes this file beside the weights and names it in the config's auto_map, so
@@ -125,3 +125,21 @@ def decoder_inputs(
     if use_cache and not isinstance(past_key_values, Cache):
         past_key_values = Cache.from_legacy_cache(past_key_values)
     return inputs_embeds, past_key_values, use_cache
+
+
+def decoder_output(
+    decoder: PreTrainedModel,
+    hidden_states: torch.Tensor,
+    past_key_values: Cache | None,
+    use_cache: bool,
+    all_hidden_states: tuple[torch.Tensor, ...] | None,
+    return_dict: bool | None,
+) -> BaseModelOutputWithPast | tuple:
+    """A decoder's result: the cache only with ``use_cache``; a tuple of the parts that are not None
+    unless ``return_dict`` (default: the config's) asks for the output class."""
+    past_key_values = past_key_values if use_cache else None
+    if not (return_dict if return_dict is not None else decoder.config.return_dict):
+        return tuple(x for x in (hidden_states, past_key_values, all_hidden_states) if x is not None)
+    return BaseModelOutputWithPast(
+        last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+    )

@@ -19,7 +19,7 @@ from transformers.modeling_utils import PreTrainedModel
 from ttt_mixer.layers import TTTLayer
 from ttt_mixer.layers.ttt import check_attention_mask
 from ttt_mixer.models.configuration_ttt import TTTConfig
-from ttt_mixer.models.hub import CausalLMGenerationMixin, RemoteCodeMixin, decoder_inputs
+from ttt_mixer.models.hub import CausalLMGenerationMixin, RemoteCodeMixin, decoder_inputs, decoder_output
 from ttt_mixer.modules import DepthwiseCausalConv, SwiGLU
 
 
@@ -153,7 +153,6 @@ class TTTModel(TTTPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if past_key_values is not None and len(past_key_values) > 0:
             cached = past_key_values[0]["recurrent_state"]
             if cached is not None and cached[0].shape[0] != batch_size:
@@ -182,12 +181,7 @@ class TTTModel(TTTPreTrainedModel):
         hidden_states = repad_hidden_states(self.norm(hidden_states), indices, batch_size, q_len)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        past_key_values = past_key_values if use_cache else None
-        if not return_dict:
-            return tuple(x for x in (hidden_states, past_key_values, all_hidden_states) if x is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
-        )
+        return decoder_output(self, hidden_states, past_key_values, use_cache, all_hidden_states, return_dict)
 
 
 class TTTForCausalLM(CausalLMGenerationMixin, TTTPreTrainedModel):
