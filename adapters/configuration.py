@@ -38,6 +38,10 @@ class MixerLlamaConfig(LlamaConfig):
     """
 
     model_type = "ttt_mixer_llama"
+    # Llama's tensor- and pipeline-parallel plans name attention's projections and Llama's layer
+    # outputs; other mixers have other projections and the layers return (hidden, attentions)
+    base_model_tp_plan = None
+    base_model_pp_plan = None
     mixers: list[str] | None = None
     mixer_options: dict[str, dict[str, Any]] | None = None
     qkv_bias: bool | None = None

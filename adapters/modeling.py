@@ -16,18 +16,20 @@ from fla.models.cache_utils import Cache
 from torch import nn
 from transformers import LlamaPreTrainedModel, MambaPreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
 from ttt_mixer.adapters.mixers import build_mixer
 
 from ttt_mixer.layers import TTTLayer
-from ttt_mixer.models.hub import CausalLMGenerationMixin, RemoteCodeMixin, decoder_inputs, decoder_output
-
-# keyword arguments that generation passes and the mixers do not need: positions come from the cache
-# and the padding mask
-GENERATION_ONLY_KWARGS = ("cache_position",)
+from ttt_mixer.models.hub import (
+    CausalLMGenerationMixin,
+    RemoteCodeMixin,
+    cache_argument,
+    decoder_inputs,
+    decoder_output,
+)
 
 
 def layer_mixer(config: MixerLlamaConfig | MixerMambaConfig, layer_idx: int, num_heads: int) -> nn.Module:
@@ -60,44 +62,88 @@ class MixerDecoderMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        position_ids: torch.LongTensor | None = None,
     ) -> BaseModelOutputWithPast | tuple:
-        """``attention_mask``: 2-D padding mask over the cached and new tokens; ``position_ids`` (optional)
-        reach the attention layers, the recurrent mixers take positions from their state."""
-        unexpected = sorted(set(kwargs) - {"position_ids", *GENERATION_ONLY_KWARGS})
-        if unexpected:
-            raise TypeError(f"{type(self).__name__}.forward got unexpected keyword arguments {unexpected}")
-        inputs_embeds, past_key_values, use_cache = decoder_inputs(
-            self, input_ids, inputs_embeds, past_key_values, use_cache
+        """``cache``: the fla Cache of earlier calls (``past_key_values`` is its older name);
+        ``attention_mask``: 2-D padding mask over the cached and new tokens; ``position_ids``
+        (optional) reach the attention layers, the recurrent mixers take positions from their state.
+        ``output_attentions=True``: attention layers give their weights [B, H, T, L], the other
+        mixers None."""
+        inputs_embeds, cache, use_cache = decoder_inputs(
+            self, input_ids, inputs_embeds, cache_argument(cache, past_key_values), use_cache
         )
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = layer(
+            hidden_states, attentions = layer(
                 hidden_states,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                past_key_values=cache,
                 use_cache=use_cache,
-                position_ids=kwargs.get("position_ids"),
+                output_attentions=bool(output_attentions),
+                position_ids=position_ids,
             )
+            if output_attentions:
+                all_attentions += (attentions,)
         hidden_states = self.final_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        return decoder_output(self, hidden_states, past_key_values, use_cache, all_hidden_states, return_dict)
+        return decoder_output(
+            self, hidden_states, cache, use_cache, all_hidden_states, all_attentions, return_dict
+        )
 
 
-def mix(mixer: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    output, _, _ = mixer(hidden_states, **kwargs)
-    return output
+class MixerCausalLMGenerationMixin(CausalLMGenerationMixin):
+    """The causal-LM head over either backbone's decoder."""
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        position_ids: torch.LongTensor | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
+        """``MixerDecoderMixin.forward``'s arguments, then the causal-LM head (``causal_lm_output``)."""
+        outputs = self.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            position_ids=position_ids,
+        )
+        return self.causal_lm_output(outputs, labels, shift_labels, return_dict, logits_to_keep)
+
+
+def mix(mixer: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """(output, attention weights or None) of one mixer call."""
+    output, attentions, _ = mixer(hidden_states, **kwargs)
+    return output, attentions
 
 
 class MixerLlamaDecoderLayer(GradientCheckpointingLayer):
@@ -111,16 +157,26 @@ class MixerLlamaDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, **mixer_kwargs: Any) -> torch.Tensor:
-        hidden_states = hidden_states + mix(
-            self.self_attn, self.input_layernorm(hidden_states), **mixer_kwargs
-        )
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, **mixer_kwargs: Any) -> tuple[torch.Tensor, Any]:
+        mixed, attentions = mix(self.self_attn, self.input_layernorm(hidden_states), **mixer_kwargs)
+        hidden_states = hidden_states + mixed
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), attentions
 
 
 class MixerLlamaPreTrainedModel(MixerPreTrainedMixin, LlamaPreTrainedModel):
     config_class = MixerLlamaConfig
     _no_split_modules = ["MixerLlamaDecoderLayer"]
+    # Llama's claims that do not hold here: the forward collects hidden states and attentions itself,
+    # the fla Cache is no static cache (no full-graph compiled decoding), the mixers other than
+    # attention have other projections (no tensor-parallel plan), and no attention kernel is chosen
+    # through transformers
+    _can_record_outputs = None
+    _can_compile_fullgraph = False
+    _tp_plan = None
+    _pp_plan = None
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
     remote_classes = {
         "AutoConfig": "MixerLlamaConfig",
         "AutoModel": "MixerLlamaModel",
@@ -150,7 +206,7 @@ class MixerLlamaModel(MixerDecoderMixin, MixerLlamaPreTrainedModel):
         return self.norm(hidden_states)
 
 
-class MixerLlamaForCausalLM(CausalLMGenerationMixin, MixerLlamaPreTrainedModel):
+class MixerLlamaForCausalLM(MixerCausalLMGenerationMixin, MixerLlamaPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MixerLlamaConfig) -> None:
@@ -169,10 +225,12 @@ class MixerMambaBlock(GradientCheckpointingLayer):
         self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = layer_mixer(config, layer_idx, config.num_heads)
 
-    def forward(self, hidden_states: torch.Tensor, **mixer_kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **mixer_kwargs: Any) -> tuple[torch.Tensor, Any]:
         residual = hidden_states.to(torch.float32) if self.residual_in_fp32 else hidden_states
-        mixed = mix(self.mixer, self.norm(hidden_states.to(dtype=self.norm.weight.dtype)), **mixer_kwargs)
-        return residual + mixed
+        mixed, attentions = mix(
+            self.mixer, self.norm(hidden_states.to(dtype=self.norm.weight.dtype)), **mixer_kwargs
+        )
+        return residual + mixed, attentions
 
 
 class MixerMambaPreTrainedModel(MixerPreTrainedMixin, MambaPreTrainedModel):
@@ -204,7 +262,7 @@ class MixerMambaModel(MixerDecoderMixin, MixerMambaPreTrainedModel):
         return self.norm_f(hidden_states)
 
 
-class MixerMambaForCausalLM(CausalLMGenerationMixin, MixerMambaPreTrainedModel):
+class MixerMambaForCausalLM(MixerCausalLMGenerationMixin, MixerMambaPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
     decoder_attribute = "backbone"
 

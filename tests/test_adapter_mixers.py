@@ -33,6 +33,7 @@ from ttt_mixer.adapters.mixers import (
     recurrent_state_size,
 )
 from ttt_mixer.adapters.mixers.based import taylor_features
+from ttt_mixer.adapters.mixers.mamba import MAMBA_CACHE_ARGUMENT
 
 TOL = 1e-5  # float32
 HIDDEN, HEADS = 32, 4
@@ -159,8 +160,8 @@ def test_mamba_matches_mamba_mixer() -> None:
 
     hf_cache, cache = DynamicCache(config=config), Cache()
     with torch.no_grad():
-        hf_out = [reference(x[:, :8], cache_params=hf_cache)]
-        hf_out += [reference(x[:, t : t + 1], cache_params=hf_cache) for t in range(8, 12)]
+        hf_out = [reference(x[:, :8], **{MAMBA_CACHE_ARGUMENT: hf_cache})]
+        hf_out += [reference(x[:, t : t + 1], **{MAMBA_CACHE_ARGUMENT: hf_cache}) for t in range(8, 12)]
     out = [run(mixer, x[:, :8], past_key_values=cache, use_cache=True)]
     out += [run(mixer, x[:, t : t + 1], past_key_values=cache, use_cache=True) for t in range(8, 12)]
     assert max_err(torch.cat(out, 1), torch.cat(hf_out, 1)) <= TOL

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from ttt_mixer import TTTForCausalLM
 from ttt_mixer.cli import main
 from ttt_mixer.convert import config_from_ttt_lm_pytorch, from_ttt_lm_pytorch, load_ttt_lm_pytorch_checkpoint
+from ttt_mixer.models.hub import CACHE_FIELD
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 REFERENCE_WEIGHTS = FIXTURES / "ttt_lm_pytorch_reference.safetensors"
@@ -81,7 +82,7 @@ def test_cached_decoding_of_converted_model_matches_authors_logits(reference) ->
     with torch.no_grad():
         for start, end in ((0, 13), (13, 14), (14, 30), (30, 45)):
             out = model(input_ids[:, start:end], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = getattr(out, CACHE_FIELD)
             logits.append(out.logits)
     err = (torch.cat(logits, dim=1) - expected).abs().max().item()
     assert err <= TOL, err

@@ -18,6 +18,7 @@ from fla.models.utils import Cache
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from ttt_mixer import TTTConfig, TTTForCausalLM, TTTModel
+from ttt_mixer.models.hub import CACHE_FIELD
 
 VOCAB = 50
 B = 4  # mini-batch size of the tiny models
@@ -54,7 +55,7 @@ def test_forward_loss_backward(ttt_layer_type: str, backbone: str) -> None:
     labels = ids.clone()
     labels[0, 3] = labels[1, -2] = -100
     out = model(ids, labels=labels)
-    assert out.logits.shape == (2, 11, VOCAB) and out.past_key_values is None  # no cache in training
+    assert out.logits.shape == (2, 11, VOCAB) and getattr(out, CACHE_FIELD) is None  # no cache in training
     expected = F.cross_entropy(
         out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100
     )
@@ -107,7 +108,7 @@ def test_cached_chunks_equal_one_pass(ttt_layer_type: str, backbone: str, length
         full = model(ids, use_cache=False).logits
         for n in lengths:
             out = model(ids[:, start : start + n], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = getattr(out, CACHE_FIELD)
             logits.append(out.logits)
             start += n
     assert isinstance(cache, Cache)
@@ -226,7 +227,7 @@ def test_cache_state_does_not_grow_with_prompt(ttt_layer_type: str, backbone: st
     caches = {}
     with torch.no_grad():
         for n in (5, 50):
-            cache = model(random_ids(2, n, seed=n), use_cache=True).past_key_values
+            cache = getattr(model(random_ids(2, n, seed=n), use_cache=True), CACHE_FIELD)
             caches[n] = cache
             assert len(cache) == model.config.num_hidden_layers
             for layer in range(len(cache)):
@@ -336,7 +337,7 @@ def test_config_rejects_bad_fields(overrides: dict, match: str) -> None:
 def test_forward_with_cache_of_other_batch_size() -> None:
     model = make_model("linear", "mamba")
     with torch.no_grad():
-        cache = model(random_ids(2, 6), use_cache=True).past_key_values
+        cache = getattr(model(random_ids(2, 6), use_cache=True), CACHE_FIELD)
         for n in (1, 3):
             with pytest.raises(ValueError, match="cache holds 2 sequences"):
                 model(random_ids(3, n), past_key_values=cache, use_cache=True)

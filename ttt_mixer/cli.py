@@ -12,6 +12,7 @@ import torch
 
 from ttt_mixer.adapters.cli import add_distill_arguments, add_swap_arguments, distill_command, swap_command
 from ttt_mixer.models import TTTConfig, TTTForCausalLM
+from ttt_mixer.models.hub import CACHE_FIELD
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
 
 
@@ -27,7 +28,7 @@ def _decode_ms_per_token(
         for _ in range(steps):
             token = out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(token, cache=getattr(out, CACHE_FIELD), use_cache=True)
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 

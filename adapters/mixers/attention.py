@@ -53,9 +53,10 @@ class CachedAttention(LlamaAttention):
         position_ids: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, None, Cache | None]:
-        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values). Keys and values join the
-        cache whenever one is given (as in fla's Attention)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
+        """hidden_states [B, T, D] -> (o [B, T, D], weights [B, H, T, L] with ``output_attentions``
+        else None, past_key_values). Keys and values join the cache whenever one is given (as in
+        fla's Attention)."""
         mask = check_inputs(self, hidden_states, attention_mask)
         reject_cu_seqlens(self, kwargs)
         batch_size, q_len, _ = hidden_states.shape
@@ -91,16 +92,21 @@ class CachedAttention(LlamaAttention):
         query_at = torch.arange(num_keys - q_len, num_keys, device=q.device)[:, None]
         key_at = torch.arange(num_keys, device=q.device)[None, :]
         allowed = ((key_at <= query_at) & real_all[:, None, None, :]) | (key_at == query_at)
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            repeat_kv(k_all.transpose(1, 2), self.num_key_value_groups),
-            repeat_kv(v_all.transpose(1, 2), self.num_key_value_groups),
-            attn_mask=allowed,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            scale=self.scaling,
-        )
+        keys = repeat_kv(k_all.transpose(1, 2), self.num_key_value_groups)
+        values = repeat_kv(v_all.transpose(1, 2), self.num_key_value_groups)
+        dropout = self.attention_dropout if self.training else 0.0
+        weights = None
+        if output_attentions:
+            # the weights themselves are asked for: the explicit softmax, which SDPA does not return
+            scores = (q.transpose(1, 2) @ keys.transpose(-1, -2)) * self.scaling
+            weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            o = F.dropout(weights, dropout, self.training) @ values
+        else:
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=allowed, dropout_p=dropout, scale=self.scaling
+            )
         o = self.o_proj(o.transpose(1, 2).reshape(batch_size, q_len, -1))
-        return zero_padding(o, mask), None, past_key_values
+        return zero_padding(o, mask), weights, past_key_values
 
     def positions(
         self, real: torch.Tensor, past: tuple[torch.Tensor, ...] | None, position_ids: torch.Tensor | None

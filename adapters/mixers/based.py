@@ -11,7 +11,13 @@ from einops import rearrange
 from fla.layers.based import BasedLinearAttention
 from fla.layers.utils import update_layer_cache
 from fla.models.cache_utils import Cache
-from ttt_mixer.adapters.mixers.common import cached_states, check_inputs, reject_cu_seqlens, zero_padding
+from ttt_mixer.adapters.mixers.common import (
+    at_least_float32,
+    cached_states,
+    check_inputs,
+    reject_cu_seqlens,
+    zero_padding,
+)
 
 from ttt_mixer.layers.ttt import resolve_backend
 
@@ -23,11 +29,11 @@ BLOCK_SIZE = 64
 
 
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
-    """fla's TaylorFeatureMap in float32, [..., f] -> [..., 1 + f + f(f+1)/2]:
+    """fla's TaylorFeatureMap in at least float32, [..., f] -> [..., 1 + f + f(f+1)/2]:
     (1, x / f^(1/4), x_i^2 / sqrt(2f), x_i x_j / sqrt(f) for i < j), so that
     phi(q).phi(k) = 1 + s + s^2 / 2 with s = q.k / sqrt(f). Computed here without fla's activation
     checkpointing, which PyTorch warns about."""
-    x = x.float()
+    x = at_least_float32(x)
     dim = x.shape[-1]
     outer = x[..., :, None] * x[..., None, :]
     upper = torch.triu_indices(dim, dim, 1, device=x.device)
@@ -48,7 +54,7 @@ class BasedMixer(BasedLinearAttention):
 
     o_t = phi(q_t) . S_t / (phi(q_t) . z_t + eps) with S_t = sum_{s<=t} phi(k_s) v_s^T and
     z_t = sum_{s<=t} phi(k_s); eps is what the layer's fla kernel adds (``mode`` "parallel": 1e-6,
-    else 1e-10). Cache entry: ``recurrent_state`` = (S [B, H, F, dv], z [B, H, F]) float32, F = 1 + f +
+    else 1e-10). Cache entry: ``recurrent_state`` = (S [B, H, F, dv], z [B, H, F]) in at least float32, F = 1 + f +
     f(f+1)/2. Padded tokens add nothing to S and z and output 0. ``backend`` "triton" runs fla's own
     forward where it can (no padding, no cache: fla's layer keeps no state), else the PyTorch path.
     """
@@ -110,7 +116,8 @@ class BasedMixer(BasedLinearAttention):
 
         q = rearrange(self.q_proj(hidden_states), "... (h d) -> ... h d", d=self.head_k_dim)
         k = rearrange(self.k_proj(hidden_states), "... (h d) -> ... h d", d=self.head_k_dim)
-        v = rearrange(self.v_proj(hidden_states), "... (h d) -> ... h d", d=self.head_v_dim).float()
+        v = rearrange(self.v_proj(hidden_states), "... (h d) -> ... h d", d=self.head_v_dim)
+        v = at_least_float32(v)
         o, state = self.linear_attention(q, k, v, mask, state)
         update_layer_cache(self, past_key_values, recurrent_state=state if use_cache else None, offset=q_len)
         o = self.o_proj(rearrange(o, "... h d -> ... (h d)").to(hidden_states.dtype))
@@ -124,12 +131,12 @@ class BasedMixer(BasedLinearAttention):
         mask: torch.Tensor | None,
         state: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """q, k [B, T, H, f], v [B, T, H, dv] -> (o [B, T, H, dv] float32, (S, z) after the last token),
+        """q, k [B, T, H, f], v [B, T, H, dv] -> (o [B, T, H, dv] in at least float32, (S, z) after the last token),
         in blocks: within a block the weights phi(q).phi(k) = 1 + s + s^2/2 as a matrix, from earlier
         blocks through the state."""
         batch_size, q_len, num_heads, _ = q.shape
         phi_q, phi_k = taylor_features(q), taylor_features(k)
-        q, k = q.float() / math.sqrt(self.head_k_dim), k.float()
+        q, k = at_least_float32(q) / math.sqrt(self.head_k_dim), at_least_float32(k)
         if state is None:
             num_features = phi_k.shape[-1]
             kv = v.new_zeros(batch_size, num_heads, num_features, v.shape[-1])

@@ -28,6 +28,11 @@ TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or in float64 when it is: states accumulate in at least single precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def torch_activation(name: str, parameter: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in TORCH_ACTIVATIONS:
         raise ValueError(f"{parameter} must be one of {sorted(TORCH_ACTIVATIONS)}, got {name!r}")

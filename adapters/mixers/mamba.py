@@ -3,6 +3,7 @@ in fla's Cache."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -12,6 +13,11 @@ from fla.models.cache_utils import Cache
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer
 from ttt_mixer.adapters.mixers.common import cached_states, check_inputs, reject_cu_seqlens, zero_padding
+
+# transformers 5.2x renamed MambaMixer.forward's ``cache_params`` to ``cache``
+MAMBA_CACHE_ARGUMENT = (
+    "cache" if "cache" in inspect.signature(MambaMixer.forward).parameters else "cache_params"
+)
 
 
 class MambaLayerState:
@@ -110,7 +116,7 @@ class CachedMambaMixer(MambaMixer):
         # MambaMixer multiplies by the mask, so it must be a number
         numeric_mask = None if mask is None else mask.to(hidden_states.dtype)
         if past_key_values is None:
-            o = super().forward(hidden_states, cache_params=None, attention_mask=numeric_mask)
+            o = super().forward(hidden_states, attention_mask=numeric_mask)
             return zero_padding(o, mask), None, past_key_values
 
         recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
@@ -120,15 +126,15 @@ class CachedMambaMixer(MambaMixer):
                 [
                     super(CachedMambaMixer, self).forward(
                         hidden_states[:, t : t + 1],
-                        cache_params=state,
                         attention_mask=None if numeric_mask is None else numeric_mask[:, t : t + 1],
+                        **{MAMBA_CACHE_ARGUMENT: state},
                     )
                     for t in range(q_len)
                 ],
                 dim=1,
             )
         else:
-            o = super().forward(hidden_states, cache_params=state, attention_mask=numeric_mask)
+            o = super().forward(hidden_states, attention_mask=numeric_mask, **{MAMBA_CACHE_ARGUMENT: state})
         update_layer_cache(
             self,
             past_key_values,

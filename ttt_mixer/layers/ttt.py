@@ -165,7 +165,9 @@ class TTTLayer(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, None, Cache | None]:
         """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values). ``cu_seqlens`` in kwargs
-        marks packed sequences (batch size 1); other fla keyword arguments are accepted and unused."""
+        marks packed sequences (batch size 1); ``cache_offset`` in kwargs is the number of positions
+        this call adds to the cache's length (default T: a model that packs a padded batch before its
+        layers passes the padded length); other fla keyword arguments are accepted and unused."""
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
             raise ValueError("hidden_states must be a tensor of shape [batch_size, seq_len, hidden_size]")
         if hidden_states.shape[-1] != self.hidden_size:
@@ -237,7 +239,7 @@ class TTTLayer(nn.Module):
             past_key_values,
             recurrent_state=recurrent_state,
             conv_state=(conv_q, conv_k) if self.use_short_conv else None,
-            offset=q_len,
+            offset=q_len if kwargs.get("cache_offset") is None else kwargs["cache_offset"],
         )
 
         o = self.post_norm(o.flatten(-2))

@@ -21,7 +21,7 @@ class TTTConfig(PretrainedConfig):
     """
 
     model_type = "ttt_mixer"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from fla.models.cache_utils import Cache
-from fla.models.generation_utils import FLAGenerationMixin
+from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
@@ -17,6 +17,17 @@ from transformers.modeling_utils import PreTrainedModel
 # that ``from_pretrained(path, trust_remote_code=True)`` works in a process that never imported
 # ttt_mixer: the file only imports the installed package.
 REMOTE_CODE_FILE = "ttt_mixer_remote.py"
+
+# transformers 5.2x renamed the cache of forward, generate and the model outputs from
+# ``past_key_values`` to ``cache``; our models take both and answer under the installed name
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache given as ``cache=`` or as ``past_key_values=`` (its older name); both is an error."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("give the cache as cache= or as past_key_values= (its older name), not both")
+    return past_key_values if cache is None else cache
 
 
 class RemoteCodeMixin:
@@ -45,63 +56,93 @@ class RemoteCodeMixin:
         Path(save_directory, REMOTE_CODE_FILE).write_text(self.remote_code())
 
 
-class CausalLMGenerationMixin(FLAGenerationMixin):
-    """``forward`` of a causal LM (list it before the PreTrainedModel base) whose decoder (``self.decoder_attribute``) returns hidden states and
-    an fla ``Cache``; generation goes through fla's mixin, which keeps that cache. (transformers gives a
-    model a generation config when a base's name ends in "GenerationMixin", hence the name.)"""
+class CausalLMGenerationMixin(GenerationMixin):
+    """``forward`` of a causal LM (list it before the PreTrainedModel base) whose decoder
+    (``self.decoder_attribute``) returns hidden states and an fla ``Cache``, and generation that
+    carries that cache. (transformers gives a model a generation config when a base's name ends in
+    "GenerationMixin", hence the name.)"""
 
     decoder_attribute = "model"
     # the loss is a mean over this batch's targets (no ``num_items_in_batch``): Trainer must scale it
     # for gradient accumulation itself
     accepts_loss_kwargs = False
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # the layers keep fla states, which transformers' DynamicCache cannot hold
+        return False
+
     def get_decoder(self) -> torch.nn.Module:
         return getattr(self, self.decoder_attribute)
 
-    def forward(
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate``. A ``cache_implementation`` (static, offloaded, ...) is refused:
+        the states live in an fla Cache, which the first forward creates; transformers would only
+        warn and ignore the request."""
+        config = kwargs.get("generation_config") or self.generation_config
+        requested = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+        if requested is not None:
+            raise ValueError(
+                f"cache_implementation={requested!r} is not supported: {type(self).__name__} keeps its "
+                "recurrent states in an fla Cache; leave cache_implementation unset"
+            )
+        return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(
         self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values=None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
         **kwargs,
+    ) -> dict:
+        """transformers' inputs of one generation step, the cache under the installed name."""
+        kwargs[CACHE_FIELD] = cache_argument(cache, past_key_values)
+        return super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    def causal_lm_output(
+        self,
+        decoder_outputs: BaseModelOutputWithPast,
+        labels: torch.LongTensor | None,
+        shift_labels: torch.LongTensor | None,
+        return_dict: bool | None,
+        logits_to_keep: int,
     ) -> CausalLMOutputWithPast | tuple:
+        """Logits, the next-token loss and the decoder's cache, hidden states and attentions.
+
+        ``labels`` [B, T]: token t + 1 is predicted from tokens <= t; ``shift_labels`` [B, T]: the
+        targets already shifted (transformers' keyword for context-parallel training), used instead.
+        -100 marks positions without a target."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.get_decoder()(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        if labels is None and logits_to_keep:
+        hidden_states = decoder_outputs.last_hidden_state
+        targets = shift_labels
+        if targets is None and labels is not None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if targets is not None and targets.shape != hidden_states.shape[:2]:
+            name = "shift_labels" if shift_labels is not None else "labels"
+            raise ValueError(
+                f"{name} must have the input's shape [batch_size, seq_len] = {list(hidden_states.shape[:2])}, "
+                f"got {list(targets.shape)}"
+            )
+        if targets is None and logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
         loss = None
-        if labels is not None:
-            # predict token t + 1 from tokens <= t; -100 marks positions without a target
+        if targets is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
-                labels[:, 1:].flatten().to(logits.device),
-                ignore_index=-100,
+                logits.flatten(0, 1).float(), targets.flatten().to(logits.device), ignore_index=-100
             )
+        cache = getattr(decoder_outputs, CACHE_FIELD)
         if not return_dict:
-            output = (logits, *(x for x in (outputs.past_key_values, outputs.hidden_states) if x is not None))
+            parts = (cache, decoder_outputs.hidden_states, decoder_outputs.attentions)
+            output = (logits, *(x for x in parts if x is not None))
             return (loss, *output) if loss is not None else output
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
+            hidden_states=decoder_outputs.hidden_states,
+            attentions=decoder_outputs.attentions,
+            **{CACHE_FIELD: cache},
         )
 
 
@@ -109,7 +150,7 @@ def decoder_inputs(
     decoder: PreTrainedModel,
     input_ids: torch.LongTensor | None,
     inputs_embeds: torch.FloatTensor | None,
-    past_key_values: Cache | None,
+    cache: Cache | None,
     use_cache: bool | None,
 ) -> tuple[torch.Tensor, Cache | None, bool]:
     """Checks a decoder's inputs and returns (embeddings [B, T, D], the cache to use, use_cache)."""
@@ -117,29 +158,42 @@ def decoder_inputs(
         raise ValueError("give exactly one of input_ids and inputs_embeds")
     if input_ids is not None and input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [batch_size, seq_len], got {list(input_ids.shape)}")
+    if cache is not None and not isinstance(cache, (Cache, list, tuple)):
+        raise TypeError(
+            "cache must be an fla Cache (fla.models.utils.Cache, as generate and earlier calls return it) "
+            f"or None, got {type(cache).__name__}; this model keeps recurrent states, which "
+            "transformers' caches (DynamicCache, StaticCache) cannot hold"
+        )
     if inputs_embeds is None:
         inputs_embeds = decoder.get_input_embeddings()(input_ids)
     if inputs_embeds.shape[1] == 0:
         raise ValueError("input must hold at least one token (seq_len >= 1)")
     use_cache = use_cache if use_cache is not None else (decoder.config.use_cache and not decoder.training)
-    if use_cache and not isinstance(past_key_values, Cache):
-        past_key_values = Cache.from_legacy_cache(past_key_values)
-    return inputs_embeds, past_key_values, use_cache
+    if cache is not None and not isinstance(cache, Cache):
+        cache = Cache.from_legacy_cache(cache)
+    if use_cache and cache is None:
+        cache = Cache()
+    return inputs_embeds, cache, use_cache
 
 
 def decoder_output(
     decoder: PreTrainedModel,
     hidden_states: torch.Tensor,
-    past_key_values: Cache | None,
+    cache: Cache | None,
     use_cache: bool,
     all_hidden_states: tuple[torch.Tensor, ...] | None,
+    all_attentions: tuple[torch.Tensor | None, ...] | None,
     return_dict: bool | None,
 ) -> BaseModelOutputWithPast | tuple:
     """A decoder's result: the cache only with ``use_cache``; a tuple of the parts that are not None
     unless ``return_dict`` (default: the config's) asks for the output class."""
-    past_key_values = past_key_values if use_cache else None
+    cache = cache if use_cache else None
     if not (return_dict if return_dict is not None else decoder.config.return_dict):
-        return tuple(x for x in (hidden_states, past_key_values, all_hidden_states) if x is not None)
+        parts = (hidden_states, cache, all_hidden_states, all_attentions)
+        return tuple(x for x in parts if x is not None)
     return BaseModelOutputWithPast(
-        last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+        last_hidden_state=hidden_states,
+        hidden_states=all_hidden_states,
+        attentions=all_attentions,
+        **{CACHE_FIELD: cache},
     )

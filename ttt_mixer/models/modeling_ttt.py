@@ -9,17 +9,23 @@ the model's input (fla's unpad), so that padding reaches neither convolutions no
 from __future__ import annotations
 
 import torch
-from fla.layers.utils import repad_hidden_states, unpad_hidden_states
+from fla.layers.utils import index_first_axis, repad_hidden_states, unpad_hidden_states
 from fla.models.cache_utils import Cache
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
 from ttt_mixer.layers import TTTLayer
 from ttt_mixer.layers.ttt import check_attention_mask
 from ttt_mixer.models.configuration_ttt import TTTConfig
-from ttt_mixer.models.hub import CausalLMGenerationMixin, RemoteCodeMixin, decoder_inputs, decoder_output
+from ttt_mixer.models.hub import (
+    CausalLMGenerationMixin,
+    RemoteCodeMixin,
+    cache_argument,
+    decoder_inputs,
+    decoder_output,
+)
 from ttt_mixer.modules import DepthwiseCausalConv, SwiGLU
 
 
@@ -80,6 +86,7 @@ class TTTBlock(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         use_cache: bool = False,
         cu_seqlens: torch.Tensor | None = None,
+        cache_offset: int | None = None,
     ) -> torch.Tensor:
         if self.pre_conv is not None:
             hidden_states = hidden_states + self.pre_conv(
@@ -90,6 +97,7 @@ class TTTBlock(GradientCheckpointingLayer):
             past_key_values=past_key_values,
             use_cache=use_cache,
             cu_seqlens=cu_seqlens,
+            cache_offset=cache_offset,
         )
         hidden_states = hidden_states + mixed
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
@@ -138,29 +146,33 @@ class TTTModel(TTTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPast | tuple:
-        """Extra keyword arguments that generation passes (``cache_position``, ``position_ids``) are
-        accepted and unused: TTT positions come from the recurrent state."""
-        inputs_embeds, past_key_values, use_cache = decoder_inputs(
-            self, input_ids, inputs_embeds, past_key_values, use_cache
+        """``cache``: the fla Cache of earlier calls (``past_key_values`` is its older name);
+        ``attention_mask``: 2-D padding mask over the cached and new tokens; ``cu_seqlens``: offsets
+        of packed sequences (batch size 1) instead of a mask. TTT has no attention weights:
+        ``output_attentions=True`` gives None for each layer."""
+        inputs_embeds, cache, use_cache = decoder_inputs(
+            self, input_ids, inputs_embeds, cache_argument(cache, past_key_values), use_cache
         )
         batch_size, q_len = inputs_embeds.shape[:2]
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        if past_key_values is not None and len(past_key_values) > 0:
-            cached = past_key_values[0]["recurrent_state"]
+        if cache is not None and len(cache) > 0:
+            cached = cache[0]["recurrent_state"]
             if cached is not None and cached[0].shape[0] != batch_size:
                 raise ValueError(
                     f"the cache holds {cached[0].shape[0]} sequences but the input has {batch_size}"
                 )
 
-        indices, cu_seqlens = None, kwargs.get("cu_seqlens")
+        indices = None
         if attention_mask is not None:
             check_attention_mask(attention_mask, batch_size, q_len)
             if not attention_mask[:, -q_len:].all():
@@ -176,12 +188,20 @@ class TTTModel(TTTPreTrainedModel):
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
             if output_hidden_states:
-                all_hidden_states += (repad_hidden_states(hidden_states, indices, batch_size, q_len),)
-            hidden_states = layer(hidden_states, past_key_values, use_cache, cu_seqlens)
+                padded = repad_hidden_states(hidden_states, indices, batch_size, q_len)
+                all_hidden_states += (padded,)
+                if indices is not None:
+                    # read the layer's input back from the padded copy, so that the returned
+                    # hidden state is the one in the graph (its gradient is the layer's)
+                    hidden_states = index_first_axis(padded.flatten(0, 1), indices).unsqueeze(0)
+            hidden_states = layer(hidden_states, cache, use_cache, cu_seqlens, cache_offset=q_len)
         hidden_states = repad_hidden_states(self.norm(hidden_states), indices, batch_size, q_len)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        return decoder_output(self, hidden_states, past_key_values, use_cache, all_hidden_states, return_dict)
+        all_attentions = (None,) * len(self.layers) if output_attentions else None
+        return decoder_output(
+            self, hidden_states, cache, use_cache, all_hidden_states, all_attentions, return_dict
+        )
 
 
 class TTTForCausalLM(CausalLMGenerationMixin, TTTPreTrainedModel):
@@ -192,3 +212,34 @@ class TTTForCausalLM(CausalLMGenerationMixin, TTTPreTrainedModel):
         self.model = TTTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
+        """``TTTModel.forward``'s arguments, then the causal-LM head (``causal_lm_output``)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            cu_seqlens=cu_seqlens,
+        )
+        return self.causal_lm_output(outputs, labels, shift_labels, return_dict, logits_to_keep)
