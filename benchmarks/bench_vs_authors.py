@@ -29,12 +29,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 import ttt_mixer
 from ttt_mixer.convert import config_from_ttt_lm_pytorch, from_ttt_lm_pytorch
@@ -53,6 +55,11 @@ TARGET_FWD_BWD = 2.0  # forward + backward speed-up over theirs (aim: 3x)
 AIM_FWD_BWD = 3.0
 TARGET_INFERENCE = 3.0  # inference forward speed-up over theirs
 TARGET_DECODE_RATIO = 1.25  # decode time per step at 4096 context / at 128
+# transformers 5.2x renamed the ModelOutput field past_key_values / cache_params to cache (the old names
+# stay accepted as keywords and attributes, with a deprecation warning); 5.6 still has the old fields.
+# Detected by feature, not by version string.
+CACHE_RENAMED = "cache" in {f.name for f in fields(CausalLMOutputWithPast)}
+OUTPUT_CACHE_FIELD = "cache" if CACHE_RENAMED else "past_key_values"
 
 
 @dataclass
@@ -108,10 +115,33 @@ def load_authors_module(path: Path) -> ModuleType:
     # dataclasses in their file look their module up in sys.modules
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    # No accommodation for transformers 5 is needed at present: their TTTConfig, post_init and
-    # TTTModel.forward(input_ids, ..., use_cache=False) run as they are. Should one become
-    # necessary, make it here, in this script, never in ttt_mixer.
+    # Accommodations for newer transformers are made here, in this script, never in ttt_mixer.
+    if CACHE_RENAMED:
+        rename_cache_params_fields(module)
     return module
+
+
+def rename_cache_params_fields(module: ModuleType) -> None:
+    """Give their output dataclasses (TTTOutput, TTTCausalLMOutput) a ``cache`` field in place of
+    ``cache_params``.
+
+    Since the transformers 5.2x rename, ``ModelOutput.__init__`` turns the keyword ``cache_params`` into
+    ``cache``, so their ``TTTOutput(cache_params=...)``, whose field is still ``cache_params``, raises
+    TypeError. Each class is rebuilt with the same fields in the same order, that one renamed; their
+    code finds it through its module global, and ``out.cache_params`` / ``out.get("cache_params")``
+    still reach the field, which ModelOutput maps to ``cache``. (Their TTTForCausalLM.generate would
+    need more, but the benchmark only runs their TTTModel and its layers.)"""
+    for name, cls in list(vars(module).items()):
+        if not (isinstance(cls, type) and issubclass(cls, ModelOutput) and cls.__module__ == module.__name__):
+            continue
+        old = fields(cls)
+        if "cache_params" not in {f.name for f in old}:
+            continue
+        new = [
+            ("cache" if f.name == "cache_params" else f.name, f.type, field(default=f.default)) for f in old
+        ]
+        namespace = {"__module__": module.__name__, "__doc__": cls.__doc__}
+        setattr(module, name, make_dataclass(name, new, bases=(ModelOutput,), namespace=namespace))
 
 
 def config_dict(args: argparse.Namespace, layer_type: str) -> dict:
@@ -273,13 +303,15 @@ def decode_ms_per_step(
     def run() -> dict[int, list[float]]:
         times: dict[int, list[float]] = {c: [] for c in contexts}
         with torch.no_grad():
-            caches = {c: lm(prompts[c], use_cache=True).past_key_values for c in contexts}
+            # the forward keyword past_key_values= stays accepted; the output field's name depends on the
+            # transformers version (OUTPUT_CACHE_FIELD)
+            caches = {c: getattr(lm(prompts[c], use_cache=True), OUTPUT_CACHE_FIELD) for c in contexts}
             for t in range(args.decode_steps):
                 for c in contexts if t % 2 == 0 else reversed(contexts):
                     start = time.perf_counter()
                     out = lm(steps[:, t : t + 1], past_key_values=caches[c], use_cache=True)
                     times[c].append((time.perf_counter() - start) * 1e3)
-                    caches[c] = out.past_key_values
+                    caches[c] = getattr(out, OUTPUT_CACHE_FIELD)
         return times
 
     for _ in range(args.warmup):
