@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from fla.models.cache_utils import Cache
+from fla.models.utils import Cache
 from torch import nn
 from transformers import LlamaPreTrainedModel, MambaPreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -23,7 +23,7 @@ from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
 from ttt_mixer.adapters.mixers import build_mixer
 
 from ttt_mixer.layers import TTTLayer
-from ttt_mixer.models.hub import (
+from ttt_mixer.models.causal_lm import (
     CausalLMGenerationMixin,
     RemoteCodeMixin,
     cache_argument,

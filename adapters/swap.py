@@ -125,7 +125,7 @@ def _init_ttt_from_attention(ttt: TTTLayer, attention: nn.Module, config: MixerL
             "num_heads * head_dim"
         )
     if not hasattr(ttt, "k_proj"):
-        raise ValueError("init='attention' needs separate key projections: use_short_conv must be False")
+        raise ValueError("init='attention' needs separate key projections: share_qk must be False")
     if config.attention_bias or config.qkv_bias:
         raise ValueError("init='attention' cannot map biased q/k/v projections: TTT projections have no bias")
     order = rope_half_to_interleaved(head_dim)

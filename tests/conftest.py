@@ -96,14 +96,14 @@ def make_layer(
     **kwargs,
 ) -> TTTLayer:
     """A seeded TTTLayer (layer_idx 0, so it can use a Cache) with every parameter perturbed;
-    ``conv_gate`` turns on the Mamba-backbone form (use_short_conv and use_gate)."""
+    ``conv_gate`` turns on the Mamba-backbone form (share_qk and use_gate)."""
     torch.manual_seed(seed)
     layer = TTTLayer(
         hidden_size=hidden_size,
         num_heads=num_heads,
         inner_model=inner_model,
         mini_batch_size=mini_batch_size,
-        use_short_conv=conv_gate,
+        share_qk=conv_gate,
         use_gate=conv_gate,
         layer_idx=0,
         **kwargs,

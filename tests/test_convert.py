@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from ttt_mixer import TTTForCausalLM
 from ttt_mixer.cli import main
 from ttt_mixer.convert import config_from_ttt_lm_pytorch, from_ttt_lm_pytorch, load_ttt_lm_pytorch_checkpoint
-from ttt_mixer.models.hub import CACHE_FIELD
+from ttt_mixer.models.causal_lm import CACHE_FIELD
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 REFERENCE_WEIGHTS = FIXTURES / "ttt_lm_pytorch_reference.safetensors"

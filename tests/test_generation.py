@@ -14,7 +14,7 @@ from conftest import MODEL_CASE_IDS, MODEL_CASES, make_model, perturb_
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM, PreTrainedModel
 from ttt_mixer.adapters import MIXER_NAMES, swap_mixer
 
-from ttt_mixer.models.hub import CACHE_FIELD
+from ttt_mixer.models.causal_lm import CACHE_FIELD
 
 pytestmark = pytest.mark.compat
 

@@ -45,7 +45,7 @@ def reference_forward(
     batch, seq_len, hidden = x.shape
     heads, b = layer.num_heads, layer.mini_batch_size
     d = hidden // heads
-    if layer.use_short_conv:
+    if layer.share_qk:
         shared = x @ layer.q_proj.weight.T
         q = causal_depthwise_conv(shared, layer.q_conv1d)
         k = causal_depthwise_conv(shared, layer.k_conv1d)

@@ -18,7 +18,7 @@ from fla.models.utils import Cache
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from ttt_mixer import TTTConfig, TTTForCausalLM, TTTModel
-from ttt_mixer.models.hub import CACHE_FIELD
+from ttt_mixer.models.causal_lm import CACHE_FIELD
 
 VOCAB = 50
 B = 4  # mini-batch size of the tiny models
@@ -74,7 +74,7 @@ def test_backbone_layout(ttt_layer_type: str, backbone: str) -> None:
     mamba = backbone == "mamba"
     for block in model.model.layers:
         assert (block.pre_conv is not None) == mamba
-        assert block.attn.use_short_conv == mamba and block.attn.use_gate == mamba
+        assert block.attn.share_qk == mamba and block.attn.use_gate == mamba
         assert block.attn.inner.name == ttt_layer_type
         assert block.attn.mini_batch_size == B
     expected_lr = {"linear": 1.0, "mlp": 0.1}[ttt_layer_type]

@@ -12,7 +12,7 @@ import torch
 
 from ttt_mixer.adapters.cli import add_distill_arguments, add_swap_arguments, distill_command, swap_command
 from ttt_mixer.models import TTTConfig, TTTForCausalLM
-from ttt_mixer.models.hub import CACHE_FIELD
+from ttt_mixer.models.causal_lm import CACHE_FIELD
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
 
 

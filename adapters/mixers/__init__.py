@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from fla.models.cache_utils import Cache
+from fla.models.utils import Cache
 from torch import nn
 from transformers import LlamaConfig, MambaConfig
 from ttt_mixer.adapters.mixers.attention import CachedAttention

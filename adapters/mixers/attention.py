@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, update_layer_cache
-from fla.models.cache_utils import Cache
+from fla.models.utils import Cache
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,

@@ -10,7 +10,7 @@ import torch
 from einops import rearrange
 from fla.layers.based import BasedLinearAttention
 from fla.layers.utils import update_layer_cache
-from fla.models.cache_utils import Cache
+from fla.models.utils import Cache
 from ttt_mixer.adapters.mixers.common import (
     at_least_float32,
     cached_states,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.layers.utils import update_layer_cache
-from fla.models.cache_utils import Cache
+from fla.models.utils import Cache
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 from ttt_mixer.adapters.mixers.common import (
     TorchPathMixin,

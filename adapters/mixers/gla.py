@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from fla.layers.gla import GatedLinearAttention
 from fla.layers.utils import update_layer_cache
-from fla.models.cache_utils import Cache
+from fla.models.utils import Cache
 from fla.ops.gla.naive import naive_recurrent_gla
 from ttt_mixer.adapters.mixers.common import (
     TorchPathMixin,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from fla.layers.utils import update_layer_cache
-from fla.models.cache_utils import Cache
+from fla.models.utils import Cache
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer
 from ttt_mixer.adapters.mixers.common import cached_states, check_inputs, reject_cu_seqlens, zero_padding

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
-from fla.models.cache_utils import Cache
+from fla.models.utils import Cache
 from torch import nn
 
 from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
@@ -58,7 +58,7 @@ class TTTLayer(nn.Module):
         inner_model: ``"linear"`` (TTT-Linear) or ``"mlp"`` (TTT-MLP, hidden width 4d).
         mini_batch_size: TTT mini-batch size b.
         base_lr: eta_base of the learning-rate gate; None takes 1.0 (linear) or 0.1 (mlp).
-        use_short_conv: the Mamba-backbone ``share_qk`` form: one projection for queries and keys,
+        share_qk: the Mamba backbone's form: one projection for queries and keys,
             then two depthwise causal convolutions (with bias) give XQ and XK.
         conv_size: width of those convolutions.
         use_gate: output gate o = W_O(gelu_tanh(x W_G) * post_norm(z)).
@@ -79,7 +79,7 @@ class TTTLayer(nn.Module):
         inner_model: str = "linear",
         mini_batch_size: int = 16,
         base_lr: float | None = None,
-        use_short_conv: bool = False,
+        share_qk: bool = False,
         conv_size: int = 4,
         use_gate: bool = False,
         use_rope: bool = True,
@@ -104,7 +104,7 @@ class TTTLayer(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.mini_batch_size = mini_batch_size
         self.base_lr = DEFAULT_BASE_LR[inner_model] if base_lr is None else float(base_lr)
-        self.use_short_conv = use_short_conv
+        self.share_qk = share_qk
         self.conv_size = conv_size
         self.use_gate = use_gate
         self.use_rope = use_rope
@@ -113,7 +113,7 @@ class TTTLayer(nn.Module):
         self.layer_idx = layer_idx
 
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        if use_short_conv:
+        if share_qk:
             self.q_conv1d = DepthwiseCausalConv(hidden_size, conv_size)
             self.k_conv1d = DepthwiseCausalConv(hidden_size, conv_size)
         else:
@@ -192,13 +192,13 @@ class TTTLayer(nn.Module):
         # the entry may exist without our states: a block-level sublayer can write it first
         recurrent_state = last_state["recurrent_state"] if last_state is not None else None
         conv_state = last_state["conv_state"] if last_state is not None else None
-        conv_q, conv_k = conv_state if self.use_short_conv and conv_state is not None else (None, None)
+        conv_q, conv_k = conv_state if self.share_qk and conv_state is not None else (None, None)
         if recurrent_state is not None and recurrent_state[0].shape[0] != num_sequences:
             raise ValueError(
                 f"the cache holds {recurrent_state[0].shape[0]} sequences but the input has {num_sequences}"
             )
 
-        if self.use_short_conv:
+        if self.share_qk:
             shared = self.q_proj(hidden_states)
             q, conv_q = self.q_conv1d(shared, conv_q, use_cache, cu_seqlens)
             k, conv_k = self.k_conv1d(shared, conv_k, use_cache, cu_seqlens)
@@ -238,7 +238,7 @@ class TTTLayer(nn.Module):
             self,
             past_key_values,
             recurrent_state=recurrent_state,
-            conv_state=(conv_q, conv_k) if self.use_short_conv else None,
+            conv_state=(conv_q, conv_k) if self.share_qk else None,
             offset=q_len if kwargs.get("cache_offset") is None else kwargs["cache_offset"],
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from fla.layers.utils import index_first_axis, repad_hidden_states, unpad_hidden_states
-from fla.models.cache_utils import Cache
+from fla.models.utils import Cache
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -18,14 +18,14 @@ from transformers.modeling_utils import PreTrainedModel
 
 from ttt_mixer.layers import TTTLayer
 from ttt_mixer.layers.ttt import check_attention_mask
-from ttt_mixer.models.configuration_ttt import TTTConfig
-from ttt_mixer.models.hub import (
+from ttt_mixer.models.causal_lm import (
     CausalLMGenerationMixin,
     RemoteCodeMixin,
     cache_argument,
     decoder_inputs,
     decoder_output,
 )
+from ttt_mixer.models.configuration_ttt import TTTConfig
 from ttt_mixer.modules import DepthwiseCausalConv, SwiGLU
 
 
@@ -69,7 +69,7 @@ class TTTBlock(GradientCheckpointingLayer):
             inner_model=config.ttt_layer_type,
             mini_batch_size=config.mini_batch_size,
             base_lr=config.ttt_base_lr,
-            use_short_conv=config.share_qk,
+            share_qk=config.share_qk,
             conv_size=config.conv_kernel,
             use_gate=config.use_gate,
             use_rope=config.use_rope,

@@ -111,6 +111,8 @@ class Preset:
 # (Zoology's finding). Mamba and Gated DeltaNet have theirs by default (Based's layer has none); TTT
 # and GLA get theirs here (for TTT its Mamba-backbone form): without it neither learned anything in
 # the CPU budget.
+# (fla layers call it use_short_conv; TTT calls its form share_qk)
+TTT_SHORT_CONV = {"share_qk": True}
 SHORT_CONV = {"use_short_conv": True}
 
 CPU = Preset(
@@ -133,7 +135,7 @@ CPU = Preset(
         "gla": 1e-2,
         "gated_deltanet": 3e-3,
     },
-    mixer_options={"ttt_linear": SHORT_CONV, "ttt_mlp": SHORT_CONV, "gla": SHORT_CONV},
+    mixer_options={"ttt_linear": TTT_SHORT_CONV, "ttt_mlp": TTT_SHORT_CONV, "gla": SHORT_CONV},
 )
 
 ZOOLOGY_GPU = Preset(
@@ -148,7 +150,7 @@ ZOOLOGY_GPU = Preset(
     batch_size={64: 256, 128: 128, 256: 64, 512: 32},  # Zoology's batch size per length
     learning_rates=(1e-4, 4.6e-4, 2.2e-3, 1e-2),  # np.logspace(-4, -2, 4), rounded
     eval_samples=100,
-    mixer_options={"ttt_linear": SHORT_CONV, "ttt_mlp": SHORT_CONV, "gla": SHORT_CONV},
+    mixer_options={"ttt_linear": TTT_SHORT_CONV, "ttt_mlp": TTT_SHORT_CONV, "gla": SHORT_CONV},
 )
 
 PRESETS = {preset.name: preset for preset in (CPU, ZOOLOGY_GPU)}
