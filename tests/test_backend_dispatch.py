@@ -13,7 +13,7 @@ from conftest import make_layer
 from fla.models.utils import Cache
 
 from ttt_mixer.layers import TTTLayer
-from ttt_mixer.layers.ttt import BACKEND_ENV, resolve_backend
+from ttt_mixer.layers.checks import BACKEND_ENV, resolve_backend
 
 
 def run_layer(layer: TTTLayer, x: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,8 @@ from transformers.models.llama.modeling_llama import (
 )
 from ttt_mixer.adapters.mixers.common import check_inputs, reject_cu_seqlens, zero_padding
 
+from ttt_mixer.layers.checks import check_cache_batch
+
 
 class CachedAttention(LlamaAttention):
     """transformers' ``LlamaAttention`` (same parameters and state_dict) with fla's forward signature.
@@ -62,8 +64,8 @@ class CachedAttention(LlamaAttention):
         batch_size, q_len, _ = hidden_states.shape
         entry = get_layer_cache(self, past_key_values)
         past = entry.get("attn_state") if entry is not None else None
-        if past is not None and past[0].shape[0] != batch_size:
-            raise ValueError(f"the cache holds {past[0].shape[0]} sequences but the input has {batch_size}")
+        if past is not None:
+            check_cache_batch(type(self).__name__, past[0].shape[0], batch_size)
 
         shape = (batch_size, q_len, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)

@@ -19,7 +19,7 @@ from ttt_mixer.adapters.mixers.common import (
     zero_padding,
 )
 
-from ttt_mixer.layers.ttt import resolve_backend
+from ttt_mixer.layers.checks import check_backend, resolve_backend
 
 # the epsilon added to the normaliser by fla's causal kernels: parallel_based adds 1e-6, the
 # linear-attention kernels of the chunk modes 1e-10 (``eps``, 1e-12, is only forward_reference's)
@@ -74,8 +74,7 @@ class BasedMixer(BasedLinearAttention):
     ) -> None:
         if not causal:
             raise ValueError("causal must be True: a language-model mixer cannot look ahead")
-        if backend is not None:
-            resolve_backend(backend, torch.device("cpu"))
+        check_backend(backend)
         try:
             super().__init__(
                 hidden_size=hidden_size,

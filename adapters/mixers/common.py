@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache
 from torch import nn
 
-from ttt_mixer.layers.ttt import check_attention_mask, resolve_backend
+from ttt_mixer.layers.checks import check_cache_batch, check_hidden_states, padding_mask, resolve_backend
 
 # fla's activations by name (fla.modules.activations.ACT2FN), computed with PyTorch: fla's own are
 # Triton kernels, which cannot run on a CPU tensor
@@ -42,28 +42,10 @@ def torch_activation(name: str, parameter: str) -> Callable[[torch.Tensor], torc
 def check_inputs(
     module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """ValueError unless hidden_states is [B, T, hidden_size] with T >= 1 and attention_mask a 0/1
-    [B, L >= T] padding mask. Returns the mask of the current tokens (its last T columns) as bool, or
-    None when they are all real tokens."""
-    name = type(module).__name__
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-        raise ValueError(
-            f"{name}: hidden_states must be a tensor of shape [batch_size, seq_len, hidden_size]"
-        )
-    if not hidden_states.is_floating_point():
-        raise ValueError(f"{name}: hidden_states must be floating point, got {hidden_states.dtype}")
-    if hidden_states.shape[-1] != module.hidden_size:
-        raise ValueError(
-            f"{name}: hidden_states last dim must be hidden_size = {module.hidden_size}, got {hidden_states.shape[-1]}"
-        )
-    batch_size, q_len, _ = hidden_states.shape
-    if q_len == 0:
-        raise ValueError(f"{name}: hidden_states must hold at least one token (seq_len >= 1)")
-    if attention_mask is None:
-        return None
-    check_attention_mask(attention_mask, batch_size, q_len)
-    mask = attention_mask[:, -q_len:].bool()
-    return None if bool(mask.all()) else mask
+    """Checks hidden_states [B, T, hidden_size] and the 0/1 padding mask [B, L >= T]; returns the mask
+    of the current tokens (its last T columns) as bool, or None when they are all real tokens."""
+    batch_size, q_len = check_hidden_states(type(module).__name__, hidden_states, module.hidden_size)
+    return padding_mask(attention_mask, batch_size, q_len)
 
 
 def reject_cu_seqlens(module: nn.Module, kwargs: dict[str, Any]) -> None:
@@ -82,10 +64,7 @@ def cached_states(module: nn.Module, past_key_values: Any, batch_size: int) -> t
     recurrent_state, conv_state = entry.get("recurrent_state"), entry.get("conv_state")
     if recurrent_state is not None:
         first = recurrent_state[0] if isinstance(recurrent_state, (tuple, list)) else recurrent_state
-        if first.shape[0] != batch_size:
-            raise ValueError(
-                f"{type(module).__name__}: the cache holds {first.shape[0]} sequences but the input has {batch_size}"
-            )
+        check_cache_batch(type(module).__name__, first.shape[0], batch_size)
     return recurrent_state, conv_state
 
 

@@ -17,7 +17,7 @@ from ttt_mixer.adapters.mixers.common import (
     zero_padding,
 )
 
-from ttt_mixer.layers.ttt import resolve_backend
+from ttt_mixer.layers.checks import check_backend
 
 # fla's l2norm kernels (fla.modules.l2norm, and the recurrent kernel's in-kernel norm): x / sqrt(|x|^2 + eps)
 L2NORM_EPS = 1e-6
@@ -58,8 +58,7 @@ class GatedDeltaNetMixer(TorchPathMixin, GatedDeltaNet):
         output_gate_activation: str = "swish",
         backend: str | None = None,
     ) -> None:
-        if backend is not None:
-            resolve_backend(backend, torch.device("cpu"))
+        check_backend(backend)
         try:
             super().__init__(
                 hidden_size=hidden_size,

@@ -18,7 +18,7 @@ from ttt_mixer.adapters.mixers.common import (
     zero_padding,
 )
 
-from ttt_mixer.layers.ttt import resolve_backend
+from ttt_mixer.layers.checks import check_backend
 
 
 class GLAMixer(TorchPathMixin, GatedLinearAttention):
@@ -61,8 +61,7 @@ class GLAMixer(TorchPathMixin, GatedLinearAttention):
         if feature_map is not None:
             torch_activation(feature_map, "feature_map")
         torch_activation(gate_fn, "gate_fn")
-        if backend is not None:
-            resolve_backend(backend, torch.device("cpu"))
+        check_backend(backend)
         try:
             super().__init__(
                 mode=mode,

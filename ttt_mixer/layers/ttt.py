@@ -7,14 +7,19 @@ handled the fla way (unpad, run packed, repad).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 from fla.models.utils import Cache
 from torch import nn
 
+from ttt_mixer.layers.checks import (
+    check_backend,
+    check_cache_batch,
+    check_hidden_states,
+    padding_mask,
+    resolve_backend,
+)
 from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
 from ttt_mixer.ops import ttt_chunk, ttt_chunk_triton, ttt_step, ttt_step_triton
 from ttt_mixer.ops.common import get_inner_model
@@ -23,30 +28,6 @@ from ttt_mixer.ops.grid import minibatch_positions
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
 # backend -> (whole-sequence op, decode-step op)
 BACKENDS = {"torch": (ttt_chunk, ttt_step), "triton": (ttt_chunk_triton, ttt_step_triton)}
-BACKEND_ENV = "TTT_MIXER_BACKEND"
-
-
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The ``backend`` argument, else the TTT_MIXER_BACKEND environment variable, else Triton on
-    CUDA tensors and PyTorch elsewhere."""
-    source = "backend"
-    if backend is None and os.environ.get(BACKEND_ENV):
-        backend, source = os.environ[BACKEND_ENV], BACKEND_ENV
-    if backend is None:
-        return "triton" if device.type == "cuda" else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {tuple(BACKENDS)}, got {backend!r}")
-    return backend
-
-
-def check_attention_mask(attention_mask: torch.Tensor, batch_size: int, q_len: int) -> None:
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < q_len:
-        raise ValueError(
-            "attention_mask must be a 0/1 padding mask of shape [batch_size, seq_len >= q_len] = "
-            f"[{batch_size}, >= {q_len}], got {list(attention_mask.shape)}"
-        )
-    if not ((attention_mask == 0) | (attention_mask == 1)).all():
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
 
 
 class TTTLayer(nn.Module):
@@ -90,8 +71,7 @@ class TTTLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.inner = get_inner_model(inner_model)
-        if backend is not None:
-            resolve_backend(backend, torch.device("cpu"))
+        check_backend(backend)
         self.backend = backend
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
@@ -168,21 +148,10 @@ class TTTLayer(nn.Module):
         marks packed sequences (batch size 1); ``cache_offset`` in kwargs is the number of positions
         this call adds to the cache's length (default T: a model that packs a padded batch before its
         layers passes the padded length); other fla keyword arguments are accepted and unused."""
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-            raise ValueError("hidden_states must be a tensor of shape [batch_size, seq_len, hidden_size]")
-        if hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"hidden_states last dim must be hidden_size = {self.hidden_size}, got {hidden_states.shape[-1]}"
-            )
-        if not hidden_states.is_floating_point():
-            raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
-        batch_size, q_len, _ = hidden_states.shape
-        if q_len == 0:
-            raise ValueError("hidden_states must hold at least one token (seq_len >= 1)")
-        if attention_mask is not None:
-            check_attention_mask(attention_mask, batch_size, q_len)
-            if attention_mask[:, -q_len:].all():
-                attention_mask = None
+        batch_size, q_len = check_hidden_states(type(self).__name__, hidden_states, self.hidden_size)
+        attention_mask = None if padding_mask(attention_mask, batch_size, q_len) is None else attention_mask
+        if attention_mask is not None and kwargs.get("cu_seqlens") is not None:
+            raise ValueError("give either cu_seqlens (packed input) or a padding attention_mask, not both")
 
         last_state = get_layer_cache(self, past_key_values)
         hidden_states, indices, cu_seqlens = unpad_hidden_states(
@@ -193,10 +162,8 @@ class TTTLayer(nn.Module):
         recurrent_state = last_state["recurrent_state"] if last_state is not None else None
         conv_state = last_state["conv_state"] if last_state is not None else None
         conv_q, conv_k = conv_state if self.share_qk and conv_state is not None else (None, None)
-        if recurrent_state is not None and recurrent_state[0].shape[0] != num_sequences:
-            raise ValueError(
-                f"the cache holds {recurrent_state[0].shape[0]} sequences but the input has {num_sequences}"
-            )
+        if recurrent_state is not None:
+            check_cache_batch(type(self).__name__, recurrent_state[0].shape[0], num_sequences)
 
         if self.share_qk:
             shared = self.q_proj(hidden_states)

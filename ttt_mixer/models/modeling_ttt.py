@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 
 from ttt_mixer.layers import TTTLayer
-from ttt_mixer.layers.ttt import check_attention_mask
+from ttt_mixer.layers.checks import padding_mask
 from ttt_mixer.models.causal_lm import (
     CausalLMGenerationMixin,
     RemoteCodeMixin,
@@ -173,16 +173,14 @@ class TTTModel(TTTPreTrainedModel):
                 )
 
         indices = None
-        if attention_mask is not None:
-            check_attention_mask(attention_mask, batch_size, q_len)
-            if not attention_mask[:, -q_len:].all():
-                if cu_seqlens is not None:
-                    raise ValueError(
-                        "give either cu_seqlens (packed input) or a padding attention_mask, not both"
-                    )
-                inputs_embeds, indices, cu_seqlens = unpad_hidden_states(
-                    inputs_embeds, None, attention_mask, q_len
+        if padding_mask(attention_mask, batch_size, q_len) is not None:
+            if cu_seqlens is not None:
+                raise ValueError(
+                    "give either cu_seqlens (packed input) or a padding attention_mask, not both"
                 )
+            inputs_embeds, indices, cu_seqlens = unpad_hidden_states(
+                inputs_embeds, None, attention_mask, q_len
+            )
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
