@@ -35,12 +35,13 @@ from types import ModuleType
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 import ttt_mixer
 from ttt_mixer.convert import config_from_ttt_lm_pytorch, from_ttt_lm_pytorch
+from ttt_mixer.decode_timing import decode_ms_per_step
 from ttt_mixer.models import TTTForCausalLM
+from ttt_mixer.models.causal_lm import CACHE_FIELD
 
 AUTHORS_URL = "https://raw.githubusercontent.com/test-time-training/ttt-lm-pytorch/main/ttt.py"
 HOW_TO_GET_AUTHORS = (
@@ -57,9 +58,8 @@ TARGET_INFERENCE = 3.0  # inference forward speed-up over theirs
 TARGET_DECODE_RATIO = 1.25  # decode time per step at 4096 context / at 128
 # transformers 5.2x renamed the ModelOutput field past_key_values / cache_params to cache (the old names
 # stay accepted as keywords and attributes, with a deprecation warning); 5.6 still has the old fields.
-# Detected by feature, not by version string.
-CACHE_RENAMED = "cache" in {f.name for f in fields(CausalLMOutputWithPast)}
-OUTPUT_CACHE_FIELD = "cache" if CACHE_RENAMED else "past_key_values"
+# Detected by feature (CACHE_FIELD), not by version string.
+CACHE_RENAMED = CACHE_FIELD == "cache"
 
 
 @dataclass
@@ -286,43 +286,6 @@ def floor_row(layer_type: str, measurement: str, floor_ms: float, compared: Row)
     )
 
 
-def decode_ms_per_step(
-    lm: TTTForCausalLM, args: argparse.Namespace, contexts: tuple[int, ...]
-) -> dict[int, dict[str, float]]:
-    """ms per single-token step (one token for each of the ``--batch`` sequences) of ``lm`` with the
-    cache holding each context length.
-
-    Every repeat prefills one cache per context length (not timed), then takes ``--decode-steps`` steps
-    on each, alternating between the caches step by step (so that machine noise hits all context lengths
-    alike) and timing every step on its own. ``median`` is the median over all timed steps (robust to the
-    scheduler preempting a step on a busy machine), ``mean`` the plain average."""
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    prompts = {c: torch.randint(0, args.vocab, (args.batch, c), generator=generator) for c in contexts}
-    steps = torch.randint(0, args.vocab, (args.batch, args.decode_steps), generator=generator)
-
-    def run() -> dict[int, list[float]]:
-        times: dict[int, list[float]] = {c: [] for c in contexts}
-        with torch.no_grad():
-            # the forward keyword past_key_values= stays accepted; the output field's name depends on the
-            # transformers version (OUTPUT_CACHE_FIELD)
-            caches = {c: getattr(lm(prompts[c], use_cache=True), OUTPUT_CACHE_FIELD) for c in contexts}
-            for t in range(args.decode_steps):
-                for c in contexts if t % 2 == 0 else reversed(contexts):
-                    start = time.perf_counter()
-                    out = lm(steps[:, t : t + 1], past_key_values=caches[c], use_cache=True)
-                    times[c].append((time.perf_counter() - start) * 1e3)
-                    caches[c] = getattr(out, OUTPUT_CACHE_FIELD)
-        return times
-
-    for _ in range(args.warmup):
-        run()
-    times: dict[int, list[float]] = {c: [] for c in contexts}
-    for _ in range(args.repeats):
-        for c, t in run().items():
-            times[c].extend(t)
-    return {c: {"median": statistics.median(t), "mean": statistics.fmean(t)} for c, t in times.items()}
-
-
 def bench_layer_type(
     args: argparse.Namespace, layer_type: str, authors: ModuleType | None
 ) -> tuple[list[Row], float | None]:
@@ -377,7 +340,15 @@ def bench_layer_type(
     clear_grads()
 
     print(f"[{layer_type}] timing decode ...", flush=True)
-    decode = decode_ms_per_step(lm, args, DECODE_CONTEXTS)
+    decode = decode_ms_per_step(
+        lm,
+        DECODE_CONTEXTS,
+        args.batch,
+        args.decode_steps,
+        torch.Generator().manual_seed(args.seed + 1),
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
     short, long = DECODE_CONTEXTS
     for c in DECODE_CONTEXTS:
         rows.append(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -11,27 +10,9 @@ from pathlib import Path
 import torch
 
 from ttt_mixer.adapters.cli import add_distill_arguments, add_swap_arguments, distill_command, swap_command
+from ttt_mixer.decode_timing import decode_ms_per_step
 from ttt_mixer.models import TTTConfig, TTTForCausalLM
-from ttt_mixer.models.causal_lm import CACHE_FIELD
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
-
-
-def _decode_ms_per_token(
-    model: TTTForCausalLM, context: int, steps: int, generator: torch.Generator
-) -> float:
-    """Prefill ``context`` random bytes, then time ``steps`` single-token steps through the cache;
-    the median step, which a busy machine's preemptions do not move."""
-    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=generator)
-    times = []
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        for _ in range(steps):
-            token = out.logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            out = model(token, cache=getattr(out, CACHE_FIELD), use_cache=True)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
 
 DEMO_TEXT = (
     "Test-time training makes the hidden state of a recurrent layer a small model, trained by "
@@ -91,9 +72,8 @@ def demo(args: argparse.Namespace) -> None:
         f"generated {args.new_tokens} tokens in {seconds:.2f} s ({args.new_tokens / seconds:.0f} tokens/s):"
     )
     print(f"  {args.prompt}[{text}]")
-    for context in (128, 4096):
-        ms = _decode_ms_per_token(model, context, 32, generator)
-        print(f"decode after {context:>4} tokens of context: {ms:.2f} ms/token")
+    for context, ms in decode_ms_per_step(model, (128, 4096), 1, 32, generator).items():
+        print(f"decode after {context:>4} tokens of context: {ms['median']:.2f} ms/token")
 
 
 def convert(args: argparse.Namespace) -> None:
