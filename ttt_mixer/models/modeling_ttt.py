@@ -9,7 +9,13 @@ the model's input (fla's unpad), so that padding reaches neither convolutions no
 from __future__ import annotations
 
 import torch
-from fla.layers.utils import index_first_axis, repad_hidden_states, unpad_hidden_states
+from fla.layers.utils import (
+    get_layer_cache,
+    index_first_axis,
+    repad_hidden_states,
+    unpad_hidden_states,
+    update_layer_cache,
+)
 from fla.models.utils import Cache
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -48,12 +54,11 @@ class PreConv(nn.Module):
         use_cache: bool,
         cu_seqlens: torch.Tensor | None,
     ) -> torch.Tensor:
-        state = None
-        if past_key_values is not None and len(past_key_values) > self.layer_idx:
-            state = past_key_values[self.layer_idx]["ffn_state"]
+        entry = get_layer_cache(self, past_key_values)
+        state = entry["ffn_state"] if entry is not None else None
         out, state = self.conv(self.norm(hidden_states), state, use_cache, cu_seqlens)
-        if past_key_values is not None and use_cache:
-            past_key_values.update(ffn_state=state, layer_idx=self.layer_idx, offset=0)
+        if use_cache:
+            update_layer_cache(self, past_key_values, ffn_state=state, offset=0)
         return out
 
 
