@@ -1,9 +1,10 @@
 """The ``ttt_ppl`` group (``eval_tasks/perplexity.py``: rolling perplexity, perplexity per position
 bucket) and the ``ttt_recall_data`` group (``eval_tasks/recall_data.py``: SWDE, FDA,
-SQuAD-completion and their JRT "twice" variants) on small generated local files: data loading,
-prompts, bucket construction, aggregation, the ``contains`` metric, clear errors for bad options, and
-one run of the real ``lm_eval`` command line over all of them on a tiny TTT checkpoint, whose
-per-bucket perplexities match one direct pass of the model over each whole document."""
+SQuAD-completion and their JRT "twice" variants, one config shared through ``include:``) on small
+generated local files: data loading, prompts, bucket construction, aggregation, the ``contains``
+metric, clear errors for bad options, and one run of the real ``lm_eval`` command line over all of
+them on a tiny TTT checkpoint, whose per-bucket perplexities match one direct pass of the model over
+each whole document."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from eval_models import MODEL_KINDS, character_tokenizer, run_lm_eval, save_checkpoint, tiny_model
+from lm_eval.api.task import ConfigurableTask
+from lm_eval.tasks._yaml_loader import load_yaml
 from ttt_mixer.eval_tasks import perplexity, recall_data, tasks_path
 
 TOKENIZER = character_tokenizer()
@@ -187,27 +190,63 @@ def write_recall_files(folder: Path) -> dict[str, str]:
     return files
 
 
-@pytest.mark.parametrize("name", ["swde", "fda", "squad_completion"])
+RECALL_ROWS = {"swde": SWDE_ROWS, "fda": FDA_ROWS, "squad_completion": SQUAD_ROWS}
+
+
+def recall_config(task: str) -> dict:
+    """A ``ttt_recall_data`` task's YAML as lm-eval reads it: includes merged, functions imported."""
+    return load_yaml(Path(tasks_path()) / f"ttt_{task}.yaml")
+
+
+def recall_task(task: str, files) -> ConfigurableTask:
+    """The task lm-eval builds from that YAML, reading ``files`` (the ``recall_data_files`` option)."""
+    config = recall_config(task)
+    config["metadata"] = {**config["metadata"], "recall_data_files": files}
+    return ConfigurableTask(config=config)
+
+
+def test_recall_yamls_share_one_config() -> None:
+    # fda and squad_completion are ttt_swde on other data (squad: and its own prompt); each twice
+    # variant is its plain task with another prompt
+    base = recall_config("swde")
+    changes = {
+        "fda": {"task", "dataset_kwargs"},
+        "squad_completion": {"task", "dataset_kwargs", "doc_to_text"},
+        **{f"{name}_twice": {"task", "doc_to_text"} for name in RECALL_ROWS},
+    }
+    for task, changed in changes.items():
+        config = recall_config(task)
+        plain = recall_config(task.removesuffix("_twice")) if task.endswith("_twice") else base
+        assert config.keys() == plain.keys()
+        assert {k for k in config if config[k] != plain[k]} == changed, task
+        assert config["task"] == f"ttt_{task}"
+        assert config["dataset_kwargs"] == {"dataset": task.removesuffix("_twice")}
+
+
+@pytest.mark.parametrize("name", list(RECALL_ROWS))
 def test_recall_data_loads_local_files_and_twice_repeats_the_context(tmp_path: Path, name: str) -> None:
     files = write_recall_files(tmp_path)
-    once = getattr(recall_data, f"{name}_dataset")(recall_data_files=files)["validation"].to_list()
-    twice = getattr(recall_data, f"{name}_twice_dataset")(recall_data_files=files)["validation"].to_list()
-    rows = {"swde": SWDE_ROWS, "fda": FDA_ROWS, "squad_completion": SQUAD_ROWS}[name]
-    assert len(once) == len(twice) == len(rows)
-    for row, a, b in zip(rows, once, twice, strict=True):
+    once, twice = recall_task(name, files), recall_task(f"{name}_twice", files)
+    rows = RECALL_ROWS[name]
+    once_docs, twice_docs = list(once.validation_docs()), list(twice.validation_docs())
+    assert len(once_docs) == len(twice_docs) == len(rows)
+    for row, a, b in zip(rows, once_docs, twice_docs, strict=True):
         assert a["answers"] == b["answers"] == [row["value"].strip()]
+        assert once.doc_to_target(a) == twice.doc_to_target(b) == row["value"].strip()
+        prompt, prompt_twice = once.doc_to_text(a), twice.doc_to_text(b)
         if name == "squad_completion":
-            assert a["prompt"] == row["text"]
+            assert prompt == row["text"]
             context = row["context"].split("Question:")[0]
-            assert b["prompt"] == f"{row['question']} {context}\n{row['text']}"
+            assert prompt_twice == f"{row['question']} {context}\n{row['text']}"
             continue
         key = row["key"][0].upper() + row["key"][1:]
-        assert a["prompt"].endswith(f". {key}:")
-        assert not a["prompt"][: -len(key) - 1].rstrip(" .").lower().endswith(row["key"] + ":")
-        assert "Summary of information" not in a["prompt"]
-        document = a["prompt"][: -len(f" {key}:")]
-        assert b["prompt"] == f"Information about {key}. {document}\n{document} {key}:"
-        assert b["prompt"].count(document) == 2
+        assert prompt.endswith(f". {key}:")
+        assert not prompt[: -len(key) - 1].rstrip(" .").lower().endswith(row["key"] + ":")
+        assert "Summary of information" not in prompt
+        document = prompt[: -len(f" {key}:")]
+        assert prompt_twice == f"Information about {key}. {document}\n{document} {key}:"
+        assert prompt_twice.count(document) == 2
+    assert once.config.generation_kwargs == {"until": ["\n"], "max_gen_toks": 48, "do_sample": False}
 
 
 def test_contains_ignores_case_and_reads_any_answer() -> None:
@@ -232,12 +271,15 @@ def test_bad_recall_data_files_raise_naming_the_option(tmp_path: Path, task: str
     if isinstance(files, dict):
         files = {name: str(tmp_path / f"{stem}.jsonl") for name, stem in files.items()}
     with pytest.raises(ValueError, match="'recall_data_files'"):
-        getattr(recall_data, f"{task}_dataset")(recall_data_files=files)
+        built = recall_task(task, files)
+        built.doc_to_text(next(iter(built.validation_docs())))  # the twice prompt reads its columns
 
 
-def test_unknown_recall_data_option_is_rejected() -> None:
+def test_unknown_recall_data_option_or_dataset_is_rejected() -> None:
     with pytest.raises(ValueError, match="'recall_data_file'"):
-        recall_data.swde_dataset(recall_data_file={})
+        recall_data.recall_dataset("swde", recall_data_file={})
+    with pytest.raises(ValueError, match="'swdee'"):
+        recall_data.recall_dataset("swdee")
 
 
 # -------------------------------------------------------------------------------- lm_eval end to end
