@@ -3,7 +3,7 @@
 ``make_inputs`` builds seeded random arguments of ``ttt_primal`` / ``ttt_chunk`` / ``ttt_step`` in a
 realistic range; ``make_state`` builds a random recurrent state (possibly in the middle of a
 mini-batch); the remaining functions compare, slice and stack state tuples, whose layout is
-``(position [N] int64, W1, b1, [W2, b2,] S_W1, S_b1, [S_W2, S_b2])`` (see ``ttt_mixer.ops.common``).
+``(position [N] int64, W1, b1, [W2, b2,] S_W1, S_b1, [S_W2, S_b2])`` (see ``ttt_mixer.ops.ttt.state``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ttt_mixer.ops.common import get_inner_model
+from ttt_mixer.ops.ttt.inner import get_inner_model
 
 State = tuple[torch.Tensor, ...]
 

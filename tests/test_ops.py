@@ -33,14 +33,8 @@ from ttt_mixer.ops import (
     ttt_primal,
     ttt_step,
 )
-from ttt_mixer.ops.common import (
-    GeluTanhWithGrad,
-    LayerNormL2Grad,
-    gelu_tanh_grad,
-    get_inner_model,
-    ln_fused_l2_grad,
-    with_ones,
-)
+from ttt_mixer.ops.ttt.inner import GeluTanhWithGrad, LayerNormL2Grad, get_inner_model, with_ones
+from ttt_mixer.ops.ttt.naive import reference_gelu_tanh_grad, reference_ln_fused_l2_grad
 
 PARAM_NAMES = ("w1", "b1", "w2", "b2")
 Op = Callable[..., tuple[torch.Tensor, State | None]]
@@ -433,7 +427,7 @@ def test_unit_mini_batch_is_delta_rule(op: Op) -> None:
 # Closed-form pieces -------------------------------------------------------------------------------------
 
 
-def test_ln_fused_l2_grad_matches_autograd() -> None:
+def test_reference_ln_fused_l2_grad_matches_autograd() -> None:
     g = torch.Generator().manual_seed(20)
     heads, tokens, d, eps = 2, 5, 6, 1e-6
     z = torch.randn(heads, tokens, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -442,38 +436,38 @@ def test_ln_fused_l2_grad_matches_autograd() -> None:
     bias = 0.3 * torch.randn(heads, 1, d, generator=g, dtype=torch.float64)
     loss = 0.5 * ((F.layer_norm(z, (d,), eps=eps) * weight + bias - target) ** 2).sum()
     (expected,) = torch.autograd.grad(loss, z)
-    assert max_abs_diff(ln_fused_l2_grad(z.detach(), target, weight, bias, eps), expected) <= 1e-12
+    assert max_abs_diff(reference_ln_fused_l2_grad(z.detach(), target, weight, bias, eps), expected) <= 1e-12
 
 
 def test_layer_norm_l2_grad_function_matches_closed_form_and_its_gradients() -> None:
-    """The fast LayerNormL2Grad of the chunked and decode paths: its value is ln_fused_l2_grad, its
-    hand-derived backward agrees with finite differences for z, the target, the weight and the bias."""
+    """The fast LayerNormL2Grad of the chunked and decode paths: its value is the reference closed form,
+    its hand-derived backward agrees with finite differences for z, the target, the weight and the bias."""
     g = torch.Generator().manual_seed(21)
     heads, tokens, d, eps = 2, 5, 6, 1e-6
     z = 0.5 + torch.randn(heads, tokens, d, generator=g, dtype=torch.float64)
     target = torch.randn(heads, tokens, d, generator=g, dtype=torch.float64)
     weight = 1.0 + 0.3 * torch.randn(heads, 1, d, generator=g, dtype=torch.float64)
     bias = 0.3 * torch.randn(heads, 1, d, generator=g, dtype=torch.float64)
-    expected = ln_fused_l2_grad(z, target, weight, bias, eps)
+    expected = reference_ln_fused_l2_grad(z, target, weight, bias, eps)
     assert max_abs_diff(LayerNormL2Grad.apply(z, bias - target, weight, eps), expected) <= 1e-12
     inputs = tuple(t.clone().requires_grad_() for t in (z, target, weight, bias))
     assert torch.autograd.gradcheck(lambda z, t, w, b: LayerNormL2Grad.apply(z, b - t, w, eps), inputs)
 
 
-def test_gelu_tanh_grad_matches_autograd() -> None:
+def test_reference_gelu_tanh_grad_matches_autograd() -> None:
     x = torch.cat([torch.linspace(-8, 8, 161, dtype=torch.float64), torch.randn(50, dtype=torch.float64)])
     x.requires_grad_()
     (expected,) = torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x)
-    assert max_abs_diff(gelu_tanh_grad(x.detach()), expected) <= 1e-12
+    assert max_abs_diff(reference_gelu_tanh_grad(x.detach()), expected) <= 1e-12
 
 
 def test_gelu_tanh_with_grad_function_matches_and_differentiates() -> None:
-    """The fast GeluTanhWithGrad of TTT-MLP: its two outputs are gelu and gelu_tanh_grad, and its
+    """The fast GeluTanhWithGrad of TTT-MLP: its two outputs are gelu and the reference gelu', and its
     hand-derived backward (gelu'' included) agrees with finite differences."""
     x = torch.cat([torch.linspace(-6, 6, 49, dtype=torch.float64), torch.randn(20, dtype=torch.float64)])
     gelu, grad = GeluTanhWithGrad.apply(x)
     assert max_abs_diff(gelu, F.gelu(x, approximate="tanh")) <= 1e-12
-    assert max_abs_diff(grad, gelu_tanh_grad(x)) <= 1e-12
+    assert max_abs_diff(grad, reference_gelu_tanh_grad(x)) <= 1e-12
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda x: GeluTanhWithGrad.apply(x), (x,))
     assert torch.autograd.gradcheck(lambda x: GeluTanhWithGrad.apply(x)[1], (x,))

@@ -1,4 +1,4 @@
-"""Tests of the Triton TTT kernels (``ttt_mixer.ops.triton_ttt``) against the PyTorch paths: the
+"""Tests of the Triton TTT kernels (``ttt_mixer.ops.ttt.triton``) against the PyTorch paths: the
 forward kernel and the decode step against the primal form ``ttt_primal`` (outputs, final states and
 every gradient), at several shapes (T < b, T not a multiple of b, b and d not powers of two, d up to
 64, several heads), from states in the middle of a mini-batch at different positions per sequence,
@@ -16,8 +16,7 @@ import pytest
 import torch
 from ops_cases import State, TTTInputs, detach_state, make_inputs, make_state, max_abs_diff, max_state_diff
 
-from ttt_mixer.ops import INNER_MODELS, ttt_chunk, ttt_primal, ttt_step
-from ttt_mixer.ops.triton_ttt import ttt_chunk_triton, ttt_step_triton
+from ttt_mixer.ops import INNER_MODELS, ttt_chunk, ttt_chunk_triton, ttt_primal, ttt_step, ttt_step_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -22,8 +22,8 @@ from ttt_mixer.layers.checks import (
 )
 from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
 from ttt_mixer.ops import ttt_chunk, ttt_chunk_triton, ttt_step, ttt_step_triton
-from ttt_mixer.ops.common import get_inner_model
-from ttt_mixer.ops.grid import minibatch_positions
+from ttt_mixer.ops.ttt.grid import minibatch_positions
+from ttt_mixer.ops.ttt.inner import get_inner_model
 
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
 # backend -> (whole-sequence op, decode-step op)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from transformers.configuration_utils import PretrainedConfig
 
-from ttt_mixer.ops.common import INNER_MODELS
+from ttt_mixer.ops.ttt.inner import INNER_MODELS
 
 BACKBONES = ("transformer", "mamba")
 # the paper's two block layouts (SPEC.md section 7); explicit flags override them

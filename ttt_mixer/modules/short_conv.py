@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ttt_mixer.ops.grid import MiniBatchGrid
+from ttt_mixer.ops.ttt.grid import MiniBatchGrid
 
 
 class DepthwiseCausalConv(nn.Conv1d):

@@ -12,19 +12,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ttt_mixer.ops.common import (
-    augmented_params,
+from ttt_mixer.ops.ttt.checks import check_inputs
+from ttt_mixer.ops.ttt.grid import MiniBatchGrid
+from ttt_mixer.ops.ttt.inner import (
     get_inner_model,
     inner_gradients,
     inner_output,
-    join_state,
     loss_offset,
-    split_state,
     token_scale,
-    validate_inputs,
     with_ones,
 )
-from ttt_mixer.ops.grid import MiniBatchGrid
+from ttt_mixer.ops.ttt.state import augmented_params, join_state, split_state
 
 
 def ttt_chunk(
@@ -53,7 +51,7 @@ def ttt_chunk(
             LayerNorm, no residual: the setting of SPEC.md section 8).
         params: the inner model's initial weights, ``(w1, b1)`` or ``(w1, b1, w2, b2)`` with
             w [H, d_in, d_out] and b [H, d_out]; used when ``initial_state`` is None.
-        initial_state: a state tuple (see ``ttt_mixer.ops.common``) to continue from, possibly in the
+        initial_state: a state tuple (see ``ttt_mixer.ops.ttt.state``) to continue from, possibly in the
             middle of a mini-batch, one per sequence.
         output_final_state: also return the state after the last token of each sequence.
         cu_seqlens: [N + 1] offsets of N packed sequences in a batch of size 1.
@@ -65,7 +63,7 @@ def ttt_chunk(
     """
     inner = get_inner_model(inner_model)
     params = list(params)
-    num_sequences = validate_inputs(
+    num_sequences = check_inputs(
         inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens
     )
     B, T = q.shape[:2]
@@ -73,11 +71,13 @@ def ttt_chunk(
     dtype = torch.promote_types(q.dtype, torch.float32)
 
     if initial_state is None:
+        # not ``initial_state()``: without a state there are no accumulators at all (sums None), which
+        # lets the loop skip their terms and fold tau_b into the learning rates
         position = torch.zeros(num_sequences, dtype=torch.long, device=q.device)
         weights = [w.to(dtype).expand(num_sequences, -1, -1, -1) for w in augmented_params(params)]
         sums = None
     else:
-        position, weights, sums = split_state(inner, initial_state)
+        position, weights, sums = split_state(initial_state)
         weights = [w.to(dtype) for w in weights]
         sums = [s.to(dtype) for s in sums]
 

@@ -3,6 +3,10 @@
 Deliberately plain: one sequence and one token at a time, weights and biases kept apart, and every
 token's weights W_bar_i = W - tau_i * sum_{j <= i} lr_j G_j rebuilt from the list of its mini-batch's
 gradients. Slow; meant for tests in float64.
+
+The closed forms it uses (``reference_*``: the LayerNorm-L2 gradient, the loss target and gradient,
+gelu') are the reference for the fast pieces of ``ttt_mixer.ops.ttt.inner`` (LayerNormL2Grad,
+loss_offset / fused_loss_grad, GeluTanhWithGrad), which the tests hold to them.
 """
 
 from __future__ import annotations
@@ -12,16 +16,51 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ttt_mixer.ops.common import (
+from ttt_mixer.ops.ttt.checks import check_inputs
+from ttt_mixer.ops.ttt.inner import (
+    GELU_CUBIC,
+    SQRT_2_OVER_PI,
     InnerModel,
-    gelu_tanh_grad,
     get_inner_model,
     inner_output,
-    loss_grad,
-    loss_target,
+    layer_norm_backward,
     token_scale,
-    validate_inputs,
 )
+from ttt_mixer.ops.ttt.state import pack_state, state_position, state_sums, state_weights
+
+
+def reference_ln_fused_l2_grad(
+    z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """d/dz of 1/2 ||LN(z) - target||^2, the LayerNorm backward fused with the L2 loss (closed form)."""
+    centred = z - z.mean(dim=-1, keepdim=True)
+    # the variance as a mean of squares: Tensor.var is several times slower on small rows
+    rstd = torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
+    z_hat = centred * rstd
+    grad_hat = (weight * z_hat + bias - target) * weight
+    return layer_norm_backward(grad_hat, z_hat, rstd)
+
+
+def reference_loss_target(k: torch.Tensor, v: torch.Tensor, ln_weight: torch.Tensor | None) -> torch.Tensor:
+    """What f_res must reproduce: XV - XK when f(z) = z + LN(f_res(z)), XV when f = f_res."""
+    return v if ln_weight is None else v - k
+
+
+def reference_loss_grad(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """dl/dZ of the last inner layer; ln_weight None means f = f_res (no LayerNorm, no residual)."""
+    return z - target if ln_weight is None else reference_ln_fused_l2_grad(z, target, ln_weight, ln_bias, eps)
+
+
+def reference_gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    """Derivative of gelu(x, approximate='tanh')."""
+    tanh_u = torch.tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x**3))
+    return 0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u**2) * SQRT_2_OVER_PI * (1.0 + 3 * GELU_CUBIC * x**2)
 
 
 def _f_res(inner: InnerModel, x: torch.Tensor, params: list[torch.Tensor]) -> tuple[list, list]:
@@ -44,10 +83,10 @@ def _token_gradient(
 ) -> list[torch.Tensor]:
     """Gradient of 1/2 ||f(k; params) - v||^2 w.r.t. every inner parameter, in params' layout."""
     inputs, pre = _f_res(inner, k, params)
-    delta = loss_grad(pre[-1], loss_target(k, v, ln_weight), ln_weight, ln_bias, eps)
+    delta = reference_loss_grad(pre[-1], reference_loss_target(k, v, ln_weight), ln_weight, ln_bias, eps)
     grads = [torch.einsum("hi,ho->hio", inputs[-1], delta), delta]
     if inner.num_layers == 2:
-        delta1 = torch.einsum("ho,hio->hi", delta, params[2]) * gelu_tanh_grad(pre[0])
+        delta1 = torch.einsum("ho,hio->hi", delta, params[2]) * reference_gelu_tanh_grad(pre[0])
         grads = [torch.einsum("hi,ho->hio", inputs[0], delta1), delta1, *grads]
     return grads
 
@@ -70,7 +109,7 @@ def ttt_primal(
     """Same arguments and results as ``ttt_chunk``, computed in the primal form."""
     inner = get_inner_model(inner_model)
     params = list(params)
-    validate_inputs(inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens)
+    check_inputs(inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens)
     B, T, H, d = q.shape
     b = token_offset.shape[0]
     n_params = len(params)
@@ -90,9 +129,9 @@ def ttt_primal(
             position, weights = 0, list(params)
             carried = [torch.zeros_like(p) for p in params]
         else:
-            position = int(initial_state[0][n])
-            weights = [t[n] for t in initial_state[1 : 1 + n_params]]
-            carried = [t[n] for t in initial_state[1 + n_params :]]
+            position = int(state_position(initial_state)[n])
+            weights = [t[n] for t in state_weights(initial_state)]
+            carried = [t[n] for t in state_sums(initial_state)]
         pending: list[list[torch.Tensor]] = []
         for t in range(start, end):
             qt, kt, vt, lrt = (x[t] for x in flat)
@@ -116,4 +155,4 @@ def ttt_primal(
     position = torch.tensor([f[0] for f in finals], dtype=torch.long, device=q.device)
     stacked = [torch.stack([f[1][i] for f in finals]) for i in range(n_params)]
     stacked_sums = [torch.stack([f[2][i] for f in finals]) for i in range(n_params)]
-    return o, (position, *stacked, *stacked_sums)
+    return o, pack_state(position, stacked, stacked_sums)

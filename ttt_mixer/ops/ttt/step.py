@@ -9,21 +9,18 @@ from collections.abc import Sequence
 
 import torch
 
-from ttt_mixer.ops.common import (
+from ttt_mixer.ops.ttt.checks import check_decode_step, check_inputs
+from ttt_mixer.ops.ttt.inner import (
     get_inner_model,
     inner_forward,
     inner_gradients,
     inner_output,
-    join_state,
     loss_offset,
-    split_state,
     token_scale,
-    validate_inputs,
     with_ones,
 )
-from ttt_mixer.ops.common import (
-    initial_state as make_initial_state,
-)
+from ttt_mixer.ops.ttt.state import initial_state as make_initial_state
+from ttt_mixer.ops.ttt.state import join_state, split_state
 
 
 def ttt_step(
@@ -46,27 +43,17 @@ def ttt_step(
     keeps its state)."""
     inner = get_inner_model(inner_model)
     params = list(params)
-    num_sequences = validate_inputs(
+    num_sequences = check_inputs(
         inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens
     )
+    check_decode_step(q, cu_seqlens)
     B, T, H, d = q.shape
-    lengths = None
-    if cu_seqlens is None:
-        if T != 1:
-            raise ValueError(
-                f"the decode step reads one token per sequence: q must be [B, 1, H, d], got T = {T}"
-            )
-    else:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(q.device)
-        if (lengths > 1).any():
-            raise ValueError(
-                "the decode step reads at most one token per sequence: cu_seqlens segments must be 0 or 1"
-            )
+    lengths = None if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).to(q.device)
     b = token_offset.shape[0]
     dtype = torch.promote_types(q.dtype, torch.float32)
     if initial_state is None:
         initial_state = make_initial_state(inner, [p.to(dtype) for p in params], num_sequences)
-    position, weights, sums = split_state(inner, initial_state)
+    position, weights, sums = split_state(initial_state)
     weights = [w.to(dtype) for w in weights]
     sums = [s.to(dtype) for s in sums]
 

@@ -1,8 +1,8 @@
 """TTT on Triton kernels: ``ttt_chunk_triton`` and ``ttt_step_triton``, with the arguments, results and
-state tuple of ``ttt_chunk`` and ``ttt_step`` (ttt_mixer.ops.chunk / step).
+state tuple of ``ttt_chunk`` and ``ttt_step`` (ttt_mixer.ops.ttt.chunk / step).
 
 What runs where:
-- Forward (``ttt_chunk_triton``): one fused Triton kernel (``ttt_mixer.ops.triton_kernels``), one
+- Forward (``ttt_chunk_triton``): one fused Triton kernel (``triton_linear`` / ``triton_mlp``), one
   program per (sequence, head), walking the sequence's mini-batches with the inner weights kept on
   chip: the loss gradients, the dual-form outputs with the output LayerNorm and residual, and the
   weight updates, for TTT-Linear and TTT-MLP, for rows or packed sequences (``cu_seqlens``), from a
@@ -36,15 +36,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.autograd.function import once_differentiable
 
-from ttt_mixer.ops.chunk import ttt_chunk
-from ttt_mixer.ops.common import InnerModel, get_inner_model, token_scale, validate_inputs
-from ttt_mixer.ops.triton_kernels import INTERPRET, launch_forward
+from ttt_mixer.ops.ttt.checks import (
+    check_checkpoint_every,
+    check_decode_step,
+    check_inputs,
+    check_triton_inputs,
+)
+from ttt_mixer.ops.ttt.chunk import ttt_chunk
+from ttt_mixer.ops.ttt.inner import InnerModel, get_inner_model, token_scale
+from ttt_mixer.ops.ttt.state import State, pack_state, state_position, state_tensors
+from ttt_mixer.ops.ttt.state import initial_state as make_initial_state
+from ttt_mixer.ops.ttt.triton_helpers import DOT_PRECISION, INTERPRET, TORCH_TO_TRITON
+from ttt_mixer.ops.ttt.triton_linear import LINEAR_KERNEL, LINEAR_META
+from ttt_mixer.ops.ttt.triton_mlp import MLP_KERNEL, MLP_META
 
 __all__ = ["ttt_chunk_triton", "ttt_step_triton"]
-
-State = tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -89,8 +98,7 @@ def ttt_chunk_triton(
     weights are kept every that many mini-batches, and the backward pass recomputes that many
     mini-batches at a time (memory: T / (b checkpoint_every) states plus one segment's activations).
     """
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    check_checkpoint_every(checkpoint_every)
     params, call = _prepare(
         inner_model, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps,
         checkpoint_every,
@@ -122,13 +130,7 @@ def ttt_step_triton(
         inner_model, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps,
         checkpoint_every=1,  # a step touches one mini-batch: the backward is a single segment
     )  # fmt: skip
-    T = q.shape[1]
-    if cu_seqlens is None and T != 1:
-        raise ValueError(f"the decode step reads one token per sequence: q must be [B, 1, H, d], got T = {T}")
-    if cu_seqlens is not None and bool((call.seq_len > 1).any()):
-        raise ValueError(
-            "the decode step reads at most one token per sequence: cu_seqlens segments must be 0 or 1"
-        )
+    check_decode_step(q, cu_seqlens)
     return _run(
         call, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, output_final_state
     )
@@ -152,19 +154,10 @@ def _prepare(
     """Validate the inputs and lay the sequences out (see ``_Call``)."""
     inner = get_inner_model(inner_model)
     params = list(params)
-    num_sequences = validate_inputs(
+    num_sequences = check_inputs(
         inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens
     )
-    if ln_weight is None or ln_bias is None:
-        raise ValueError(
-            "the Triton TTT kernels need the inner LayerNorm: ln_weight and ln_bias must be tensors, "
-            "not None (use ttt_chunk / ttt_step for f = f_res)"
-        )
-    if q.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(
-            f"the Triton TTT kernels need CUDA tensors (got {q.device}), or the Triton interpreter "
-            "(the TRITON_INTERPRET environment variable set to 1 before ttt_mixer is imported)"
-        )
+    check_triton_inputs(q, ln_weight, ln_bias, INTERPRET)
     B, T = q.shape[:2]
     device = q.device
     if cu_seqlens is None:
@@ -176,7 +169,7 @@ def _prepare(
     if initial_state is None:
         position = torch.zeros(num_sequences, device=device, dtype=torch.long)
     else:
-        position = initial_state[0].to(device=device, dtype=torch.long).contiguous()
+        position = state_position(initial_state).to(device=device, dtype=torch.long).contiguous()
     call = _Call(
         inner=inner,
         seq_start=seq_start,
@@ -204,7 +197,7 @@ def _run(
     output_final_state: bool,
 ) -> tuple[torch.Tensor, State | None]:
     """The forward kernel, through the autograd function when a gradient is needed."""
-    state_floats = [] if initial_state is None else list(initial_state[1:])
+    state_floats = [] if initial_state is None else list(state_tensors(initial_state))
     tensors = (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state_floats)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         o, *final = _TTTTriton.apply(call, *tensors)
@@ -213,7 +206,8 @@ def _run(
     if not output_final_state:
         return o, None
     final_position = (call.position + call.seq_len) % call.mini_batch_size
-    return o, (final_position, *final)
+    num_weights = call.num_params
+    return o, pack_state(final_position, final[:num_weights], final[num_weights:])
 
 
 def _forward(
@@ -224,13 +218,11 @@ def _forward(
     params, state_floats = tensors[7 : 7 + call.num_params], tensors[7 + call.num_params :]
     compute = torch.promote_types(q.dtype, torch.float32)
     N = call.seq_start.shape[0]
-    if call.has_initial_state:
-        state = [t.to(compute).contiguous() for t in state_floats]
-    else:
-        weights = [p.to(compute).unsqueeze(0).expand(N, *p.shape).contiguous() for p in params]
-        state = weights + [torch.zeros_like(w) for w in weights]
+    if not call.has_initial_state:
+        state_floats = state_tensors(make_initial_state(call.inner, [p.to(compute) for p in params], N))
+    state = [t.to(compute).contiguous() for t in state_floats]
     num_checkpoints = _num_segments(call) - 1 if store_checkpoints else 0
-    o, final, checkpoints = launch_forward(
+    o, final, checkpoints = _launch_forward(
         call.inner,
         *(t.contiguous() for t in (q, k, v, lr)),
         token_scale(token_offset.to(compute)).contiguous(),
@@ -245,6 +237,67 @@ def _forward(
         call.eps,
     )
     return o, final, checkpoints
+
+
+def _launch_forward(
+    inner: InnerModel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    tau: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    seq_start: torch.Tensor,
+    seq_len: torch.Tensor,
+    position: torch.Tensor,
+    state: list[torch.Tensor],
+    num_checkpoints: int,
+    checkpoint_every: int,
+    eps: float,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Run the forward kernel over N sequences.
+
+    q, k, v [B, T, H, d] and lr [B, T, H] (contiguous, any float dtype); tau [b] the token scale;
+    ln_weight, ln_bias [H, d]; seq_start, seq_len, position [N] int64: sequence n is flattened tokens
+    seq_start[n] .. + seq_len[n], starting at ``position[n]`` in its mini-batch; state: the state's
+    floating tensors (W1, b1, [W2, b2,] S_W1, S_b1, [S_W2, S_b2]) [N, H, ...], contiguous, in the
+    compute dtype (float32 or float64). Returns the outputs (dtype of q), the final state's floating
+    tensors, and, when num_checkpoints > 0, the weights (W1, b1, [W2, b2]) [num_checkpoints, N, H, ...]
+    at the start of mini-batches checkpoint_every, 2 checkpoint_every, ... of each sequence.
+    """
+    H, d = q.shape[2:]
+    N = seq_start.shape[0]
+    b = tau.shape[0]
+    compute = state[0].dtype
+    num_weights = len(state) // 2
+    o = torch.empty_like(q)
+    weights, sums = state[:num_weights], state[num_weights:]
+    # the MLP kernel writes the output accumulators only where they end non-zero
+    final = [torch.empty_like(t) for t in weights] + [torch.zeros_like(t) for t in sums]
+    store_checkpoints = num_checkpoints > 0
+    checkpoints = (
+        [t.new_empty(num_checkpoints, *t.shape) for t in weights]
+        if store_checkpoints
+        else final[:num_weights]  # placeholders, never written
+    )
+    common = {
+        "eps": eps,
+        "checkpoint_every": checkpoint_every,
+        "STORE_CHECKPOINTS": store_checkpoints,
+        "BLOCK_T": max(16, triton.next_power_of_2(b)),
+        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        "COMPUTE": TORCH_TO_TRITON[compute],
+        "PRECISION": DOT_PRECISION[q.dtype],
+    }
+    tokens = (q, k, v, lr, o, tau, ln_weight, ln_bias, seq_start, seq_len, position)
+    if inner.num_layers == 1:
+        LINEAR_KERNEL[(N, H)](*tokens, *state, *final, *checkpoints, H, d, b, **common, **LINEAR_META)
+    else:
+        MLP_KERNEL[(N, H)](
+            *tokens, *state, *final, *checkpoints, H, d, inner.layer_shapes(d)[0][1], b, **common, **MLP_META
+        )
+    return o, final, checkpoints if store_checkpoints else []
 
 
 def _num_segments(call: _Call) -> int:
@@ -303,8 +356,7 @@ def _backward(
     if call.has_initial_state:
         initial = [t.detach().to(compute) for t in state_floats]
     else:
-        weights = [p.unsqueeze(0).expand(N, *p.shape) for p in compute_params]
-        initial = weights + [torch.zeros_like(w) for w in weights]
+        initial = list(state_tensors(make_initial_state(call.inner, compute_params, N)))
 
     grad_tokens = [torch.zeros_like(t) for t in tokens]
     grad_shared = [torch.zeros_like(t) for t in shared]
@@ -347,13 +399,17 @@ def _backward(
                 *token_leaves,
                 *shared_leaves,
                 compute_params,
-                initial_state=(position, *start_leaves),
+                initial_state=pack_state(position, start_leaves[:num_weights], start_leaves[num_weights:]),
                 output_final_state=True,
                 cu_seqlens=cu_seqlens,
                 eps=call.eps,
             )
             # an end state that does not depend on the inputs (all-zero accumulators) takes no gradient
-            ends = [(t, g[active]) for t, g in zip(end_state[1:], grad_state, strict=True) if t.requires_grad]
+            ends = [
+                (t, g[active])
+                for t, g in zip(state_tensors(end_state), grad_state, strict=True)
+                if t.requires_grad
+            ]
             leaves = token_leaves + shared_leaves + start_leaves
             grads = torch.autograd.grad(
                 [o, *(t for t, _ in ends)],
