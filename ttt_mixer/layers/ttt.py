@@ -21,7 +21,7 @@ from ttt_mixer.layers.checks import (
     resolve_backend,
 )
 from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
-from ttt_mixer.ops import ttt_chunk, ttt_chunk_triton, ttt_step, ttt_step_triton
+from ttt_mixer.ops import state_position, ttt_chunk, ttt_chunk_triton, ttt_step, ttt_step_triton
 from ttt_mixer.ops.ttt.grid import minibatch_positions
 from ttt_mixer.ops.ttt.inner import get_inner_model
 
@@ -163,7 +163,7 @@ class TTTLayer(nn.Module):
         conv_state = last_state["conv_state"] if last_state is not None else None
         conv_q, conv_k = conv_state if self.share_qk and conv_state is not None else (None, None)
         if recurrent_state is not None:
-            check_cache_batch(type(self).__name__, recurrent_state[0].shape[0], num_sequences)
+            check_cache_batch(type(self).__name__, state_position(recurrent_state).shape[0], num_sequences)
 
         if self.share_qk:
             shared = self.q_proj(hidden_states)
@@ -176,7 +176,7 @@ class TTTLayer(nn.Module):
         lr = self.base_lr / self.head_dim * torch.sigmoid(self.lr_proj(hidden_states))
         if self.use_rope:
             start = (
-                recurrent_state[0]
+                state_position(recurrent_state)
                 if recurrent_state is not None
                 else torch.zeros(num_sequences, dtype=torch.long, device=q.device)
             )
