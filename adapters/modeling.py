@@ -76,7 +76,13 @@ class MixerDecoderMixin:
         ``output_attentions=True``: attention layers give their weights [B, H, T, L], the other
         mixers None."""
         inputs_embeds, cache, use_cache = decoder_inputs(
-            self, input_ids, inputs_embeds, cache_argument(cache, past_key_values), use_cache
+            self,
+            input_ids,
+            attention_mask,
+            inputs_embeds,
+            cache_argument(cache, past_key_values),
+            use_cache,
+            attention_layers=[mixer == "attention" for mixer in self.config.mixers],
         )
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states

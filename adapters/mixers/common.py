@@ -44,7 +44,8 @@ def check_inputs(
 ) -> torch.Tensor | None:
     """Checks hidden_states [B, T, hidden_size] and the 0/1 padding mask [B, L >= T]; returns the mask
     of the current tokens (its last T columns) as bool, or None when they are all real tokens."""
-    batch_size, q_len = check_hidden_states(type(module).__name__, hidden_states, module.hidden_size)
+    dtype = next(module.parameters()).dtype
+    batch_size, q_len = check_hidden_states(type(module).__name__, hidden_states, module.hidden_size, dtype)
     return padding_mask(attention_mask, batch_size, q_len)
 
 

@@ -3,6 +3,7 @@ hidden states, padding masks, a cache's batch and backend names."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -29,9 +30,12 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def check_hidden_states(owner: str, hidden_states: torch.Tensor, hidden_size: int) -> tuple[int, int]:
+def check_hidden_states(
+    owner: str, hidden_states: torch.Tensor, hidden_size: int, dtype: torch.dtype | None = None
+) -> tuple[int, int]:
     """(batch_size, seq_len) of ``hidden_states``; an error naming ``owner`` unless it is a floating
-    tensor [batch_size, seq_len >= 1, hidden_size]."""
+    tensor [batch_size, seq_len >= 1, hidden_size] of the module's ``dtype`` (any floating dtype under
+    autocast, which mixes them on purpose)."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
         raise ValueError(
             f"{owner}: hidden_states must be a tensor of shape [batch_size, seq_len, hidden_size]"
@@ -41,6 +45,14 @@ def check_hidden_states(owner: str, hidden_states: torch.Tensor, hidden_size: in
     if hidden_states.shape[-1] != hidden_size:
         raise ValueError(
             f"{owner}: hidden_states last dim must be hidden_size = {hidden_size}, got {hidden_states.shape[-1]}"
+        )
+    if (
+        dtype is not None
+        and hidden_states.dtype != dtype
+        and not torch.is_autocast_enabled(hidden_states.device.type)
+    ):
+        raise TypeError(
+            f"{owner}: hidden_states must have the module's dtype {dtype}, got {hidden_states.dtype}"
         )
     batch_size, seq_len, _ = hidden_states.shape
     if seq_len == 0:
@@ -73,3 +85,24 @@ def check_cache_batch(owner: str, cached: int, batch_size: int) -> None:
     """ValueError unless a cache holding ``cached`` sequences fits an input of ``batch_size``."""
     if cached != batch_size:
         raise ValueError(f"{owner}: the cache holds {cached} sequences but the input has {batch_size}")
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> None:
+    """TypeError unless ``value`` is an int (not a bool), ValueError unless it is >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_positive_float(name: str, value: object) -> None:
+    """TypeError unless ``value`` is a real number (not a bool), ValueError unless finite and > 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a finite number > 0, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")

@@ -15,8 +15,11 @@ from torch import nn
 
 from ttt_mixer.layers.checks import (
     check_backend,
+    check_bool,
     check_cache_batch,
     check_hidden_states,
+    check_int,
+    check_positive_float,
     padding_mask,
     resolve_backend,
 )
@@ -28,6 +31,25 @@ from ttt_mixer.ops.ttt.inner import get_inner_model
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
 # backend -> (whole-sequence op, decode-step op)
 BACKENDS = {"torch": (ttt_chunk, ttt_step), "triton": (ttt_chunk_triton, ttt_step_triton)}
+
+
+def check_layer_options(options: dict[str, object], names: dict[str, str] | None = None) -> None:
+    """Checks TTTLayer's constructor options (a subset, by their TTTLayer names); ``names`` maps an
+    option to the name its caller knows it by (TTTConfig's field names), for the messages."""
+    names = names or {}
+    for option, value in options.items():
+        name = names.get(option, option)
+        if option in ("hidden_size", "num_heads", "mini_batch_size", "conv_size"):
+            check_int(name, value)
+        elif option in ("share_qk", "use_gate", "use_rope"):
+            check_bool(name, value)
+        elif option in ("rope_theta", "norm_eps") or (option == "base_lr" and value is not None):
+            check_positive_float(name, value)
+    if options["hidden_size"] % options["num_heads"]:
+        raise ValueError(
+            f"{names.get('hidden_size', 'hidden_size')} ({options['hidden_size']}) must be divisible by "
+            f"{names.get('num_heads', 'num_heads')} ({options['num_heads']})"
+        )
 
 
 class TTTLayer(nn.Module):
@@ -73,12 +95,20 @@ class TTTLayer(nn.Module):
         self.inner = get_inner_model(inner_model)
         check_backend(backend)
         self.backend = backend
-        if not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        if not isinstance(num_heads, int) or num_heads < 1 or hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-        if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be an int >= 1, got {mini_batch_size!r}")
+        check_layer_options(
+            {
+                "hidden_size": hidden_size,
+                "num_heads": num_heads,
+                "mini_batch_size": mini_batch_size,
+                "base_lr": base_lr,
+                "share_qk": share_qk,
+                "conv_size": conv_size,
+                "use_gate": use_gate,
+                "use_rope": use_rope,
+                "rope_theta": rope_theta,
+                "norm_eps": norm_eps,
+            }
+        )
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
@@ -148,7 +178,9 @@ class TTTLayer(nn.Module):
         marks packed sequences (batch size 1); ``cache_offset`` in kwargs is the number of positions
         this call adds to the cache's length (default T: a model that packs a padded batch before its
         layers passes the padded length); other fla keyword arguments are accepted and unused."""
-        batch_size, q_len = check_hidden_states(type(self).__name__, hidden_states, self.hidden_size)
+        batch_size, q_len = check_hidden_states(
+            type(self).__name__, hidden_states, self.hidden_size, self.q_proj.weight.dtype
+        )
         attention_mask = None if padding_mask(attention_mask, batch_size, q_len) is None else attention_mask
         if attention_mask is not None and kwargs.get("cu_seqlens") is not None:
             raise ValueError("give either cu_seqlens (packed input) or a padding attention_mask, not both")

@@ -149,31 +149,101 @@ class CausalLMGenerationMixin(GenerationMixin):
 def decoder_inputs(
     decoder: PreTrainedModel,
     input_ids: torch.LongTensor | None,
+    attention_mask: torch.Tensor | None,
     inputs_embeds: torch.FloatTensor | None,
     cache: Cache | None,
     use_cache: bool | None,
+    attention_layers: list[bool],
 ) -> tuple[torch.Tensor, Cache | None, bool]:
-    """Checks a decoder's inputs and returns (embeddings [B, T, D], the cache to use, use_cache)."""
+    """Checks a decoder's inputs and returns (embeddings [B, T, D], the cache to use, use_cache).
+
+    ``attention_layers[i]``: whether layer i keeps keys and values (else a recurrent state), so that a
+    cache from another model is refused rather than read as if it were this one's."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids and inputs_embeds")
-    if input_ids is not None and input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape [batch_size, seq_len], got {list(input_ids.shape)}")
+    if input_ids is not None:
+        check_input_ids(input_ids, decoder.config.vocab_size)
+        inputs_embeds = decoder.get_input_embeddings()(input_ids)
+    else:
+        check_inputs_embeds(inputs_embeds, decoder.get_input_embeddings().weight)
+    if inputs_embeds.shape[1] == 0:
+        raise ValueError("input must hold at least one token (seq_len >= 1)")
+    if attention_mask is not None and attention_mask.dim() == 2 and not is_tracing():
+        empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"attention_mask rows {empty} are all 0 (padding): each sequence needs a token")
     if cache is not None and not isinstance(cache, (Cache, list, tuple)):
         raise TypeError(
             "cache must be an fla Cache (fla.models.utils.Cache, as generate and earlier calls return it) "
             f"or None, got {type(cache).__name__}; this model keeps recurrent states, which "
             "transformers' caches (DynamicCache, StaticCache) cannot hold"
         )
-    if inputs_embeds is None:
-        inputs_embeds = decoder.get_input_embeddings()(input_ids)
-    if inputs_embeds.shape[1] == 0:
-        raise ValueError("input must hold at least one token (seq_len >= 1)")
     use_cache = use_cache if use_cache is not None else (decoder.config.use_cache and not decoder.training)
     if cache is not None and not isinstance(cache, Cache):
         cache = Cache.from_legacy_cache(cache)
+    if cache is not None:
+        check_cache_fits(cache, attention_layers)
     if use_cache and cache is None:
         cache = Cache()
     return inputs_embeds, cache, use_cache
+
+
+def is_tracing() -> bool:
+    # checks that read values back to the host are skipped under torch.compile / export
+    return torch.compiler.is_compiling()
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """TypeError unless ``input_ids`` is an integer tensor [batch_size, seq_len]; ValueError for an
+    id outside [0, vocab_size)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+        kind = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids must be an integer tensor of token ids [batch_size, seq_len], got {kind}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch_size, seq_len], got {list(input_ids.shape)}")
+    if input_ids.numel() and not is_tracing():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size = {vocab_size}), got ids from {low} to {high}"
+            )
+
+
+def check_inputs_embeds(inputs_embeds: torch.Tensor, embedding: torch.Tensor) -> None:
+    """ValueError/TypeError unless ``inputs_embeds`` is [batch_size, seq_len, hidden_size] in the
+    embedding matrix's dtype."""
+    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+        raise ValueError("inputs_embeds must be a tensor of shape [batch_size, seq_len, hidden_size]")
+    if inputs_embeds.shape[-1] != embedding.shape[-1]:
+        raise ValueError(
+            f"inputs_embeds last dim must be hidden_size = {embedding.shape[-1]}, got {inputs_embeds.shape[-1]}"
+        )
+    if inputs_embeds.dtype != embedding.dtype:
+        raise TypeError(
+            f"inputs_embeds must have the model's dtype {embedding.dtype}, got {inputs_embeds.dtype}"
+        )
+
+
+def check_cache_fits(cache: Cache, attention_layers: list[bool]) -> None:
+    """ValueError unless ``cache`` is empty or holds this model's layers: as many, attention states
+    where the model has attention and recurrent states elsewhere."""
+    if len(cache) == 0:
+        return
+    if len(cache) != len(attention_layers):
+        raise ValueError(
+            f"the cache holds {len(cache)} layers but the model has {len(attention_layers)}: it comes from another model"
+        )
+    for i, (entry, attention) in enumerate(zip(cache, attention_layers, strict=True)):
+        entry = entry or {}
+        if (attention and entry.get("recurrent_state") is not None) or (
+            not attention and entry.get("attn_state") is not None
+        ):
+            held, expected = (
+                ("a recurrent state", "attention") if attention else ("keys and values", "recurrent")
+            )
+            raise ValueError(
+                f"the cache's layer {i} holds {held} but layer {i} of the model is {expected}: it comes from another model"
+            )
 
 
 def decoder_output(

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import difflib
+import inspect
+
 from transformers.configuration_utils import PretrainedConfig
 
+from ttt_mixer.layers.checks import check_bool, check_int, check_positive_float
+from ttt_mixer.layers.ttt import check_layer_options
 from ttt_mixer.ops.ttt.inner import INNER_MODELS
 
 BACKBONES = ("transformer", "mamba")
@@ -10,6 +15,44 @@ BACKBONE_DEFAULTS = {
     "transformer": {"pre_conv": False, "share_qk": False, "use_gate": False},
     "mamba": {"pre_conv": True, "share_qk": True, "use_gate": True},
 }
+
+
+# TTTLayer's option -> the field of this config that sets it
+LAYER_OPTION_FIELDS = {
+    "num_heads": "num_attention_heads",
+    "base_lr": "ttt_base_lr",
+    "conv_size": "conv_kernel",
+    "norm_eps": "ttt_norm_eps",
+}
+# what transformers itself writes into or hands to any config (from_pretrained's valid_fields), beyond
+# PretrainedConfig's own fields
+TRANSFORMERS_FIELDS = {
+    "auto_map",
+    "name_or_path",
+    "num_labels",
+    "attn_implementation",
+    "_attn_implementation",
+    "experts_implementation",
+    "torch_dtype",
+    "use_return_dict",
+}
+
+
+def reject_unknown_fields(owner: str, kwargs: dict, known: object) -> None:
+    """TypeError naming every field of ``kwargs`` that neither this config (``known``) nor
+    transformers' PretrainedConfig knows, with the closest known name: transformers would store
+    it silently, and a misspelt field would then be ignored."""
+    generic = set(PretrainedConfig().to_dict()) | set(inspect.signature(PretrainedConfig.__init__).parameters)
+    allowed = set(known) | generic | TRANSFORMERS_FIELDS
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        hints = [
+            f"{name!r} (did you mean {close[0]!r}?)"
+            if (close := difflib.get_close_matches(name, allowed, 1))
+            else repr(name)
+            for name in unknown
+        ]
+        raise TypeError(f"{owner} got unknown field(s) {', '.join(hints)}")
 
 
 class TTTConfig(PretrainedConfig):
@@ -55,13 +98,35 @@ class TTTConfig(PretrainedConfig):
             raise ValueError(f"ttt_layer_type must be one of {INNER_MODELS}, got {ttt_layer_type!r}")
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
-        if hidden_size % num_attention_heads != 0:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
-            )
-        if mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        reject_unknown_fields(type(self).__name__, kwargs, inspect.signature(type(self).__init__).parameters)
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("intermediate_size", intermediate_size),
+            ("num_hidden_layers", num_hidden_layers),
+        ):
+            check_int(name, value)
+        check_positive_float("rms_norm_eps", rms_norm_eps)
         defaults = BACKBONE_DEFAULTS[backbone]
+        flags = {
+            name: defaults[name] if value is None else value
+            for name, value in (("pre_conv", pre_conv), ("share_qk", share_qk), ("use_gate", use_gate))
+        }
+        check_bool("pre_conv", flags["pre_conv"])
+        check_layer_options(
+            {
+                "hidden_size": hidden_size,
+                "num_heads": num_attention_heads,
+                "mini_batch_size": mini_batch_size,
+                "base_lr": ttt_base_lr,
+                "share_qk": flags["share_qk"],
+                "conv_size": conv_kernel,
+                "use_gate": flags["use_gate"],
+                "use_rope": use_rope,
+                "rope_theta": rope_theta,
+                "norm_eps": ttt_norm_eps,
+            },
+            names=LAYER_OPTION_FIELDS,
+        )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -71,9 +136,9 @@ class TTTConfig(PretrainedConfig):
         self.ttt_layer_type = ttt_layer_type
         self.ttt_base_lr = ttt_base_lr
         self.backbone = backbone
-        self.pre_conv = defaults["pre_conv"] if pre_conv is None else pre_conv
-        self.share_qk = defaults["share_qk"] if share_qk is None else share_qk
-        self.use_gate = defaults["use_gate"] if use_gate is None else use_gate
+        self.pre_conv = flags["pre_conv"]
+        self.share_qk = flags["share_qk"]
+        self.use_gate = flags["use_gate"]
         self.conv_kernel = conv_kernel
         self.use_rope = use_rope
         self.rope_theta = rope_theta

@@ -164,7 +164,13 @@ class TTTModel(TTTPreTrainedModel):
         of packed sequences (batch size 1) instead of a mask. TTT has no attention weights:
         ``output_attentions=True`` gives None for each layer."""
         inputs_embeds, cache, use_cache = decoder_inputs(
-            self, input_ids, inputs_embeds, cache_argument(cache, past_key_values), use_cache
+            self,
+            input_ids,
+            attention_mask,
+            inputs_embeds,
+            cache_argument(cache, past_key_values),
+            use_cache,
+            attention_layers=[False] * len(self.layers),
         )
         batch_size, q_len = inputs_embeds.shape[:2]
         output_hidden_states = (
