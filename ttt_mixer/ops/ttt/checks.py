@@ -3,6 +3,8 @@ counterparts) checks its arguments here before any work, so that all raise the s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ttt_mixer.ops.ttt.inner import InnerModel
@@ -37,8 +39,12 @@ def check_inputs(
     params: list[torch.Tensor],
     initial_state: State | None,
     cu_seqlens: torch.Tensor | None,
+    eps: float,
 ) -> int:
     """Check every input of a TTT op before any work; returns the number of sequences N."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+        # LayerNorm divides by sqrt(var + eps): eps <= 0 gives NaN for constant rows
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if q.dim() != 4:

@@ -64,7 +64,7 @@ def ttt_chunk(
     inner = get_inner_model(inner_model)
     params = list(params)
     num_sequences = check_inputs(
-        inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens
+        inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps
     )
     B, T = q.shape[:2]
     b = token_offset.shape[0]

@@ -109,7 +109,7 @@ def ttt_primal(
     """Same arguments and results as ``ttt_chunk``, computed in the primal form."""
     inner = get_inner_model(inner_model)
     params = list(params)
-    check_inputs(inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens)
+    check_inputs(inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps)
     B, T, H, d = q.shape
     b = token_offset.shape[0]
     n_params = len(params)

@@ -44,7 +44,7 @@ def ttt_step(
     inner = get_inner_model(inner_model)
     params = list(params)
     num_sequences = check_inputs(
-        inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens
+        inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps
     )
     check_decode_step(q, cu_seqlens)
     B, T, H, d = q.shape

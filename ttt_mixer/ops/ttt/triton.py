@@ -49,7 +49,15 @@ from ttt_mixer.ops.ttt.chunk import ttt_chunk
 from ttt_mixer.ops.ttt.inner import InnerModel, get_inner_model, token_scale
 from ttt_mixer.ops.ttt.state import State, pack_state, state_position, state_tensors
 from ttt_mixer.ops.ttt.state import initial_state as make_initial_state
-from ttt_mixer.ops.ttt.triton_helpers import DOT_PRECISION, INTERPRET, TORCH_TO_TRITON
+from ttt_mixer.ops.ttt.triton_helpers import (
+    DOT_PRECISION,
+    INTERPRET,
+    TORCH_TO_TRITON,
+    Dims,
+    Sequences,
+    Shared,
+    Tokens,
+)
 from ttt_mixer.ops.ttt.triton_linear import LINEAR_KERNEL, LINEAR_META
 from ttt_mixer.ops.ttt.triton_mlp import MLP_KERNEL, MLP_META
 
@@ -155,7 +163,7 @@ def _prepare(
     inner = get_inner_model(inner_model)
     params = list(params)
     num_sequences = check_inputs(
-        inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens
+        inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps
     )
     check_triton_inputs(q, ln_weight, ln_bias, INTERPRET)
     B, T = q.shape[:2]
@@ -213,91 +221,55 @@ def _run(
 def _forward(
     call: _Call, *tensors: torch.Tensor, store_checkpoints: bool
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Launch the kernel on (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state floats)."""
+    """Run the forward kernel on (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state floats)
+    over the call's N sequences.
+
+    Returns the outputs (dtype of q), the final state's floating tensors (W1, b1, [W2, b2,] S_W1, S_b1,
+    [S_W2, S_b2]) [N, H, ...] in the compute dtype (float32 or float64), and, with store_checkpoints,
+    the weights (W1, b1, [W2, b2]) [num_checkpoints, N, H, ...] at the start of mini-batches
+    checkpoint_every, 2 checkpoint_every, ... of each sequence (none when one segment covers them).
+    """
     q, k, v, lr, token_offset, ln_weight, ln_bias = tensors[:7]
     params, state_floats = tensors[7 : 7 + call.num_params], tensors[7 + call.num_params :]
-    compute = torch.promote_types(q.dtype, torch.float32)
+    H, d = q.shape[2:]
     N = call.seq_start.shape[0]
+    b = call.mini_batch_size
+    compute = torch.promote_types(q.dtype, torch.float32)
     if not call.has_initial_state:
         state_floats = state_tensors(make_initial_state(call.inner, [p.to(compute) for p in params], N))
     state = [t.to(compute).contiguous() for t in state_floats]
-    num_checkpoints = _num_segments(call) - 1 if store_checkpoints else 0
-    o, final, checkpoints = _launch_forward(
-        call.inner,
-        *(t.contiguous() for t in (q, k, v, lr)),
-        token_scale(token_offset.to(compute)).contiguous(),
-        ln_weight.contiguous(),
-        ln_bias.contiguous(),
-        call.seq_start,
-        call.seq_len,
-        call.position,
-        state,
-        num_checkpoints,
-        call.checkpoint_every,
-        call.eps,
-    )
-    return o, final, checkpoints
-
-
-def _launch_forward(
-    inner: InnerModel,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lr: torch.Tensor,
-    tau: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    seq_start: torch.Tensor,
-    seq_len: torch.Tensor,
-    position: torch.Tensor,
-    state: list[torch.Tensor],
-    num_checkpoints: int,
-    checkpoint_every: int,
-    eps: float,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Run the forward kernel over N sequences.
-
-    q, k, v [B, T, H, d] and lr [B, T, H] (contiguous, any float dtype); tau [b] the token scale;
-    ln_weight, ln_bias [H, d]; seq_start, seq_len, position [N] int64: sequence n is flattened tokens
-    seq_start[n] .. + seq_len[n], starting at ``position[n]`` in its mini-batch; state: the state's
-    floating tensors (W1, b1, [W2, b2,] S_W1, S_b1, [S_W2, S_b2]) [N, H, ...], contiguous, in the
-    compute dtype (float32 or float64). Returns the outputs (dtype of q), the final state's floating
-    tensors, and, when num_checkpoints > 0, the weights (W1, b1, [W2, b2]) [num_checkpoints, N, H, ...]
-    at the start of mini-batches checkpoint_every, 2 checkpoint_every, ... of each sequence.
-    """
-    H, d = q.shape[2:]
-    N = seq_start.shape[0]
-    b = tau.shape[0]
-    compute = state[0].dtype
-    num_weights = len(state) // 2
+    weights, sums = state[: call.num_params], state[call.num_params :]
+    q, k, v, lr = (t.contiguous() for t in (q, k, v, lr))
     o = torch.empty_like(q)
-    weights, sums = state[:num_weights], state[num_weights:]
     # the MLP kernel writes the output accumulators only where they end non-zero
     final = [torch.empty_like(t) for t in weights] + [torch.zeros_like(t) for t in sums]
-    store_checkpoints = num_checkpoints > 0
+    num_checkpoints = _num_segments(call) - 1 if store_checkpoints else 0
     checkpoints = (
         [t.new_empty(num_checkpoints, *t.shape) for t in weights]
-        if store_checkpoints
-        else final[:num_weights]  # placeholders, never written
+        if num_checkpoints > 0
+        else final[: call.num_params]  # placeholders, never written
     )
-    common = {
-        "eps": eps,
-        "checkpoint_every": checkpoint_every,
-        "STORE_CHECKPOINTS": store_checkpoints,
-        "BLOCK_T": max(16, triton.next_power_of_2(b)),
-        "BLOCK_D": max(16, triton.next_power_of_2(d)),
-        "COMPUTE": TORCH_TO_TRITON[compute],
-        "PRECISION": DOT_PRECISION[q.dtype],
-    }
-    tokens = (q, k, v, lr, o, tau, ln_weight, ln_bias, seq_start, seq_len, position)
-    if inner.num_layers == 1:
-        LINEAR_KERNEL[(N, H)](*tokens, *state, *final, *checkpoints, H, d, b, **common, **LINEAR_META)
-    else:
-        MLP_KERNEL[(N, H)](
-            *tokens, *state, *final, *checkpoints, H, d, inner.layer_shapes(d)[0][1], b, **common, **MLP_META
-        )
-    return o, final, checkpoints if store_checkpoints else []
+    kernel, meta = (LINEAR_KERNEL, LINEAR_META) if call.inner.num_layers == 1 else (MLP_KERNEL, MLP_META)
+    kernel[(N, H)](
+        Tokens(q, k, v, lr, o),
+        Shared(
+            token_scale(token_offset.to(compute)).contiguous(), ln_weight.contiguous(), ln_bias.contiguous()
+        ),
+        Sequences(call.seq_start, call.seq_len, call.position),
+        tuple(state),
+        tuple(final),
+        tuple(checkpoints),
+        Dims(d, call.inner.layer_shapes(d)[0][1], b),
+        call.checkpoint_every,
+        call.eps,
+        STORE_CHECKPOINTS=num_checkpoints > 0,
+        BLOCK_T=max(16, triton.next_power_of_2(b)),
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        COMPUTE=TORCH_TO_TRITON[compute],
+        PRECISION=DOT_PRECISION[q.dtype],
+        **meta,
+    )
+    return o, final, checkpoints if num_checkpoints > 0 else []
 
 
 def _num_segments(call: _Call) -> int:
