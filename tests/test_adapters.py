@@ -192,8 +192,16 @@ def test_full_attention_mistral_and_qwen2_swap_like_llama(make_base, tmp_path: P
             rtol=1e-5,
         )
         assert torch.equal(reloaded(ids).logits, same(ids).logits)
-        hybrid_logits = swap(base, "ttt_linear", [1])(ids).logits
-    assert hybrid_logits.shape == (2, 13, VOCAB) and torch.isfinite(hybrid_logits).all()
+        # a TTT hybrid keeps layer 0 as it was, then differs, and decodes exactly with its cache
+        hybrid_model = swap(base, "ttt_linear", [1])
+        hybrid_out = hybrid_model(ids, output_hidden_states=True)
+        base_out = base(ids, output_hidden_states=True)
+        torch.testing.assert_close(
+            hybrid_out.hidden_states[1], base_out.hidden_states[1], atol=1e-5, rtol=1e-5
+        )
+        assert not torch.allclose(hybrid_out.logits, base_out.logits, atol=1e-3)
+        generated = hybrid_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        assert torch.equal(generated, greedy_without_cache(hybrid_model, ids, 4, mask))
 
 
 def test_mamba_layers_reproduce_mamba() -> None:
