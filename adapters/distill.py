@@ -46,13 +46,29 @@ def _batches(input_ids: torch.Tensor, batch_size: int, steps: int, seed: int) ->
         yield input_ids[torch.randint(len(input_ids), (batch_size,), generator=generator)]
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced a non-finite loss or weights; the student must not be used or saved."""
+
+
+def _check_finite(stage: str, step: int, loss: float, parameters: list[nn.Parameter] | None = None) -> None:
+    """Stops training whose loss (or, at the end of a stage, weights) stopped being finite: a step's
+    loss shows the weights of the step before, ``parameters`` the last step's."""
+    if not math.isfinite(loss) or (
+        parameters is not None and not all(p.isfinite().all() for p in parameters)
+    ):
+        raise NonFiniteTrainingError(
+            f"distill: the {stage} stage became non-finite at step {step} (loss {loss:.4g}); lower lr. "
+            "The student's weights are unusable: nothing was saved"
+        )
+
+
 def _check(input_ids: Any, batch_size: int, lr: float, steps: dict[str, int]) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a LongTensor [num_sequences, seq_len]")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     for name, value in steps.items():
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -114,10 +130,13 @@ def distill(
             loss.backward()
             optimizer.step()
             report.layerwise_losses.append(loss.item())
+            _check_finite("layer-wise", len(report.layerwise_losses), report.layerwise_losses[-1])
             bar.set_postfix(mse=f"{loss.item():.3g}")
     finally:
         for hook in hooks:
             hook.remove()
+    if report.layerwise_losses:
+        _check_finite("layer-wise", layerwise_steps, report.layerwise_losses[-1], parameters)
 
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     bar = tqdm(
@@ -133,7 +152,10 @@ def distill(
         loss.backward()
         optimizer.step()
         report.finetune_losses.append(loss.item())
+        _check_finite("fine-tune", len(report.finetune_losses), report.finetune_losses[-1])
         bar.set_postfix(loss=f"{loss.item():.3g}")
+    if report.finetune_losses:
+        _check_finite("fine-tune", finetune_steps, report.finetune_losses[-1], parameters)
     student.eval()
     return report
 

@@ -88,9 +88,17 @@ def parse_layers(layers: str | list[int] | tuple[int, ...], num_layers: int) -> 
         step = layers[len("every:") :]
         if not step.isdigit() or int(step) < 1:
             raise ValueError(f"layers: 'every:k' needs an integer k >= 1, got {layers!r}")
+        if int(step) > num_layers:
+            raise ValueError(
+                f"layers {layers!r} selects no layer of a model with {num_layers} layers: k must be <= {num_layers}"
+            )
         return list(range(int(step) - 1, num_layers, int(step)))
-    if isinstance(layers, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise ValueError(f"layers must be 'all', 'every:k' or a list of layer indices, got {layers!r}")
+    if (
+        isinstance(layers, str)
+        or not isinstance(layers, (list, tuple))
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    ):
+        raise TypeError(f"layers must be 'all', 'every:k' or a list of layer indices, got {layers!r}")
     indices = list(layers)
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:

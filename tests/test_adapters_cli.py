@@ -97,7 +97,9 @@ def test_swap_then_distill(llama_checkpoint: Path, tmp_path: Path, capsys: pytes
     ],
 )
 def test_swap_rejects_bad_arguments(
-    llama_checkpoint: Path, tmp_path: Path, args: list[str], message: str
+    llama_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(SystemExit) as error:
         main(["swap", str(llama_checkpoint), str(tmp_path / "out"), *args])
+    assert error.value.code == 2
+    assert re.search(f"^ttt-mixer swap: error: .*{re.escape(message)}", capsys.readouterr().err, re.M)

@@ -5,6 +5,7 @@ buckets) as PNGs, several models per figure, and rejects files it cannot plot wi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib.image
@@ -129,12 +130,16 @@ def test_plot_labels_lines_by_model_and_orders_points() -> None:
         ('{"results": {"t": {"acc,none": 0.5, "acc_stderr,none": 0.1}}}', "no plottable metric"),
     ],
 )
-def test_plot_rejects_files_it_cannot_plot(tmp_path: Path, content: str | None, message: str) -> None:
+def test_plot_rejects_files_it_cannot_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+) -> None:
     path = tmp_path / "results.json"
     if content is not None:
         path.write_text(content)
     with pytest.raises(PlotError, match=message):
         plot_results([path], tmp_path / "plots")
-    with pytest.raises(SystemExit, match=f"ttt-mixer plot: .*{message}"):
+    with pytest.raises(SystemExit) as error:
         cli_main(["plot", str(path), "--out", str(tmp_path / "plots")])
+    assert error.value.code == 2
+    assert re.search(f"ttt-mixer plot: error: .*{message}", capsys.readouterr().err)
     assert not (tmp_path / "plots").exists()

@@ -9,9 +9,18 @@ from pathlib import Path
 
 import torch
 
-from ttt_mixer.adapters.cli import add_distill_arguments, add_swap_arguments, distill_command, swap_command
+from ttt_mixer.adapters.cli import (
+    add_distill_arguments,
+    add_overwrite_argument,
+    add_swap_arguments,
+    distill_command,
+    swap_command,
+)
+from ttt_mixer.adapters.distill import NonFiniteTrainingError
+from ttt_mixer.arguments import non_negative_int, positive_int
 from ttt_mixer.decode_timing import decode_ms_per_step
 from ttt_mixer.models import TTTConfig, TTTForCausalLM
+from ttt_mixer.paths import prepare_output_folder
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
 
 DEMO_TEXT = (
@@ -23,9 +32,10 @@ DEMO_TEXT = (
 def _train(
     model: TTTForCausalLM, data: torch.Tensor, steps: int, seq_len: int, generator: torch.Generator
 ) -> float:
-    """Next-byte prediction on random windows of ``data``; returns the last loss."""
+    """Next-byte prediction on random windows of ``data``; returns the last loss (NaN for 0 steps)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
+    loss = torch.tensor(float("nan"))
     for _ in range(steps):
         starts = torch.randint(0, data.numel() - seq_len, (8,), generator=generator)
         batch = torch.stack([data[s : s + seq_len] for s in starts.tolist()])
@@ -80,6 +90,9 @@ def convert(args: argparse.Namespace) -> None:
     """Convert the authors' checkpoint folder to a ttt-mixer Hugging Face checkpoint."""
     from ttt_mixer.convert import from_ttt_lm_pytorch, load_ttt_lm_pytorch_checkpoint
 
+    if not args.source.is_dir():
+        raise FileNotFoundError(f"{args.source}: no such folder (their checkpoint folder)")
+    prepare_output_folder(args.destination, args.overwrite)
     state_dict, config = load_ttt_lm_pytorch_checkpoint(args.source)
     model = from_ttt_lm_pytorch(state_dict, config)
     model.save_pretrained(args.destination)
@@ -104,13 +117,9 @@ def evaluate(args: argparse.Namespace) -> None:
 def plot(args: argparse.Namespace) -> None:
     """Plot recall vs context length and perplexity vs position from lm-eval results JSONs, one
     PNG per (task, metric), one line per results file."""
-    from ttt_mixer.plotting import PlotError, plot_results
+    from ttt_mixer.plotting import plot_results
 
-    try:
-        written = plot_results(args.results, args.out)
-    except PlotError as error:
-        raise SystemExit(f"ttt-mixer plot: {error}") from None
-    for path in written:
+    for path in plot_results(args.results, args.out):
         print(path)
 
 
@@ -119,10 +128,7 @@ def recall_gap(args: argparse.Namespace) -> None:
     MQAR, evaluate them through lm-eval at 1x, 2x and 4x the training length, report the recall gap."""
     from ttt_mixer.recall_gap import run
 
-    try:
-        run(args)
-    except ValueError as error:
-        raise SystemExit(f"ttt-mixer recall-gap: {error}") from None
+    run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,21 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help=demo.__doc__)
     p.add_argument("--ttt-layer-type", choices=("linear", "mlp"), default="linear")
     p.add_argument("--backbone", choices=("transformer", "mamba"), default="mamba")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=positive_int, default=128)
+    p.add_argument("--heads", type=positive_int, default=2)
+    p.add_argument("--layers", type=positive_int, default=2)
     p.add_argument("--prompt", default="Test-time training makes the hidden state")
-    p.add_argument("--train-steps", type=int, default=150)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--train-steps", type=non_negative_int, default=150)
+    p.add_argument("--new-tokens", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
     p = commands.add_parser("convert", help=convert.__doc__)
     p.add_argument(
-        "source", help="folder with the authors' config.json and model.safetensors or pytorch_model.bin"
+        "source",
+        type=Path,
+        help="folder with the authors' config.json and model.safetensors or pytorch_model.bin",
     )
     p.add_argument(
-        "destination", help="output folder (Hugging Face format, loads with trust_remote_code=True)"
+        "destination",
+        type=Path,
+        help="output folder (Hugging Face format, loads with trust_remote_code=True)",
     )
+    add_overwrite_argument(p)
     p.set_defaults(func=convert)
     p = commands.add_parser("tasks-path", help=tasks_path.__doc__)
     p.set_defaults(func=tasks_path)
@@ -174,10 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:  # lm-eval's options would be unknown to argparse here
-        args = argparse.Namespace(func=evaluate, lm_eval_args=argv[1:])
+        args = argparse.Namespace(command="eval", func=evaluate, lm_eval_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, OSError, NonFiniteTrainingError) as error:
+        # bad input, as argparse reports it: one line naming the command, exit status 2
+        print(f"ttt-mixer {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -12,39 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ttt_mixer.arguments import comma_list, non_negative_int, positive_int
+from ttt_mixer.paths import checkpoint_source
 from ttt_mixer.recall_gap.presets import ALL_MIXERS, PRESETS, MQARShape, Preset
 
 DESCRIPTION = __doc__.split("\n\n")[0]
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
-
-
-def _list(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
-    def parse(text: str) -> tuple[Any, ...]:
-        parts = [part.strip() for part in text.split(",") if part.strip()]
-        if not parts:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-        return tuple(item(part) for part in parts)
-
-    return parse
 
 
 def _learning_rate(text: str) -> float:
@@ -73,32 +49,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="; ".join(f"{preset.name}: {preset.description}" for preset in PRESETS.values()),
     )
     parser.add_argument(
-        "--mixers", type=_list(_mixer), help=f"comma-separated subset of {','.join(ALL_MIXERS)}"
+        "--mixers", type=comma_list(_mixer), help=f"comma-separated subset of {','.join(ALL_MIXERS)}"
     )
-    parser.add_argument("--widths", type=_list(_positive_int), help="model widths (comma-separated)")
-    parser.add_argument("--layers", type=_positive_int, help="number of layers")
-    parser.add_argument("--heads", type=_positive_int, help="heads of every mixer")
-    parser.add_argument("--seq-len", type=_positive_int, help="training sequence length (symbols)")
-    parser.add_argument("--kv-pairs", type=_positive_int, help="key-value pairs per training sequence")
-    parser.add_argument("--steps", type=_positive_int, help="training steps (the same for every mixer)")
-    parser.add_argument("--batch-size", type=_positive_int, help="sequences per step (over all devices)")
+    parser.add_argument("--widths", type=comma_list(positive_int), help="model widths (comma-separated)")
+    parser.add_argument("--layers", type=positive_int, help="number of layers")
+    parser.add_argument("--heads", type=positive_int, help="heads of every mixer")
+    parser.add_argument("--seq-len", type=positive_int, help="training sequence length (symbols)")
+    parser.add_argument("--kv-pairs", type=positive_int, help="key-value pairs per training sequence")
+    parser.add_argument("--steps", type=positive_int, help="training steps (the same for every mixer)")
+    parser.add_argument("--batch-size", type=positive_int, help="sequences per step (over all devices)")
     parser.add_argument(
         "--learning-rates",
-        type=_list(_learning_rate),
+        type=comma_list(_learning_rate),
         help="learning rates for every mixer; several: a sweep, the best kept per mixer",
     )
     parser.add_argument(
-        "--length-factors", type=_list(_positive_int), help="evaluation lengths, as multiples of --seq-len"
+        "--length-factors",
+        type=comma_list(positive_int),
+        help="evaluation lengths, as multiples of --seq-len",
     )
-    parser.add_argument("--eval-samples", type=_positive_int, help="MQAR sequences per evaluation shape")
-    parser.add_argument("--eval-batch-size", type=_positive_int, default=64, help="lm-eval batch size")
+    parser.add_argument("--eval-samples", type=positive_int, help="MQAR sequences per evaluation shape")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=64, help="lm-eval batch size")
     parser.add_argument(
-        "--seed", type=_non_negative_int, default=0, help="seed of the models and the training data"
+        "--seed", type=non_negative_int, default=0, help="seed of the models and the training data"
     )
-    parser.add_argument("--save-steps", type=_positive_int, help="checkpoint every this many steps")
+    parser.add_argument("--save-steps", type=positive_int, help="checkpoint every this many steps")
     parser.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         help="runs trained side by side in worker processes (CPU only; default: one per CPU core)",
     )
     parser.add_argument(
@@ -108,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--checkpoints",
-        type=_list(str),
+        type=comma_list(str),
         help="evaluate these checkpoints (folders or hub names, comma-separated) instead of training",
     )
 
@@ -165,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         run(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         parser.error(str(error))
 
 
@@ -174,6 +152,7 @@ def run(args: argparse.Namespace) -> None:
     from ttt_mixer.recall_gap.pipeline import recall_gap
 
     preset = resolve_preset(args)
-    recall_gap(
-        preset, args.out, args.seed, args.jobs, args.save_steps, args.eval_batch_size, args.checkpoints
-    )
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} is a file, not a folder")
+    checkpoints = args.checkpoints and tuple(checkpoint_source(c) for c in args.checkpoints)
+    recall_gap(preset, args.out, args.seed, args.jobs, args.save_steps, args.eval_batch_size, checkpoints)
