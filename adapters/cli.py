@@ -73,8 +73,9 @@ def swap_command(args: argparse.Namespace) -> None:
                 f"--layers takes 'all', 'every:k' or indices like 0,2,5; got {args.layers!r}"
             ) from None
     options = parse_options(args.option)
+    source = checkpoint_source(args.source)
     prepare_output_folder(args.destination, args.overwrite)
-    model = swap_mixer(_load(args.source), args.mixer, layers, args.init, **options)
+    model = swap_mixer(_load(source), args.mixer, layers, args.init, **options)
     print(f"mixers: {model.config.mixers}")
     _save(model, args.source, args.destination)
 
@@ -110,8 +111,9 @@ def distill_command(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     if not args.text.is_file():
         raise FileNotFoundError(f"--text {args.text}: no such file")
+    teacher_source, student_source = checkpoint_source(args.teacher), checkpoint_source(args.student)
     prepare_output_folder(args.destination, args.overwrite)
-    teacher, student = _load(args.teacher), _load(args.student)
+    teacher, student = _load(teacher_source), _load(student_source)
     windows = text_windows(AutoTokenizer.from_pretrained(args.student), args.text, args.seq_len)
     held_out = max(1, len(windows) // 10)
     train, test = windows[:-held_out], windows[-held_out:]

@@ -46,7 +46,8 @@ import datasets
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
 
-from .recall import Tokenizer, resolve_tokenizer, task_options
+from .options import task_options
+from .recall import Tokenizer, resolve_tokenizer
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "ppl_files": None,  # local text files, one document each: a glob or a list of paths/globs

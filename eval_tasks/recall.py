@@ -27,6 +27,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from .options import task_options
+
 # ---------------------------------------------------------------------------------------- options
 
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -71,20 +73,6 @@ def _int_list(name: str, value: Any, minimum: int) -> tuple[int, ...]:
     if not values:
         raise ValueError(f"ttt_recall option {name!r} must list at least one length")
     return tuple(_int(name, v, minimum) for v in values)
-
-
-def task_options(
-    metadata: Mapping[str, Any], defaults: Mapping[str, Any], prefixes: str | tuple[str, ...], group: str
-) -> dict[str, Any]:
-    """One task group's options from lm-eval's task ``metadata``, defaults filled in. lm-eval merges
-    the model arguments into the same mapping, so other keys are ignored; but a key with one of the
-    group's prefixes that is not an option is a typo, and a ValueError naming it."""
-    for key in metadata:
-        if key.startswith(prefixes) and key not in defaults:
-            raise ValueError(
-                f"unknown {group} option {key!r}; the options are: {', '.join(sorted(defaults))}"
-            )
-    return {**defaults, **{k: v for k, v in metadata.items() if k in defaults}}
 
 
 def parse_options(metadata: Mapping[str, Any]) -> RecallOptions:

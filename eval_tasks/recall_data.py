@@ -55,7 +55,7 @@ from typing import Any
 
 import datasets
 
-from .recall import task_options
+from .options import task_options
 
 DATASETS = {
     "swde": "hazyresearch/based-swde-v2",
