@@ -7,10 +7,29 @@ model swapped from a checkpoint keeps its fields.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 from transformers import LlamaConfig, MambaConfig
 from ttt_mixer.adapters.mixers import MIXER_NAMES
+
+from ttt_mixer.models.configuration_ttt import reject_unknown_fields
+
+
+def known_fields(config: Any) -> set[str]:
+    """The fields of a dataclass-style transformers config, what its backbone's config writes into
+    ``to_dict`` beside them (Mamba's intermediate_size) and the model_type that loading passes."""
+    return (
+        {field.name for field in dataclasses.fields(config)}
+        | backbone_keys(type(config).__mro__[1])
+        | {"model_type"}
+    )
+
+
+@functools.cache
+def backbone_keys(backbone_config: type) -> frozenset[str]:
+    return frozenset(backbone_config().to_dict())
 
 
 def check_mixer_fields(mixers: list[str], mixer_options: dict[str, dict[str, Any]], num_layers: int) -> None:
@@ -47,6 +66,7 @@ class MixerLlamaConfig(LlamaConfig):
     qkv_bias: bool | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        reject_unknown_fields(type(self).__name__, kwargs, known_fields(self))
         super().__post_init__(**kwargs)
         if self.qkv_bias is None:
             self.qkv_bias = bool(self.attention_bias)
@@ -69,6 +89,7 @@ class MixerMambaConfig(MambaConfig):
     num_heads: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        reject_unknown_fields(type(self).__name__, kwargs, known_fields(self))
         super().__post_init__(**kwargs)
         if self.mixers is None:
             self.mixers = ["mamba"] * self.num_hidden_layers

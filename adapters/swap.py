@@ -93,10 +93,10 @@ def parse_layers(layers: str | list[int] | tuple[int, ...], num_layers: int) -> 
                 f"layers {layers!r} selects no layer of a model with {num_layers} layers: k must be <= {num_layers}"
             )
         return list(range(int(step) - 1, num_layers, int(step)))
-    if (
-        isinstance(layers, str)
-        or not isinstance(layers, (list, tuple))
-        or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    if isinstance(layers, str):
+        raise ValueError(f"layers must be 'all', 'every:k' or a list of layer indices, got {layers!r}")
+    if not isinstance(layers, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in layers
     ):
         raise TypeError(f"layers must be 'all', 'every:k' or a list of layer indices, got {layers!r}")
     indices = list(layers)

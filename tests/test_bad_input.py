@@ -14,7 +14,7 @@ from conftest import make_layer, make_model
 from fla.models.utils import Cache
 from ops_cases import make_inputs
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-from ttt_mixer.adapters import swap_mixer
+from ttt_mixer.adapters import MixerLlamaConfig, MixerMambaConfig, swap_mixer
 from ttt_mixer.adapters.distill import NonFiniteTrainingError, distill
 from ttt_mixer.eval_tasks.perplexity import parse_options as ppl_options
 from ttt_mixer.eval_tasks.recall import parse_options as recall_options
@@ -224,6 +224,20 @@ CASES = [
         "ttt_layer_type must be one of",
     ),
     Case("TTTConfig", "rms_norm_eps=0", lambda _: TTTConfig(rms_norm_eps=0), ValueError, "rms_norm_eps"),
+    Case(
+        "MixerLlamaConfig",
+        "mixer=[...] (unknown field)",
+        lambda _: MixerLlamaConfig(mixer=["attention"]),
+        TypeError,
+        "did you mean 'mixers'",
+    ),
+    Case(
+        "MixerMambaConfig",
+        "num_head=2 (unknown field)",
+        lambda _: MixerMambaConfig(num_head=2),
+        TypeError,
+        "did you mean 'num_heads'",
+    ),
     # models
     Case(
         "TTTForCausalLM",
