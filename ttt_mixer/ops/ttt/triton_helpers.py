@@ -1,5 +1,6 @@
 """Pieces shared by the Triton kernels of the TTT forward pass (SPEC.md sections 4-6): TTT-Linear's
-(``triton_linear``) and TTT-MLP's (``triton_mlp``), one program per (sequence, head).
+(``triton_linear``) and TTT-MLP's (``triton_mlp``), one program per (sequence, head), and the
+argument groups both kernels take (``Tokens``, ``Shared``, ``Sequences``, ``Dims``).
 
 A program walks its sequence's mini-batches in order. Mini-batches are aligned to the sequence's own
 first token and continue from its state's position p (mini-batch m covers token offsets
@@ -12,8 +13,8 @@ they change nothing. Per mini-batch (K, V, Q [b, d], lr [b], tau [b], eta_ij = t
 
 TTT-MLP applies the same dual form to both layers; the hidden layer's gradient flows back through W2
 and gelu'. Only the first mini-batch of a call can start with non-zero accumulators S (a state read
-in the middle of a mini-batch): every later one starts after a complete mini-batch. The kernels peel
-that first mini-batch (``HAS_SUMS``) so that the others skip the accumulator terms.
+in the middle of a mini-batch): every later one starts after a complete mini-batch, so the kernels
+read and apply the accumulators only in the first (``MiniBatch.first``), inside the same loop.
 
 Optionally (``STORE_CHECKPOINTS``) the weights at the start of every ``checkpoint_every``-th
 mini-batch are stored for the backward pass (``ttt_mixer.ops.ttt.triton``); at such a boundary the
@@ -28,6 +29,7 @@ products use 3xTF32 for float32 inputs, TF32 for 16-bit ones (see ``DOT_PRECISIO
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -48,7 +50,177 @@ DOT_PRECISION = {
 }
 
 
-# Shared pieces -------------------------------------------------------------------------------------
+# Kernel arguments -----------------------------------------------------------------------------------
+#
+# Both forward kernels take (tokens, shared, sequences, state_in, state_out, checkpoints, dims,
+# checkpoint_every, eps) and their meta-parameters. The state groups are tuples of pointers in the
+# state tuple's order, [N, H, ...] each: state_in / state_out (W_1, b_1, [W_2, b_2,] S_W_1, S_b_1,
+# [S_W_2, S_b_2]) and checkpoints (W_1, b_1, [W_2, b_2]) [num_checkpoints, N, H, ...].
+
+
+class Tokens(NamedTuple):
+    """The per-token tensors, contiguous [B, T, H, d] (lr [B, T, H]); o is written."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    lr: torch.Tensor
+    o: torch.Tensor
+
+
+class Shared(NamedTuple):
+    """What every program reads: the token scale tau [b] and the inner LayerNorm [H, d]."""
+
+    tau: torch.Tensor
+    ln_weight: torch.Tensor
+    ln_bias: torch.Tensor
+
+
+class Sequences(NamedTuple):
+    """[N] int64 each: sequence n is flattened tokens start[n] .. start[n] + length[n] - 1, and its state
+    has read position[n] tokens of its current mini-batch."""
+
+    start: torch.Tensor
+    length: torch.Tensor
+    position: torch.Tensor
+
+
+class Dims(NamedTuple):
+    """The sizes: head dim d, the width of the first inner layer's output (4d for TTT-MLP, d for
+    TTT-Linear) and the mini-batch size b."""
+
+    head_dim: int
+    hidden_dim: int
+    mini_batch_size: int
+
+
+# What a program reads and derives ----------------------------------------------------------------------
+
+
+class Program(NamedTuple):
+    """What a (sequence, head) program reads once, at its start."""
+
+    head: tl.tensor
+    state_row: tl.tensor  # int64 index of (sequence, head) in the [N, H, ...] state tensors
+    start: tl.tensor  # the sequence's first flattened token
+    length: tl.tensor  # its number of tokens
+    position: tl.tensor  # tokens its state has read of its first mini-batch
+    num_minibatches: tl.tensor  # mini-batches its tokens touch, at least 1
+    ln_weight: tl.tensor  # [BLOCK_D] the head's inner LayerNorm
+    ln_bias: tl.tensor  # [BLOCK_D]
+    tau_rows: tl.tensor  # [BLOCK_T] the token scale tau_i
+    tau_last: tl.tensor  # tau_b
+
+
+class MiniBatch(NamedTuple):
+    """One mini-batch of a program's sequence, as loaded."""
+
+    index: tl.tensor
+    first: tl.tensor  # the first of the call: the only one that can start with accumulated gradients
+    complete: tl.tensor  # its last cell holds a real token: it ends by updating the weights
+    q: tl.tensor  # [BLOCK_T, BLOCK_D], zero outside the sequence
+    k: tl.tensor
+    v: tl.tensor
+    lr: tl.tensor  # [BLOCK_T], zero outside the sequence
+    eta: tl.tensor  # [BLOCK_T, BLOCK_T] the step sizes eta_ij
+    real: tl.tensor  # [BLOCK_T] the cells that hold real tokens
+    tile: tl.tensor  # [BLOCK_T, BLOCK_D] offsets of its queries (and outputs) in the [B, T, H, d] layout
+    mask: tl.tensor  # [BLOCK_T, BLOCK_D] real tokens and valid columns
+
+
+class Tile(NamedTuple):
+    """Where a block of one program's part of an [N, H, ...] state tensor lies."""
+
+    offsets: tl.tensor
+    mask: tl.tensor
+    slot_stride: tl.tensor  # int64 elements between checkpoint slots (N H times the part's size)
+
+
+@triton.jit
+def program_setup(
+    shared, sequences, dims, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr
+):
+    """What every forward program reads first: its sequence and head, the sequence's bounds and
+    start position, its mini-batch count, the head's inner LayerNorm and the token scales."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    position = tl.load(sequences.position + seq)
+    length = tl.load(sequences.length + seq)
+    b = dims.mini_batch_size
+    cols = tl.arange(0, BLOCK_D)
+    col_valid = cols < dims.head_dim
+    cells = tl.arange(0, BLOCK_T)
+    return Program(
+        head=head,
+        state_row=(seq * tl.num_programs(1) + head).to(tl.int64),
+        start=tl.load(sequences.start + seq),
+        length=length,
+        position=position,
+        # an empty sequence still runs one: its cells are all empty, so it changes nothing (TTT-MLP's
+        # moves the state to the output buffers)
+        num_minibatches=tl.maximum((position + length + b - 1) // b, 1),
+        ln_weight=tl.load(shared.ln_weight + head * dims.head_dim + cols, mask=col_valid, other=0.0).to(
+            COMPUTE
+        ),
+        ln_bias=tl.load(shared.ln_bias + head * dims.head_dim + cols, mask=col_valid, other=0.0).to(COMPUTE),
+        tau_rows=tl.load(shared.tau + cells, mask=cells < b, other=0.0).to(COMPUTE),
+        tau_last=tl.load(shared.tau + b - 1).to(COMPUTE),
+    )
+
+
+@triton.jit
+def load_minibatch(
+    tokens, program, index, dims, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr
+):
+    """Mini-batch ``index`` of the program's sequence and head (see ``MiniBatch``)."""
+    num_heads = tl.num_programs(1)
+    cells = tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    offset = index * dims.mini_batch_size + cells - program.position
+    real = (cells < dims.mini_batch_size) & (offset >= 0) & (offset < program.length)
+    token = program.start + offset
+    tile = (token * num_heads + program.head)[:, None] * dims.head_dim + cols[None, :]
+    mask = real[:, None] & (cols < dims.head_dim)[None, :]
+    lr = tl.load(tokens.lr + token * num_heads + program.head, mask=real, other=0.0).to(COMPUTE)
+    return MiniBatch(
+        index=index,
+        first=index == 0,
+        complete=(index + 1) * dims.mini_batch_size - program.position <= program.length,
+        q=tl.load(tokens.q + tile, mask=mask, other=0.0).to(COMPUTE),
+        k=tl.load(tokens.k + tile, mask=mask, other=0.0).to(COMPUTE),
+        v=tl.load(tokens.v + tile, mask=mask, other=0.0).to(COMPUTE),
+        lr=lr,
+        eta=step_sizes(program.tau_rows, lr, BLOCK_T),
+        real=real,
+        tile=tile,
+        mask=mask,
+    )
+
+
+@triton.jit
+def slot_stride(part_size):
+    """Elements between two checkpoint slots of an [N, H, ...] tensor whose (sequence, head) parts
+    hold part_size elements each (int64)."""
+    return tl.num_programs(0).to(tl.int64) * tl.num_programs(1) * part_size
+
+
+@triton.jit
+def matrix_tile(state_row, rows, cols, num_rows, num_cols):
+    """Rows x cols of the program's [num_rows, num_cols] part of an [N, H, num_rows, num_cols] tensor."""
+    return Tile(
+        offsets=state_row * num_rows * num_cols + rows[:, None] * num_cols + cols[None, :],
+        mask=(rows < num_rows)[:, None] & (cols < num_cols)[None, :],
+        slot_stride=slot_stride(num_rows * num_cols),
+    )
+
+
+@triton.jit
+def vector_tile(state_row, cols, num_cols):
+    """Entries cols of the program's [num_cols] part of an [N, H, num_cols] tensor."""
+    return Tile(offsets=state_row * num_cols + cols, mask=cols < num_cols, slot_stride=slot_stride(num_cols))
+
+
+# The mini-batch recurrence ---------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -65,41 +237,6 @@ def gelu_tanh(x):
 
 
 @triton.jit
-def load_minibatch(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    lr_ptr,
-    seq_start,
-    seq_len,
-    position,
-    minibatch,
-    head,
-    num_heads,
-    head_dim,
-    mini_batch_size,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    COMPUTE: tl.constexpr,
-):
-    """Queries, keys, values [BLOCK_T, BLOCK_D] and learning rates [BLOCK_T] of one mini-batch of one
-    sequence and head (zeros outside the sequence), the mask of its real tokens [BLOCK_T], and the
-    offsets and mask of its [BLOCK_T, BLOCK_D] tile in the [B, T, H, d] layout."""
-    cells = tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_D)
-    offset = minibatch * mini_batch_size + cells - position
-    real = (cells < mini_batch_size) & (offset >= 0) & (offset < seq_len)
-    token = seq_start + offset
-    tile = (token * num_heads + head)[:, None] * head_dim + cols[None, :]
-    mask = real[:, None] & (cols < head_dim)[None, :]
-    q = tl.load(q_ptr + tile, mask=mask, other=0.0).to(COMPUTE)
-    k = tl.load(k_ptr + tile, mask=mask, other=0.0).to(COMPUTE)
-    v = tl.load(v_ptr + tile, mask=mask, other=0.0).to(COMPUTE)
-    lr = tl.load(lr_ptr + token * num_heads + head, mask=real, other=0.0).to(COMPUTE)
-    return q, k, v, lr, real, tile, mask
-
-
-@triton.jit
 def normalize(z, col_valid, head_dim, eps):
     """(z - mean) / std over the head_dim valid columns of every row, and 1 / std."""
     z = tl.where(col_valid[None, :], z, 0.0)
@@ -110,9 +247,13 @@ def normalize(z, col_valid, head_dim, eps):
 
 
 @triton.jit
-def ln_fused_l2_grad(z, target, ln_weight, ln_bias, real, col_valid, head_dim, eps):
-    """d/dz of 1/2 ||LN(z) - target||^2 (reference_ln_fused_l2_grad of naive.py), zero outside the real
-    tokens and columns so that padding never reaches the accumulators."""
+def ln_fused_l2_grad(z, target, program, minibatch, dims, eps, BLOCK_D: tl.constexpr):
+    """d/dz of 1/2 ||LN(z) - target||^2 (reference_ln_fused_l2_grad of naive.py) with the head's
+    LayerNorm, zero outside the real tokens and columns so that padding never reaches the
+    accumulators."""
+    head_dim = dims.head_dim
+    col_valid = tl.arange(0, BLOCK_D) < head_dim
+    ln_weight, ln_bias = program.ln_weight, program.ln_bias
     z_hat, rstd = normalize(z, col_valid, head_dim, eps)
     grad_hat = (ln_weight[None, :] * z_hat + ln_bias[None, :] - target) * ln_weight[None, :]
     grad = (
@@ -120,14 +261,16 @@ def ln_fused_l2_grad(z, target, ln_weight, ln_bias, real, col_valid, head_dim, e
         - tl.sum(grad_hat, axis=1)[:, None]
         - z_hat * tl.sum(grad_hat * z_hat, axis=1)[:, None]
     ) * (rstd / head_dim)[:, None]
-    return tl.where(real[:, None] & col_valid[None, :], grad, 0.0)
+    return tl.where(minibatch.real[:, None] & col_valid[None, :], grad, 0.0)
 
 
 @triton.jit
-def store_output(o_ptr, tile, mask, q, z, ln_weight, ln_bias, col_valid, head_dim, eps):
+def store_output(o_ptr, minibatch, z, program, dims, eps, BLOCK_D: tl.constexpr):
     """o = q + LN(z) for the real tokens, in the output's dtype."""
-    z_hat, _ = normalize(z, col_valid, head_dim, eps)
-    tl.store(o_ptr + tile, q + ln_weight[None, :] * z_hat + ln_bias[None, :], mask=mask)
+    col_valid = tl.arange(0, BLOCK_D) < dims.head_dim
+    z_hat, _ = normalize(z, col_valid, dims.head_dim, eps)
+    o = minibatch.q + program.ln_weight[None, :] * z_hat + program.ln_bias[None, :]
+    tl.store(o_ptr + minibatch.tile, o, mask=minibatch.mask)
 
 
 @triton.jit
@@ -138,25 +281,24 @@ def step_sizes(tau_rows, lr, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def dual_form_partial(x_query, weight, sums, tau_rows, HAS_SUMS: tl.constexpr, PRECISION: tl.constexpr):
+def dual_form_partial(x_query, weight, sums, program, minibatch, PRECISION: tl.constexpr):
     """x_i W - tau_i x_i S_W: the part of a layer's dual form that sums over the layer's inputs (the
-    MLP's second layer accumulates it over hidden tiles)."""
+    MLP's second layer accumulates it over hidden tiles); S_W only in the first mini-batch."""
     z = tl.dot(x_query, weight, input_precision=PRECISION)
-    if HAS_SUMS:
-        z -= tau_rows[:, None] * tl.dot(x_query, sums, input_precision=PRECISION)
+    if minibatch.first:
+        z -= program.tau_rows[:, None] * tl.dot(x_query, sums, input_precision=PRECISION)
     return z
 
 
 @triton.jit
-def dual_form_finish(
-    z, query_key, grad, bias, sum_bias, tau_rows, eta, HAS_SUMS: tl.constexpr, PRECISION: tl.constexpr
-):
+def dual_form_finish(z, query_key, grad, bias, sum_bias, program, minibatch, PRECISION: tl.constexpr):
     """Zbar_i = z_i + b - tau_i S_b - sum_{j<=i} eta_ij (x_i . k_j + 1) grad_j, from the partial z
-    above and query_key[i, j] = x_i . k_j (the layer's query and key inputs)."""
+    above and query_key[i, j] = x_i . k_j (the layer's query and key inputs); S_b only in the first
+    mini-batch."""
     z += bias[None, :]
-    if HAS_SUMS:
-        z -= tau_rows[:, None] * sum_bias[None, :]
-    return z - tl.dot((query_key + 1.0) * eta, grad, input_precision=PRECISION)
+    if minibatch.first:
+        z -= program.tau_rows[:, None] * sum_bias[None, :]
+    return z - tl.dot((query_key + 1.0) * minibatch.eta, grad, input_precision=PRECISION)
 
 
 @triton.jit
@@ -167,72 +309,35 @@ def mask_if(mask, condition):
 
 
 @triton.jit
-def apply_update(weight, sums_end, tau_last, complete):
+def mask_unless(mask, condition):
+    """mask where the scalar condition does not hold, else all false (see ``mask_if``)."""
+    return tl.where(condition, False, mask)
+
+
+@triton.jit
+def apply_update(weight, sums_end, program, minibatch):
     """End of a mini-batch: a complete one moves W to W - tau_b S and clears S; else W waits and S
     carries over."""
-    return tl.where(complete, weight - tau_last * sums_end, weight), tl.where(complete, 0.0, sums_end)
+    complete = minibatch.complete
+    return tl.where(complete, weight - program.tau_last * sums_end, weight), tl.where(complete, 0.0, sums_end)
 
 
 @triton.jit
-def store_checkpoint(ckpt_ptr, offsets, mask, slot_stride, weight, minibatch, complete, checkpoint_every):
+def store_checkpoint(ckpt_ptr, tile, weight, minibatch, checkpoint_every):
     """After mini-batch m, keep the weights that start mini-batch m + 1 when m + 1 is a multiple of
     checkpoint_every, in slot (m + 1) / checkpoint_every - 1."""
-    next_minibatch = minibatch + 1
+    next_minibatch = minibatch.index + 1
     # slot_stride is int64; the slot may be a compile-time constant (Triton specializes ints equal to 1)
     slot = next_minibatch // checkpoint_every - 1
-    due = complete & (next_minibatch % checkpoint_every == 0)
-    tl.store(ckpt_ptr + slot * slot_stride + offsets, weight, mask=mask_if(mask, due))
-
-
-@triton.jit
-def program_setup(
-    seq_start_ptr,
-    seq_len_ptr,
-    position_ptr,
-    ln_weight_ptr,
-    ln_bias_ptr,
-    tau_ptr,
-    head_dim,
-    mini_batch_size,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    COMPUTE: tl.constexpr,
-):
-    """What every forward program reads first: its sequence and head, the sequence's bounds and
-    start position, its mini-batch count, the head's inner LayerNorm and the token scales."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_start = tl.load(seq_start_ptr + seq)
-    seq_len = tl.load(seq_len_ptr + seq)
-    position = tl.load(position_ptr + seq)
-    num_minibatches = (position + seq_len + mini_batch_size - 1) // mini_batch_size
-    cols = tl.arange(0, BLOCK_D)
-    col_valid = cols < head_dim
-    ln_weight = tl.load(ln_weight_ptr + head * head_dim + cols, mask=col_valid, other=0.0).to(COMPUTE)
-    ln_bias = tl.load(ln_bias_ptr + head * head_dim + cols, mask=col_valid, other=0.0).to(COMPUTE)
-    cells = tl.arange(0, BLOCK_T)
-    tau_rows = tl.load(tau_ptr + cells, mask=cells < mini_batch_size, other=0.0).to(COMPUTE)
-    tau_last = tl.load(tau_ptr + mini_batch_size - 1).to(COMPUTE)
-    return (
-        seq,
-        head,
-        seq_start,
-        seq_len,
-        position,
-        num_minibatches,
-        cols,
-        col_valid,
-        ln_weight,
-        ln_bias,
-        tau_rows,
-        tau_last,
-    )
+    due = minibatch.complete & (next_minibatch % checkpoint_every == 0)
+    tl.store(ckpt_ptr + slot * tile.slot_stride + tile.offsets, weight, mask=mask_if(tile.mask, due))
 
 
 def tuned(kernel, configs: list[triton.Config]):
     """The kernel autotuned over configs on a GPU, or the kernel and its first config's meta-parameters
     in the interpreter (autotuning needs a GPU). Every run of a kernel recomputes its outputs from
-    inputs it never writes, so autotuning's repeated runs are harmless."""
+    inputs it never writes, so autotuning's repeated runs are harmless. The tuning key: the sizes,
+    and the dtypes through COMPUTE and PRECISION (argument groups carry no dtype for the autotuner)."""
     if INTERPRET:
         return kernel, dict(configs[0].kwargs)
-    return triton.autotune(configs, key=["head_dim", "mini_batch_size"])(kernel), {}
+    return triton.autotune(configs, key=["dims", "COMPUTE", "PRECISION"])(kernel), {}

@@ -1,5 +1,6 @@
 """The Triton forward kernel of TTT-Linear, one program per (sequence, head): W, b, S_W, S_b stay in
-registers across all mini-batches (see ``triton_helpers`` for the mini-batch recurrence it runs)."""
+registers across all mini-batches (see ``triton_helpers`` for the mini-batch recurrence it runs and
+the argument groups it takes)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from ttt_mixer.ops.ttt.triton_helpers import (
     dual_form_partial,
     ln_fused_l2_grad,
     load_minibatch,
+    matrix_tile,
     program_setup,
-    step_sizes,
     store_checkpoint,
     store_output,
     tuned,
+    vector_tile,
 )
 
 LINEAR_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 2)]
@@ -24,102 +26,39 @@ LINEAR_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 2)]
 
 @triton.jit
 def _linear_minibatch(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    lr_ptr,
-    o_ptr,
-    w_ckpt_ptr,
-    b_ckpt_ptr,
-    weight,
-    bias,
-    sum_w,
-    sum_b,
-    ln_weight,
-    ln_bias,
-    tau_rows,
-    tau_last,
-    seq_start,
-    seq_len,
-    position,
-    minibatch,
-    head,
-    num_heads,
-    head_dim,
-    mini_batch_size,
-    w_offsets,
-    w_mask,
-    b_offsets,
-    w_slot_stride,
-    b_slot_stride,
-    checkpoint_every,
-    eps,
-    HAS_SUMS: tl.constexpr,
-    STORE_CHECKPOINTS: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    minibatch, program, state, o_ptr, dims, eps, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr
 ):
-    """One mini-batch of TTT-Linear with the state in registers; returns the state after it."""
-    q, k, v, lr, real, tile, mask = load_minibatch(
-        q_ptr, k_ptr, v_ptr, lr_ptr, seq_start, seq_len, position, minibatch, head,
-        num_heads, head_dim, mini_batch_size, BLOCK_T, BLOCK_D, COMPUTE,
-    )  # fmt: skip
-    col_valid = tl.arange(0, BLOCK_D) < head_dim
-    eta = step_sizes(tau_rows, lr, BLOCK_T)
+    """One mini-batch of TTT-Linear: writes its outputs and returns the state (W, b, S_W, S_b) after it,
+    from the state in registers before it."""
+    weight, bias, sum_w, sum_b = state
+    q, k = minibatch.q, minibatch.k
     z_key = tl.dot(k, weight, input_precision=PRECISION) + bias[None, :]
-    grad = ln_fused_l2_grad(z_key, v - k, ln_weight, ln_bias, real, col_valid, head_dim, eps)
-    z_query = dual_form_partial(q, weight, sum_w, tau_rows, HAS_SUMS, PRECISION)
+    grad = ln_fused_l2_grad(z_key, minibatch.v - k, program, minibatch, dims, eps, BLOCK_D)
+    z_query = dual_form_partial(q, weight, sum_w, program, minibatch, PRECISION)
     query_key = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    z_query = dual_form_finish(z_query, query_key, grad, bias, sum_b, tau_rows, eta, HAS_SUMS, PRECISION)
-    store_output(o_ptr, tile, mask, q, z_query, ln_weight, ln_bias, col_valid, head_dim, eps)
+    z_query = dual_form_finish(z_query, query_key, grad, bias, sum_b, program, minibatch, PRECISION)
+    store_output(o_ptr, minibatch, z_query, program, dims, eps, BLOCK_D)
 
-    grad_lr = grad * lr[:, None]
+    grad_lr = grad * minibatch.lr[:, None]
     sum_w_end = tl.dot(tl.trans(k), grad_lr, input_precision=PRECISION)
     sum_b_end = tl.sum(grad_lr, axis=0)
-    if HAS_SUMS:
+    if minibatch.first:
         sum_w_end += sum_w
         sum_b_end += sum_b
-    complete = (minibatch + 1) * mini_batch_size - position <= seq_len
-    weight, sum_w = apply_update(weight, sum_w_end, tau_last, complete)
-    bias, sum_b = apply_update(bias, sum_b_end, tau_last, complete)
-    if STORE_CHECKPOINTS:
-        store_checkpoint(
-            w_ckpt_ptr, w_offsets, w_mask, w_slot_stride, weight, minibatch, complete, checkpoint_every
-        )
-        store_checkpoint(
-            b_ckpt_ptr, b_offsets, col_valid, b_slot_stride, bias, minibatch, complete, checkpoint_every
-        )
+    weight, sum_w = apply_update(weight, sum_w_end, program, minibatch)
+    bias, sum_b = apply_update(bias, sum_b_end, program, minibatch)
     return weight, bias, sum_w, sum_b
 
 
 @triton.jit
 def ttt_linear_forward_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    lr_ptr,
-    o_ptr,
-    tau_ptr,
-    ln_weight_ptr,
-    ln_bias_ptr,
-    seq_start_ptr,
-    seq_len_ptr,
-    position_ptr,
-    w_in_ptr,
-    b_in_ptr,
-    sw_in_ptr,
-    sb_in_ptr,
-    w_out_ptr,
-    b_out_ptr,
-    sw_out_ptr,
-    sb_out_ptr,
-    w_ckpt_ptr,
-    b_ckpt_ptr,
-    num_heads,
-    head_dim,
-    mini_batch_size,
+    tokens,
+    shared,
+    sequences,
+    state_in,
+    state_out,
+    checkpoints,
+    dims,
     checkpoint_every,
     eps,
     STORE_CHECKPOINTS: tl.constexpr,
@@ -128,63 +67,34 @@ def ttt_linear_forward_kernel(
     COMPUTE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    (
-        seq,
-        head,
-        seq_start,
-        seq_len,
-        position,
-        num_minibatches,
-        cols,
-        col_valid,
-        ln_weight,
-        ln_bias,
-        tau_rows,
-        tau_last,
-    ) = program_setup(
-        seq_start_ptr,
-        seq_len_ptr,
-        position_ptr,
-        ln_weight_ptr,
-        ln_bias_ptr,
-        tau_ptr,
-        head_dim,
-        mini_batch_size,
-        BLOCK_T,
-        BLOCK_D,
-        COMPUTE,
+    """TTT-Linear over every mini-batch of one (sequence, head); state_in / state_out hold pointers to
+    (W, b, S_W, S_b), checkpoints to (W, b) (see ``triton_helpers``)."""
+    program = program_setup(shared, sequences, dims, BLOCK_T, BLOCK_D, COMPUTE)
+    cols = tl.arange(0, BLOCK_D)
+    w_tile = matrix_tile(program.state_row, cols, cols, dims.head_dim, dims.head_dim)
+    b_tile = vector_tile(program.state_row, cols, dims.head_dim)
+    w_ckpt, b_ckpt = checkpoints
+
+    w_in, b_in, sw_in, sb_in = state_in
+    state = (
+        tl.load(w_in + w_tile.offsets, mask=w_tile.mask, other=0.0),
+        tl.load(b_in + b_tile.offsets, mask=b_tile.mask, other=0.0),
+        tl.load(sw_in + w_tile.offsets, mask=w_tile.mask, other=0.0),
+        tl.load(sb_in + b_tile.offsets, mask=b_tile.mask, other=0.0),
     )
+    for index in range(program.num_minibatches):
+        minibatch = load_minibatch(tokens, program, index, dims, BLOCK_T, BLOCK_D, COMPUTE)
+        state = _linear_minibatch(minibatch, program, state, tokens.o, dims, eps, BLOCK_D, PRECISION)
+        if STORE_CHECKPOINTS:
+            store_checkpoint(w_ckpt, w_tile, state[0], minibatch, checkpoint_every)
+            store_checkpoint(b_ckpt, b_tile, state[1], minibatch, checkpoint_every)
 
-    state = (seq * num_heads + head).to(tl.int64)
-    w_offsets = state * head_dim * head_dim + cols[:, None] * head_dim + cols[None, :]
-    w_mask = col_valid[:, None] & col_valid[None, :]
-    b_offsets = state * head_dim + cols
-    b_slot_stride = tl.num_programs(0).to(tl.int64) * num_heads * head_dim
-    w_slot_stride = b_slot_stride * head_dim
-    weight = tl.load(w_in_ptr + w_offsets, mask=w_mask, other=0.0)
-    bias = tl.load(b_in_ptr + b_offsets, mask=col_valid, other=0.0)
-    sum_w = tl.load(sw_in_ptr + w_offsets, mask=w_mask, other=0.0)
-    sum_b = tl.load(sb_in_ptr + b_offsets, mask=col_valid, other=0.0)
-
-    # the first mini-batch runs even for an empty sequence: it then changes nothing
-    weight, bias, sum_w, sum_b = _linear_minibatch(
-        q_ptr, k_ptr, v_ptr, lr_ptr, o_ptr, w_ckpt_ptr, b_ckpt_ptr, weight, bias, sum_w, sum_b,
-        ln_weight, ln_bias, tau_rows, tau_last, seq_start, seq_len, position, 0, head, num_heads,
-        head_dim, mini_batch_size, w_offsets, w_mask, b_offsets, w_slot_stride, b_slot_stride,
-        checkpoint_every, eps, True, STORE_CHECKPOINTS, BLOCK_T, BLOCK_D, COMPUTE, PRECISION,
-    )  # fmt: skip
-    for minibatch in range(1, num_minibatches):
-        weight, bias, sum_w, sum_b = _linear_minibatch(
-            q_ptr, k_ptr, v_ptr, lr_ptr, o_ptr, w_ckpt_ptr, b_ckpt_ptr, weight, bias, sum_w, sum_b,
-            ln_weight, ln_bias, tau_rows, tau_last, seq_start, seq_len, position, minibatch, head,
-            num_heads, head_dim, mini_batch_size, w_offsets, w_mask, b_offsets, w_slot_stride,
-            b_slot_stride, checkpoint_every, eps, False, STORE_CHECKPOINTS, BLOCK_T, BLOCK_D, COMPUTE,
-            PRECISION,
-        )  # fmt: skip
-    tl.store(w_out_ptr + w_offsets, weight, mask=w_mask)
-    tl.store(b_out_ptr + b_offsets, bias, mask=col_valid)
-    tl.store(sw_out_ptr + w_offsets, sum_w, mask=w_mask)
-    tl.store(sb_out_ptr + b_offsets, sum_b, mask=col_valid)
+    w_out, b_out, sw_out, sb_out = state_out
+    weight, bias, sum_w, sum_b = state
+    tl.store(w_out + w_tile.offsets, weight, mask=w_tile.mask)
+    tl.store(b_out + b_tile.offsets, bias, mask=b_tile.mask)
+    tl.store(sw_out + w_tile.offsets, sum_w, mask=w_tile.mask)
+    tl.store(sb_out + b_tile.offsets, sum_b, mask=b_tile.mask)
 
 
 LINEAR_KERNEL, LINEAR_META = tuned(ttt_linear_forward_kernel, LINEAR_CONFIGS)
