@@ -4,18 +4,27 @@
 realistic range; ``make_state`` builds a random recurrent state (possibly in the middle of a
 mini-batch); the remaining functions compare, slice and stack state tuples, whose layout is
 ``(position [N] int64, W1, b1, [W2, b2,] S_W1, S_b1, [S_W2, S_b2])`` (see ``ttt_mixer.ops.ttt.state``).
+``run`` calls any op (PyTorch or Triton) the same way, ``assert_matches`` compares what two ops give
+within the TOLERANCE of SPEC.md section 10, and ``output_and_state_loss`` is the loss the gradient
+tests differentiate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
+from ttt_mixer.ops import pack_state, state_position, state_tensors
 from ttt_mixer.ops.ttt.inner import get_inner_model
 
 State = tuple[torch.Tensor, ...]
+Op = Callable[..., tuple[torch.Tensor, State | None]]
+# the names of the inner params in TTTInputs.float_tensors (w2, b2 for TTT-MLP only)
+PARAM_NAMES = ("w1", "b1", "w2", "b2")
+# SPEC.md section 10: float32 paths agree to 1e-5; float64 paths agree to rounding.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,7 @@ def make_state(
             weights.append(0.1 * _randn(g, *shape))
             started = (position > 0).to(torch.float64).reshape(N, *[1] * (len(shape) - 1))
             sums.append(0.01 * _randn(g, *shape) * started)
-    return (position, *(t.to(dtype) for t in weights + sums))
+    return pack_state(position, [t.to(dtype) for t in weights], [t.to(dtype) for t in sums])
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -171,9 +180,9 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def max_state_diff(s1: State, s2: State) -> float:
     """Largest absolute difference between two states of the same layer type: inf when their lengths
     or their positions differ, else the max over all the floating tensors (in float64)."""
-    if len(s1) != len(s2) or not torch.equal(s1[0].long(), s2[0].long()):
+    if len(s1) != len(s2) or not torch.equal(state_position(s1).long(), state_position(s2).long()):
         return float("inf")
-    return max(max_abs_diff(a, b) for a, b in zip(s1[1:], s2[1:], strict=True))
+    return max(max_abs_diff(a, b) for a, b in zip(state_tensors(s1), state_tensors(s2), strict=True))
 
 
 def select_state(state: State, index: int | slice | Sequence[int]) -> State:
@@ -191,3 +200,39 @@ def detach_state(state: State, requires_grad: bool = False) -> State:
     """A copy of the state cut from the autograd graph, its floating tensors optionally made leaves
     that require grad (the position stays an integer tensor)."""
     return tuple(t.detach().clone().requires_grad_(requires_grad and t.is_floating_point()) for t in state)
+
+
+def run(
+    op: Op,
+    inputs: TTTInputs,
+    state: State | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    final: bool = True,
+    **kwargs,
+) -> tuple[torch.Tensor, State | None]:
+    """``op`` on the inputs from ``state``, returning its final state unless final is False; kwargs go
+    to the op (e.g. the Triton ops' checkpoint_every)."""
+    return op(*inputs.args(), initial_state=state, output_final_state=final, cu_seqlens=cu_seqlens, **kwargs)
+
+
+def assert_matches(
+    got: tuple[torch.Tensor, State | None], expected: tuple[torch.Tensor, State | None], tol: float
+) -> None:
+    """Outputs and final states agree within tol."""
+    (o, state), (o_ref, state_ref) = got, expected
+    assert o.dtype == o_ref.dtype
+    assert max_abs_diff(o, o_ref) <= tol, f"outputs differ by {max_abs_diff(o, o_ref):.3g}"
+    assert max_state_diff(state, state_ref) <= tol, (
+        f"final states differ by {max_state_diff(state, state_ref):.3g}"
+    )
+
+
+def output_and_state_loss(o: torch.Tensor, state: State, seed: int = 1) -> torch.Tensor:
+    """A loss that reaches every output and every floating tensor of the final state through fixed
+    random weights, normalised so that its gradients are of order one."""
+    g = torch.Generator().manual_seed(seed)
+    loss = 0.0
+    for t in (o, *state_tensors(state)):
+        weight = torch.randn(t.shape, generator=g, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
+        loss = loss + (t * weight).sum() / t.numel() ** 0.5
+    return loss

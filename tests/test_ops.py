@@ -12,15 +12,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ops_cases import (
+    PARAM_NAMES,
+    TOLERANCE,
+    Op,
     State,
     TTTInputs,
+    assert_matches,
     cat_batches,
     cat_states,
     detach_state,
     make_inputs,
     make_state,
     max_abs_diff,
-    max_state_diff,
+    output_and_state_loss,
+    run,
     select_state,
 )
 
@@ -36,25 +41,10 @@ from ttt_mixer.ops import (
 from ttt_mixer.ops.ttt.inner import GeluTanhWithGrad, LayerNormL2Grad, get_inner_model, with_ones
 from ttt_mixer.ops.ttt.naive import reference_gelu_tanh_grad, reference_ln_fused_l2_grad
 
-PARAM_NAMES = ("w1", "b1", "w2", "b2")
-Op = Callable[..., tuple[torch.Tensor, State | None]]
-
-# SPEC.md section 10: float32 paths agree to 1e-5; float64 paths agree to rounding.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 GRAD_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 inner_models = pytest.mark.parametrize("inner_model", INNER_MODELS)
 dtypes = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-
-
-def run(
-    op: Op,
-    inputs: TTTInputs,
-    state: State | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    final: bool = True,
-) -> tuple[torch.Tensor, State | None]:
-    return op(*inputs.args(), initial_state=state, output_final_state=final, cu_seqlens=cu_seqlens)
 
 
 def run_in_pieces(
@@ -78,18 +68,6 @@ def run_in_pieces(
 def fresh_state(inputs: TTTInputs, num_sequences: int) -> State:
     """The explicit state before any token (the inner model's own weights, position 0)."""
     return initial_state(get_inner_model(inputs.inner_model), list(inputs.params), num_sequences)
-
-
-def assert_matches(
-    got: tuple[torch.Tensor, State | None], expected: tuple[torch.Tensor, State | None], tol: float
-) -> None:
-    """Outputs and final states agree within tol."""
-    (o, state), (o_ref, state_ref) = got, expected
-    assert o.dtype == o_ref.dtype
-    assert max_abs_diff(o, o_ref) <= tol, f"outputs differ by {max_abs_diff(o, o_ref):.3g}"
-    assert max_state_diff(state, state_ref) <= tol, (
-        f"final states differ by {max_state_diff(state, state_ref):.3g}"
-    )
 
 
 # ttt_chunk against the primal form ----------------------------------------------------------------
@@ -180,17 +158,6 @@ def test_final_state_layout(inner_model: str, op: Op) -> None:
 
 
 # Gradients ----------------------------------------------------------------------------------------
-
-
-def output_and_state_loss(o: torch.Tensor, state: State, seed: int) -> torch.Tensor:
-    """A loss that reaches every output and every floating tensor of the final state through fixed
-    random weights, normalised so that its gradients are of order one."""
-    g = torch.Generator().manual_seed(seed)
-    loss = 0.0
-    for t in (o, *state[1:]):
-        weight = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
-        loss = loss + (t * weight).sum() / t.numel() ** 0.5
-    return loss
 
 
 def gradients(op: Op, inputs: TTTInputs, state: State | None) -> dict[str, torch.Tensor]:

@@ -10,23 +10,32 @@ tests run natively, plus 16-bit inputs against a float32 run (SPEC.md section 10
 
 # Without a GPU the kernels run in Triton's interpreter: tests/conftest.py chooses it for the whole
 # session, before anything imports Triton (fla, imported by ttt_mixer, does).
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
-from ops_cases import State, TTTInputs, detach_state, make_inputs, make_state, max_abs_diff, max_state_diff
+from ops_cases import (
+    PARAM_NAMES,
+    TOLERANCE,
+    Op,
+    State,
+    TTTInputs,
+    assert_matches,
+    detach_state,
+    make_inputs,
+    make_state,
+    max_abs_diff,
+    output_and_state_loss,
+    run,
+)
 
 from ttt_mixer.ops import INNER_MODELS, ttt_chunk, ttt_chunk_triton, ttt_primal, ttt_step, ttt_step_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-# SPEC.md section 10
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 HALF_PRECISION_RMS = 5e-3
-PARAM_NAMES = ("w1", "b1", "w2", "b2")
 
 inner_models = pytest.mark.parametrize("inner_model", INNER_MODELS)
-Op = Callable[..., tuple[torch.Tensor, State | None]]
 
 
 # Helpers -------------------------------------------------------------------------------------------
@@ -61,32 +70,6 @@ def make_case(
         state = make_state(inner_model, positions, num_heads, head_dim, dtype=state_dtype, seed=seed + 1)
         state = tuple(t.to(DEVICE) for t in state)
     return inputs, state, cu_seqlens
-
-
-def run(
-    op: Op, inputs: TTTInputs, state: State | None = None, cu_seqlens: torch.Tensor | None = None, **kwargs
-) -> tuple[torch.Tensor, State]:
-    return op(*inputs.args(), initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens, **kwargs)
-
-
-def assert_matches(got: tuple[torch.Tensor, State], expected: tuple[torch.Tensor, State], tol: float) -> None:
-    (o, state), (o_ref, state_ref) = got, expected
-    assert o.dtype == o_ref.dtype
-    assert max_abs_diff(o, o_ref) <= tol, f"outputs differ by {max_abs_diff(o, o_ref):.3g}"
-    assert max_state_diff(state, state_ref) <= tol, (
-        f"final states differ by {max_state_diff(state, state_ref):.3g}"
-    )
-
-
-def output_and_state_loss(o: torch.Tensor, state: State, seed: int = 1) -> torch.Tensor:
-    """A loss reaching every output and every floating tensor of the final state through fixed random
-    weights, normalised so that its gradients are of order one."""
-    g = torch.Generator().manual_seed(seed)
-    loss = 0.0
-    for t in (o, *state[1:]):
-        weight = torch.randn(t.shape, generator=g, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
-        loss = loss + (t * weight).sum() / t.numel() ** 0.5
-    return loss
 
 
 def gradients(
