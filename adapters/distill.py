@@ -15,9 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from ttt_mixer.adapters.swap import mixer_names, mixer_path
+
+from ttt_mixer.progress import Progress
 
 
 @dataclass
@@ -112,13 +113,8 @@ def distill(
     hooks = [mixer.register_forward_hook(capture, with_kwargs=True) for mixer in teacher_mixers]
     try:
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-        bar = tqdm(
-            _batches(input_ids, batch_size, layerwise_steps, seed),
-            total=layerwise_steps,
-            desc="distil layer-wise",
-            disable=not progress,
-        )
-        for batch in bar:
+        bar = Progress(layerwise_steps, "distil layer-wise", enabled=progress)
+        for batch in _batches(input_ids, batch_size, layerwise_steps, seed):
             captured.clear()
             with torch.no_grad():
                 teacher(input_ids=batch.to(device), use_cache=False)
@@ -131,7 +127,7 @@ def distill(
             optimizer.step()
             report.layerwise_losses.append(loss.item())
             _check_finite("layer-wise", len(report.layerwise_losses), report.layerwise_losses[-1])
-            bar.set_postfix(mse=f"{loss.item():.3g}")
+            bar.update(status=f"mse={loss.item():.3g}")
     finally:
         for hook in hooks:
             hook.remove()
@@ -139,13 +135,9 @@ def distill(
         _check_finite("layer-wise", layerwise_steps, report.layerwise_losses[-1], parameters)
 
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    bar = tqdm(
-        _batches(input_ids, batch_size, finetune_steps, seed + 1),
-        total=finetune_steps,
-        desc="fine-tune end to end",
-        disable=not progress,
-    )
-    for batch in bar:
+    bar.close()
+    bar = Progress(finetune_steps, "fine-tune end to end", enabled=progress and finetune_steps > 0)
+    for batch in _batches(input_ids, batch_size, finetune_steps, seed + 1):
         batch = batch.to(device)
         loss = student(input_ids=batch, labels=batch, use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
@@ -153,7 +145,8 @@ def distill(
         optimizer.step()
         report.finetune_losses.append(loss.item())
         _check_finite("fine-tune", len(report.finetune_losses), report.finetune_losses[-1])
-        bar.set_postfix(loss=f"{loss.item():.3g}")
+        bar.update(status=f"loss={loss.item():.3g}")
+    bar.close()
     if report.finetune_losses:
         _check_finite("fine-tune", finetune_steps, report.finetune_losses[-1], parameters)
     student.eval()

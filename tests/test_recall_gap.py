@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,3 +213,30 @@ def test_a_folder_holding_other_runs_is_not_overwritten(
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), *TINY, "--mixers", "attention", "--learning-rates", "0.003"])
     assert "holds a run with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_piped_run_writes_a_log_that_reads_top_to_bottom(tmp_path: Path) -> None:
+    """Output to a file: plain lines, no carriage-return redraws of progress bars, no warnings."""
+    log = tmp_path / "log.txt"
+    tiny = [arg if arg != ",".join(ALL_MIXERS) else "attention,ttt_linear" for arg in TINY]
+    out = str(tmp_path / "out")
+    command = [
+        sys.executable,
+        "-m",
+        "ttt_mixer.cli",
+        "recall-gap",
+        "--out",
+        out,
+        *tiny,
+        "--min-attention-accuracy",
+        "0",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with log.open("w") as output:
+        subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env, check=True, timeout=600)
+    text = log.read_text()
+    assert "\r" not in text
+    assert "warn" not in text.lower(), text
+    assert re.search(r"^attention-\S+: done: 3/3$", text, re.M)
+    assert "| ttt_linear |" in text

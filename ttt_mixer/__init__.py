@@ -2,6 +2,20 @@
 and Hugging Face transformers. Importing it registers TTTConfig/TTTModel/TTTForCausalLM with the
 transformers Auto classes."""
 
+import warnings
+
+with warnings.catch_warnings():
+    # Importing fla warns that Triton has no GPU backend on a machine without one, and trips a torch
+    # deprecation inside fla; neither is the user's to act on (on CPU our PyTorch path needs no
+    # Triton), so both are silenced for this import only.
+    warnings.filterwarnings(
+        "ignore", message="Triton is not supported on current platform", category=UserWarning
+    )
+    warnings.filterwarnings(
+        "ignore", message="`torch.jit.script_method` is deprecated", category=DeprecationWarning
+    )
+    import fla  # noqa: F401
+
 from ttt_mixer.layers import TTTMLP, TTTLayer, TTTLinear
 from ttt_mixer.models import TTTConfig, TTTForCausalLM, TTTModel
 

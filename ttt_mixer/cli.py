@@ -21,6 +21,7 @@ from ttt_mixer.arguments import non_negative_int, positive_int
 from ttt_mixer.decode_timing import decode_ms_per_step
 from ttt_mixer.models import TTTConfig, TTTForCausalLM
 from ttt_mixer.paths import prepare_output_folder
+from ttt_mixer.progress import plain_output_for_logs
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
 
 DEMO_TEXT = (
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         args = argparse.Namespace(command="eval", func=evaluate, lm_eval_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
+    plain_output_for_logs()
     try:
         args.func(args)
     except (ValueError, TypeError, OSError, NonFiniteTrainingError) as error:

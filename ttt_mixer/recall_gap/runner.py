@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
+from ttt_mixer.progress import Progress, on_terminal
 from ttt_mixer.recall_gap.evaluate import StateSize, evaluate_checkpoint, write_lm_eval_results
 from ttt_mixer.recall_gap.presets import MQARShape, Preset
 from ttt_mixer.recall_gap.report import Row
@@ -125,11 +125,13 @@ def execute_run(
     settings: EvalSettings,
     save_steps: int,
     progress_bars: bool = True,
+    progress: Path | None = None,
 ) -> Row | None:
     """Train (unless finished before; resuming an interrupted run), then evaluate (unless evaluated
-    before with the same shapes and samples). None on processes other than the main one."""
+    before with the same shapes and samples). None on processes other than the main one.
+    ``progress_bars``: the Trainer's bar (else its plain log lines); ``progress``: a file for the
+    parent of a worker process, which draws the progress of all runs."""
     _claim(run_dir, spec)
-    progress = None if progress_bars else run_dir / PROGRESS_FILE
     trained = load_train_result(run_dir)
     if trained is None:
         callbacks = [] if progress is None else [ProgressFile(progress)]
@@ -170,7 +172,9 @@ def _worker(
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),
     ):
-        return execute_run(spec, run_dir, shapes, settings, save_steps, progress_bars=False)
+        return execute_run(
+            spec, run_dir, shapes, settings, save_steps, progress_bars=False, progress=run_dir / PROGRESS_FILE
+        )
 
 
 # seconds per training step relative to attention's (0.05 s), measured on a 2-core CPU at the CPU
@@ -207,12 +211,11 @@ def _run_parallel(
     """The runs in ``jobs`` worker processes (one CPU thread each, or an even share of the CPUs),
     one progress bar per run, drawn from the files the workers write."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    for spec in specs:  # a folder holding other runs is refused before any worker starts
+        _claim(out / RUNS_DIR / spec.name, spec)
     context = multiprocessing.get_context("spawn")
     rows: dict[int, Row] = {}
-    bars = [
-        tqdm(total=spec.steps, desc=f"{spec.name}: waiting", position=i, leave=True, dynamic_ncols=True)
-        for i, spec in enumerate(specs)
-    ]
+    bars = [Progress(spec.steps, f"{spec.name}: waiting") for spec in specs]
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures: dict[Future, int] = {}
         # longest first, so that no slow run starts last while the other workers idle
@@ -236,17 +239,13 @@ def _run_parallel(
                         f"run {specs[i].name} failed: {error!r}; its output is in {log}"
                     ) from error
                 rows[i] = future.result()
-                bars[i].n = bars[i].total
-                bars[i].set_description(f"{specs[i].name}: done")
+                bars[i].set(specs[i].steps, f"{specs[i].name}: done")
             for i in (futures[f] for f in pending):
                 state = _read_progress(out / RUNS_DIR / specs[i].name / PROGRESS_FILE)
                 if "step" in state:
-                    bars[i].n = state["step"]
-                    bars[i].set_description(f"{specs[i].name}: training")
+                    bars[i].set(state["step"], f"{specs[i].name}: training")
                 elif state.get("phase") == "evaluating":
-                    bars[i].n = bars[i].total
-                    bars[i].set_description(f"{specs[i].name}: evaluating")
-                bars[i].refresh()
+                    bars[i].set(specs[i].steps, f"{specs[i].name}: evaluating")
     for bar in bars:
         bar.close()
     return [rows[i] for i in range(len(specs))]
@@ -257,16 +256,24 @@ def run_all(
 ) -> list[Row]:
     """Every run, in the given order; ``jobs`` > 1 runs them in worker processes (CPU only: a
     distributed launch runs one at a time, all processes together). Only the main process gets rows."""
-    if jobs > 1 and (torch.cuda.is_available() or distributed()):
+    single_process_only = torch.cuda.is_available() or distributed()
+    if jobs > 1 and single_process_only:
         raise ValueError("jobs > 1 runs several trainings side by side on CPU; use 1 with GPUs or accelerate")
-    if jobs > 1:
+    if jobs > 1 or not (on_terminal() or single_process_only):
+        # off a terminal the runs go to worker processes too, whose own output (the dependencies'
+        # progress bars and notes) lands in each run's log.txt, leaving the console plain lines
         return _run_parallel(specs, out, preset, settings, save_steps, jobs)
     rows = []
     for i, spec in enumerate(specs, 1):
         print(f"[{i}/{len(specs)}] {spec.name}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         row = execute_run(
-            spec, out / RUNS_DIR / spec.name, preset.eval_shapes(spec.train_shape), settings, save_steps
+            spec,
+            out / RUNS_DIR / spec.name,
+            preset.eval_shapes(spec.train_shape),
+            settings,
+            save_steps,
+            progress_bars=on_terminal(),
         )
         print(
             f"[{i}/{len(specs)}] {spec.name}: {time.perf_counter() - start:.0f} s",

@@ -6,6 +6,7 @@ with its tokenizer."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,22 @@ from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, mqar_t
 from ttt_mixer.recall_gap.presets import MQARShape
 
 MODEL_DIR, TRAINER_DIR, TRAIN_RESULT = "model", "trainer", "train.json"
+
+
+class WithoutMessage(logging.Filter):
+    """Drops one message of a dependency's logger: its remark on our use that the user cannot act on."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# Checkpoints of a short run are saved within a second of each other, so Trainer's checkpoint
+# rotation finds their mtimes alike and says it orders them by step instead, which is right anyway.
+logging.getLogger("transformers.trainer_utils").addFilter(WithoutMessage("mtime may not be reliable"))
 
 
 @dataclass(frozen=True)
