@@ -5,7 +5,7 @@ realistic range; ``make_state`` builds a random recurrent state (possibly in the
 mini-batch); the remaining functions compare, slice and stack state tuples, whose layout is
 ``(position [N] int64, W1, b1, [W2, b2,] S_W1, S_b1, [S_W2, S_b2])`` (see ``ttt_mixer.ops.ttt.state``).
 ``run`` calls any op (PyTorch or Triton) the same way, ``assert_matches`` compares what two ops give
-within the TOLERANCE of SPEC.md section 10, and ``output_and_state_loss`` is the loss the gradient
+within the TOLERANCE of docs/conventions.md section 6, and ``output_and_state_loss`` is the loss the gradient
 tests differentiate.
 """
 
@@ -23,7 +23,7 @@ State = tuple[torch.Tensor, ...]
 Op = Callable[..., tuple[torch.Tensor, State | None]]
 # the names of the inner params in TTTInputs.float_tensors (w2, b2 for TTT-MLP only)
 PARAM_NAMES = ("w1", "b1", "w2", "b2")
-# SPEC.md section 10: float32 paths agree to 1e-5; float64 paths agree to rounding.
+# docs/conventions.md section 6: float32 paths agree to 1e-5; float64 paths agree to rounding.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -131,7 +131,7 @@ def make_inputs(
     """Seeded random inputs of a TTT op, drawn in float64 and then cast, so that the same seed gives
     the same numbers in every dtype.
 
-    q, k, v ~ N(0, 1); lr = base_lr * sigmoid(N(0, 1)) / d (SPEC.md section 2); token_offset ~
+    q, k, v ~ N(0, 1); lr = base_lr * sigmoid(N(0, 1)) / d (docs/math.md section 2); token_offset ~
     0.05 N(0, 1), so tau_i stays close to 1/i; ln_weight ~ 1 + 0.1 N(0, 1), ln_bias ~ 0.1 N(0, 1)
     (both None when layer_norm is False: f = f_res); inner weights and biases ~ 0.1 N(0, 1).
     """

@@ -89,7 +89,7 @@ def test_cached_decoding_of_converted_model_matches_authors_logits(reference) ->
 
 
 def test_lr_gate_weight_in_spec_layout(reference) -> None:
-    """SPEC.md writes the gate weight as [H, D, 1]; the fixtures hold [H, 1, D]: both convert."""
+    """The gate weight is sometimes written [H, D, 1] (docs/conventions.md section 1); the fixtures hold [H, 1, D]: both convert."""
     state, config, input_ids, expected = case_data(reference, "linear_transformer")
     for layer in range(config["num_hidden_layers"]):
         key = f"model.layers.{layer}.seq_modeling_block.learnable_ttt_lr_weight"

@@ -17,7 +17,7 @@ from ttt_mixer.modules import apply_interleaved_rotary
 from ttt_mixer.ops import ttt_primal
 
 TOL = 1e-10  # float64 paths agree to rounding
-BASE_LR = {"linear": 1.0, "mlp": 0.1}  # SPEC.md section 2
+BASE_LR = {"linear": 1.0, "mlp": 0.1}  # docs/math.md section 2
 HIDDEN = 16
 B = 4  # mini-batch size of the layers under test
 
@@ -40,7 +40,7 @@ def reference_forward(
     layer: TTTLayer, x: torch.Tensor, inner_model: str, use_rope: bool = True, base_lr: float | None = None
 ) -> torch.Tensor:
     """The layer re-assembled by hand from its own parameters, with ``ttt_primal`` for TTT; the base
-    learning rate defaults to SPEC.md's (1.0 for TTT-Linear, 0.1 for TTT-MLP)."""
+    learning rate defaults to docs/math.md's (1.0 for TTT-Linear, 0.1 for TTT-MLP)."""
     base_lr = BASE_LR[inner_model] if base_lr is None else base_lr
     batch, seq_len, hidden = x.shape
     heads, b = layer.num_heads, layer.mini_batch_size

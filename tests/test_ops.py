@@ -1,7 +1,7 @@
-"""Tests of the pure TTT ops (SPEC.md): the chunked dual form ``ttt_chunk`` and the decode step
+"""Tests of the pure TTT ops (docs/math.md): the chunked dual form ``ttt_chunk`` and the decode step
 ``ttt_step`` against the token-by-token primal form ``ttt_primal``, exact continuation from a state
 (prefill, decoding, mid-mini-batch chunks, rows at different positions, packed sequences), the
-closed-form pieces, the checks of SPEC.md section 8 and input validation."""
+closed-form pieces, the checks of docs/math.md section 11 and input validation."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_chunk_matches_primal(inner_model: str, dtype: torch.dtype, shape: tuple
     inputs = make_inputs(
         inner_model, batch, seq_len, mini_batch_size=b, dtype=dtype, layer_norm=layer_norm, seed=seq_len
     )
-    # the truth is the primal form in float64 on the same numbers: SPEC.md section 10 bounds the error
+    # the truth is the primal form in float64 on the same numbers: docs/conventions.md section 6 bounds the error
     # of each path, and a float32 primal form would add its own (1e-5 on its own in the b=5 case)
     truth = inputs.with_tensors({name: t.double() for name, t in inputs.float_tensors().items()})
     o_ref, state_ref = run(ttt_primal, truth)
@@ -100,7 +100,7 @@ def test_chunk_matches_primal(inner_model: str, dtype: torch.dtype, shape: tuple
 
 
 def spec_definition(inputs: TTTInputs, eps: float = 1e-6) -> tuple[torch.Tensor, State]:
-    """SPEC.md sections 3-5 written out independently of the ops: the token gradients by autograd of
+    """docs/math.md sections 1-5 written out independently of the ops: the token gradients by autograd of
     1/2 ||f(k_j; W) - v_j||^2 (f built from F.layer_norm and F.gelu), W_bar_i = W - tau_i S_i with
     S_i = sum_{j <= i} lr_j G_j, o_i = f(q_i; W_bar_i), and W <- W_bar_b at the end of a mini-batch."""
     layer_norm = inputs.ln_weight is not None
@@ -336,7 +336,7 @@ def test_step_packed_matches_separate(inner_model: str, start_positions) -> None
     assert_matches(run(ttt_step, packed, state, cu_seqlens), expected, TOLERANCE[torch.float64])
 
 
-# SPEC.md section 8 ------------------------------------------------------------------------------------
+# docs/math.md section 11 ------------------------------------------------------------------------------------
 
 reference_ops = pytest.mark.parametrize("op", [ttt_primal, ttt_chunk], ids=["primal", "chunk"])
 

@@ -5,7 +5,7 @@ every gradient), at several shapes (T < b, T not a multiple of b, b and d not po
 for packed sequences (short and empty ones included), chained decoding and continuation.
 
 Without a GPU the kernels run in Triton's interpreter, in float32 (and float64); on a GPU the same
-tests run natively, plus 16-bit inputs against a float32 run (SPEC.md section 10).
+tests run natively, plus 16-bit inputs against a float32 run (docs/conventions.md section 6).
 """
 
 # Without a GPU the kernels run in Triton's interpreter: tests/conftest.py chooses it for the whole

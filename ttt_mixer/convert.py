@@ -1,4 +1,4 @@
-"""Conversion from the authors' checkpoint layout (ttt-lm-pytorch, SPEC.md section 9)."""
+"""Conversion from the authors' checkpoint layout (ttt-lm-pytorch, docs/conventions.md sections 1-3)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ MODEL_KEYS = {
 
 
 # their tensors that carry one extra size-1 axis: inner biases [H, 1, d], the lr gate's weight
-# [H, 1, D] (SPEC.md writes [H, D, 1]; both are accepted) and bias [H, 1]
+# [H, 1, D] (some write [H, D, 1]; both are accepted, docs/conventions.md section 1) and bias [H, 1]
 SINGLETON_AXIS_KEYS = ("attn.b1", "attn.b2", "attn.lr_proj.weight", "attn.lr_proj.bias")
 
 

@@ -145,7 +145,7 @@ class TTTLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The TTT-specific parameters, initialised as SPEC.md says (projections are the model's)."""
+        """The TTT-specific parameters, initialised as docs/math.md section 10 says (projections are the model's)."""
         nn.init.zeros_(self.token_offset)
         nn.init.ones_(self.ttt_norm_weight)
         nn.init.zeros_(self.ttt_norm_bias)

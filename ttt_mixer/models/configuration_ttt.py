@@ -10,7 +10,7 @@ from ttt_mixer.layers.ttt import check_layer_options
 from ttt_mixer.ops.ttt.inner import INNER_MODELS
 
 BACKBONES = ("transformer", "mamba")
-# the paper's two block layouts (SPEC.md section 7); explicit flags override them
+# the paper's two block layouts (docs/math.md section 9); explicit flags override them
 BACKBONE_DEFAULTS = {
     "transformer": {"pre_conv": False, "share_qk": False, "use_gate": False},
     "mamba": {"pre_conv": True, "share_qk": True, "use_gate": True},
@@ -58,7 +58,7 @@ def reject_unknown_fields(owner: str, kwargs: dict, known: object) -> None:
 class TTTConfig(PretrainedConfig):
     """Configuration of a TTT language model (``TTTModel``, ``TTTForCausalLM``).
 
-    Field names follow the authors' TTTConfig (SPEC.md section 9), so their configs load as they are;
+    Field names follow the authors' TTTConfig (docs/conventions.md sections 1-3), so their configs load as they are;
     ``backbone`` picks the Transformer or Mamba block layout, whose flags (``pre_conv``, ``share_qk``,
     ``use_gate``) can still be set one by one.
     """

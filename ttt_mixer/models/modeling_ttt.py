@@ -1,6 +1,6 @@
 """Hugging Face classes for TTT language models: ``TTTModel`` and ``TTTForCausalLM``.
 
-Blocks (SPEC.md section 7): Transformer backbone x += TTT(RMSNorm(x)); x += SwiGLU(RMSNorm(x)); the
+Blocks (docs/math.md section 9): Transformer backbone x += TTT(RMSNorm(x)); x += SwiGLU(RMSNorm(x)); the
 Mamba backbone adds a pre-convolution sublayer x += Conv(RMSNorm(x)) before TTT, shares the Q/K
 projection (two short convolutions) and gates the TTT output. Padded batches are unpacked once at
 the model's input (fla's unpad), so that padding reaches neither convolutions nor TTT states.

@@ -1,4 +1,4 @@
-"""Pure functions computing TTT (SPEC.md): the primal reference, the chunked dual form and the
+"""Pure functions computing TTT (docs/math.md): the primal reference, the chunked dual form and the
 decode step in PyTorch, and their Triton counterparts, all on fla's [B, T, H, d] layout with the
 same arguments and state tuple. They live in ``ttt_mixer.ops.ttt``, one module per algorithm."""
 

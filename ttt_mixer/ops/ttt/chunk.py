@@ -1,4 +1,4 @@
-"""Chunked dual form of TTT in PyTorch (SPEC.md section 4): the path used where Triton is not.
+"""Chunked dual form of TTT in PyTorch (docs/math.md section 4): the path used where Triton is not.
 
 Only the weight recurrence runs mini-batch by mini-batch (one matmul per layer for the gradients and
 one for the update); everything that does not feed the next mini-batch's weights (the attention-like
@@ -45,10 +45,10 @@ def ttt_chunk(
     Args:
         inner_model: ``"linear"`` (TTT-Linear) or ``"mlp"`` (TTT-MLP).
         q, k, v: [B, T, H, d] queries, keys and values (after any RoPE or convolution).
-        lr: [B, T, H] per-key learning rate lr_j (base lr * sigmoid(gate) / d, SPEC.md section 2).
+        lr: [B, T, H] per-key learning rate lr_j (base lr * sigmoid(gate) / d, docs/math.md section 2).
         token_offset: [b] learnable offsets eps_i of the token scale; b is the mini-batch size.
         ln_weight, ln_bias: [H, d] the inner LayerNorm, or both None for f(z) = f_res(z) (no
-            LayerNorm, no residual: the setting of SPEC.md section 8).
+            LayerNorm, no residual: the setting of docs/math.md section 11).
         params: the inner model's initial weights, ``(w1, b1)`` or ``(w1, b1, w2, b2)`` with
             w [H, d_in, d_out] and b [H, d_out]; used when ``initial_state`` is None.
         initial_state: a state tuple (see ``ttt_mixer.ops.ttt.state``) to continue from, possibly in the

@@ -76,7 +76,7 @@ def minibatch_positions(
     mini_batch_size: int,
 ) -> torch.Tensor:
     """[B, T] position of every token inside its own mini-batch, 0..b-1, counted from each sequence's
-    first token and continued from its state's position (the RoPE index of SPEC.md section 1)."""
+    first token and continued from its state's position (the RoPE index of docs/math.md section 8)."""
     device = start_position.device
     if cu_seqlens is None:
         offset = torch.arange(seq_len, device=device)[None, :] + start_position[:, None]

@@ -1,6 +1,6 @@
 """The inner model of TTT and the math the fast paths (chunked, decode step, Triton backward) share.
 
-Notation follows SPEC.md: per head, keys/queries/values have head dim ``d``; the inner model is a
+Notation follows docs/math.md: per head, keys/queries/values have head dim ``d``; the inner model is a
 stack of linear layers ``Z_l = X_l W_l + b_l`` (one for TTT-Linear; two with a tanh-GELU between for
 TTT-MLP) followed by ``z + LN(Z_last)``. Inside the chunked and decode paths each layer's weight and
 bias travel together as one augmented matrix ``[W; b]`` of shape ``[d_in + 1, d_out]`` (inputs get a
@@ -49,7 +49,7 @@ def get_inner_model(name: str) -> InnerModel:
 
 
 def token_scale(token_offset: torch.Tensor) -> torch.Tensor:
-    """tau_i = max(0, 1/i + eps_i) for i = 1..b (SPEC.md section 2)."""
+    """tau_i = max(0, 1/i + eps_i) for i = 1..b (docs/math.md section 2)."""
     b = token_offset.shape[0]
     base = 1.0 / torch.arange(1, b + 1, device=token_offset.device, dtype=token_offset.dtype)
     return torch.clamp_min(base + token_offset, 0.0)

@@ -1,4 +1,4 @@
-"""The primal form of TTT, token by token (SPEC.md section 4): the ground truth for every other path.
+"""The primal form of TTT, token by token (docs/math.md section 3): the ground truth for every other path.
 
 Deliberately plain: one sequence and one token at a time, weights and biases kept apart, and every
 token's weights W_bar_i = W - tau_i * sum_{j <= i} lr_j G_j rebuilt from the list of its mini-batch's

@@ -4,7 +4,7 @@ A TTT state is a flat tuple, so that fla's Cache can reorder it for beam search:
   (position, W_1, b_1, [W_2, b_2,] S_W_1, S_b_1, [S_W_2, S_b_2])
 position [N] int64: tokens already read in the current mini-batch (0..b-1); W_l [N, H, d_in, d_out]
 and b_l [N, H, d_out]: weights at the start of the current mini-batch; S_*: the accumulated
-learning-rate-weighted gradients of the mini-batch so far (SPEC.md section 5).
+learning-rate-weighted gradients of the mini-batch so far (docs/math.md section 5).
 
 Code outside this module reads a state through the accessors (``state_position``, ``state_weights``,
 ``state_sums``, ``state_tensors``) and builds one with ``pack_state`` or ``initial_state``; the

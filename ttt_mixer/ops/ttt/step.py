@@ -1,5 +1,5 @@
 """One decoding step of TTT for a batch of sequences, each at its own position in its mini-batch
-(SPEC.md section 5): G_i at W; S += lr_i G_i; W_bar = W - tau_i S; output f(XQ_i; W_bar); at the end
+(docs/math.md section 6): G_i at W; S += lr_i G_i; W_bar = W - tau_i S; output f(XQ_i; W_bar); at the end
 of a mini-batch W <- W_bar and S <- 0. Its cost does not depend on how many tokens came before.
 """
 

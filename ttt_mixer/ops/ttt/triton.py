@@ -9,7 +9,7 @@ What runs where:
   state possibly in the middle of a mini-batch, with per-sequence positions.
 - Decode (``ttt_step_triton``): the same fused kernel, launched once for a batch of sequences with
   one token (or none) each, at each sequence's own position. Reading one token at position i in the
-  forward kernel is exactly the decode recurrence of SPEC.md section 5 (G_i at W; S += lr_i G_i;
+  forward kernel is exactly the decode recurrence of docs/math.md section 6 (G_i at W; S += lr_i G_i;
   output f(Q_i; W - tau_i S); at i = b, W <- W - tau_b S, S <- 0), so prefill and decode share one
   implementation. A step is bound by moving the state through the chip, which a separate mat-vec
   kernel would do just the same (TTT-MLP needs the whole hidden layer for the loss gradient before

@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernels of the TTT forward pass (SPEC.md sections 4-6): TTT-Linear's
+"""Pieces shared by the Triton kernels of the TTT forward pass (docs/math.md sections 4-7): TTT-Linear's
 (``triton_linear``) and TTT-MLP's (``triton_mlp``), one program per (sequence, head), and the
 argument groups both kernels take (``Tokens``, ``Shared``, ``Sequences``, ``Dims``).
 
@@ -275,7 +275,7 @@ def store_output(o_ptr, minibatch, z, program, dims, eps, BLOCK_D: tl.constexpr)
 
 @triton.jit
 def step_sizes(tau_rows, lr, BLOCK_T: tl.constexpr):
-    """eta[i, j] = tau_i lr_j for j <= i: the step applied to query i from key j (SPEC.md section 2)."""
+    """eta[i, j] = tau_i lr_j for j <= i: the step applied to query i from key j (docs/math.md section 2)."""
     cells = tl.arange(0, BLOCK_T)
     return tl.where(cells[:, None] >= cells[None, :], tau_rows[:, None] * lr[None, :], 0.0)
 
