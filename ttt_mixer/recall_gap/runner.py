@@ -177,8 +177,7 @@ def _worker(
         )
 
 
-# seconds per training step relative to attention's (0.05 s), measured on a 2-core CPU at the CPU
-# preset's sizes: the plain-PyTorch recurrences (Mamba's scan above all) cost more than attention there
+# seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
 RELATIVE_CPU_COST = {"attention": 1.0, "based": 1.3, "ttt_linear": 1.7, "gla": 1.9, "ttt_mlp": 4.5}
 RELATIVE_CPU_COST |= {"gated_deltanet": 5.0, "mamba": 9.0}
 
