@@ -22,6 +22,7 @@ from ttt_mixer.decode_timing import decode_ms_per_step
 from ttt_mixer.models import TTTConfig, TTTForCausalLM
 from ttt_mixer.paths import prepare_output_folder
 from ttt_mixer.progress import plain_output_for_logs
+from ttt_mixer.recall_gap import DESCRIPTION as RECALL_GAP_DESCRIPTION
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
 
 DEMO_TEXT = (
@@ -125,8 +126,7 @@ def plot(args: argparse.Namespace) -> None:
 
 
 def recall_gap(args: argparse.Namespace) -> None:
-    """The main job: train attention, Based, Mamba, TTT-Linear and TTT-MLP in one Llama backbone on
-    MQAR, evaluate them through lm-eval at 1x, 2x and 4x the training length, report the recall gap."""
+    """The main job (ttt_mixer.recall_gap)."""
     from ttt_mixer.recall_gap import run
 
     run(args)
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", type=Path, help="lm-eval results JSON files (one per model)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created if missing)")
     p.set_defaults(func=plot)
-    p = commands.add_parser("recall-gap", help=recall_gap.__doc__)
+    p = commands.add_parser("recall-gap", help=RECALL_GAP_DESCRIPTION, description=RECALL_GAP_DESCRIPTION)
     add_recall_gap_arguments(p)
     p.set_defaults(func=recall_gap)
     p = commands.add_parser("swap", help=swap_command.__doc__)
