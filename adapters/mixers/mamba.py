@@ -1,5 +1,5 @@
-"""Mamba's mixer on the fla layer interface: transformers' ``MambaMixer.forward`` with its states kept
-in fla's Cache."""
+"""Mamba's mixer on the fla layer interface: transformers' ``MambaMixer`` computed with an exact,
+fast PyTorch scan (``selective_scan``), its states kept in fla's Cache."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fla.models.utils import Cache
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer
 from ttt_mixer.adapters.mixers.common import cached_states, check_inputs, reject_cu_seqlens, zero_padding
+from ttt_mixer.adapters.mixers.selective_scan import causal_conv, selective_scan
 
 # transformers 5.2x renamed MambaMixer.forward's ``cache_params`` to ``cache``
 MAMBA_CACHE_ARGUMENT = (
@@ -23,8 +24,10 @@ MAMBA_CACHE_ARGUMENT = (
 class MambaLayerState:
     """One layer's slice of transformers' linear-attention cache API, the part that
     ``MambaMixer.forward`` calls, with the semantics of transformers' ``LinearAttentionLayer``
-    (record_past off). It works on clones of the states it is given, so the in-place updates of
-    MambaMixer's one-token path never touch tensors the fla cache (or anyone) still holds."""
+    (record_past off): it runs transformers' own forward on states kept in fla's Cache
+    (``CachedMambaMixer`` computes the same without it). It works on clones of the states it is given,
+    so the in-place updates of MambaMixer's one-token path never touch tensors the fla cache (or anyone)
+    still holds."""
 
     def __init__(self, layer_idx: int, conv_state: torch.Tensor | None, recurrent_state: torch.Tensor | None):
         self.layer_idx = layer_idx
@@ -80,17 +83,32 @@ class MambaLayerState:
         return recurrent_states
 
 
-class CachedMambaMixer(MambaMixer):
-    """transformers' ``MambaMixer`` (same parameters) with fla's forward signature.
+def rounded_as_transformers(exact: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """``rounded`` (what transformers computes through float32), with the gradient of ``exact`` when
+    that is float64: the values of transformers' forward, and gradients in the model's precision
+    rather than accumulated in float32. In any other dtype, ``rounded`` itself."""
+    if exact.dtype != torch.float64:
+        return rounded
+    # exact + (rounded - exact) is rounded exactly: the two are within a factor of two
+    return exact + (rounded.to(exact.dtype) - exact).detach()
 
-    It runs ``MambaMixer.forward`` (the PyTorch path on CPU) with a ``MambaLayerState`` in place of
-    transformers' cache. Cache entry: ``conv_state`` [B, intermediate_size, conv_kernel] and
-    ``recurrent_state`` [B, intermediate_size, state_size]. transformers' full-sequence scan always
-    starts from a zero state, so a continuation of several tokens runs token by token through its
-    exact one-token path. Padding as transformers does it (padded inputs zeroed before and after the
-    convolution): exact for left padding when ``use_bias`` is False (the default); padded positions
-    output 0. Gradients do not flow through cached one-token steps (they update states in place).
-    Keyword arguments other than ``cu_seqlens`` (refused) are ignored.
+
+class CachedMambaMixer(MambaMixer):
+    """transformers' ``MambaMixer`` (same parameters and initialisation) with fla's forward signature,
+    computing what ``MambaMixer.forward``'s PyTorch path computes through ``selective_scan``, a scan
+    with an initial state and a hand-written backward: fast on CPU, differentiable through cached
+    states, and a cached continuation of any length runs in one call.
+
+    The numbers of transformers' full-sequence path in float32 and float64: in a float64 model it
+    computes A, D and the dt bias through float32 and rounds u and B to float32 where they enter the
+    state; here too, but with float64 gradients (``rounded_as_transformers``), where transformers'
+    accumulate in float32. (transformers' one-token path also rounds the state to float32; this
+    one does not.) Cache entry: ``conv_state`` [B, intermediate_size, conv_kernel] (the last
+    conv_kernel inputs of the convolution) and ``recurrent_state`` [B, intermediate_size, state_size].
+    Padded tokens are skipped: they change no state (dt 0) and no convolution window, and output 0;
+    for left padding that is what transformers computes too (it zeroes padded inputs; exact there
+    when ``use_bias`` is False, the default). Keyword arguments other than ``cu_seqlens`` (refused)
+    are ignored.
     """
 
     def __init__(self, config: MambaConfig, layer_idx: int = 0) -> None:
@@ -113,33 +131,34 @@ class CachedMambaMixer(MambaMixer):
         mask = check_inputs(self, hidden_states, attention_mask)
         reject_cu_seqlens(self, kwargs)
         batch_size, q_len, _ = hidden_states.shape
-        # MambaMixer multiplies by the mask, so it must be a number
-        numeric_mask = None if mask is None else mask.to(hidden_states.dtype)
-        if past_key_values is None:
-            o = super().forward(hidden_states, attention_mask=numeric_mask)
-            return zero_padding(o, mask), None, past_key_values
-
         recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
-        state = MambaLayerState(self.layer_idx, conv_state, recurrent_state)
-        if state.get_recurrent_state(self.layer_idx) is not None and q_len > 1:
-            o = torch.cat(
-                [
-                    super(CachedMambaMixer, self).forward(
-                        hidden_states[:, t : t + 1],
-                        attention_mask=None if numeric_mask is None else numeric_mask[:, t : t + 1],
-                        **{MAMBA_CACHE_ARGUMENT: state},
-                    )
-                    for t in range(q_len)
-                ],
-                dim=1,
-            )
-        else:
-            o = super().forward(hidden_states, attention_mask=numeric_mask, **{MAMBA_CACHE_ARGUMENT: state})
+        x, gate = self.in_proj(hidden_states).chunk(2, dim=-1)
+        x, conv_state = causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, mask, self.act)
+        time_step, B, C = torch.split(
+            self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+        )
+        # transformers' numbers: A, D and the dt bias from float32 copies, u and B rounded to float32
+        # where they enter the state (no-ops in float32)
+        dt_bias = rounded_as_transformers(self.dt_proj.bias, self.dt_proj.bias.float())
+        dt = F.softplus(F.linear(time_step, self.dt_proj.weight) + dt_bias)
+        if mask is not None:
+            dt = torch.where(mask[..., None], dt, 0)
+        y, final_state = selective_scan(
+            rounded_as_transformers(x, x.float()),
+            dt,
+            rounded_as_transformers(-torch.exp(self.A_log), -torch.exp(self.A_log.float())),
+            rounded_as_transformers(B, B.float()),
+            C,
+            initial_state=recurrent_state,
+            output_final_state=bool(use_cache) and past_key_values is not None,
+        )
+        y = (y + x * rounded_as_transformers(self.D, self.D.float())) * F.silu(gate)
         update_layer_cache(
             self,
             past_key_values,
-            recurrent_state=state.recurrent_state if use_cache else None,
-            conv_state=state.conv_state if use_cache else None,
+            recurrent_state=final_state,
+            conv_state=conv_state if use_cache else None,
             offset=q_len,
         )
+        o = self.out_proj(y.to(hidden_states.dtype))
         return zero_padding(o, mask), None, past_key_values
