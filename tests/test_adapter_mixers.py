@@ -63,6 +63,7 @@ CASES = {
         "gated_deltanet",
         {"num_v_heads": 8, "conv_bias": True, "allow_neg_eigval": True, "use_gate": False},
     ),
+    "longhorn": ("longhorn", {"d_state": 8}),
 }
 cases = pytest.mark.parametrize("case", list(CASES))
 

@@ -22,11 +22,12 @@ from ttt_mixer.adapters.mixers.attention import CachedAttention
 from ttt_mixer.adapters.mixers.based import BasedMixer
 from ttt_mixer.adapters.mixers.gated_deltanet import GatedDeltaNetMixer
 from ttt_mixer.adapters.mixers.gla import GLAMixer
+from ttt_mixer.adapters.mixers.longhorn import LonghornMixer
 from ttt_mixer.adapters.mixers.mamba import CachedMambaMixer, MambaLayerState
 
 from ttt_mixer.layers import TTTMLP, TTTLinear
 
-MIXER_NAMES = ("ttt_linear", "ttt_mlp", "attention", "based", "mamba", "gla", "gated_deltanet")
+MIXER_NAMES = ("ttt_linear", "ttt_mlp", "attention", "based", "mamba", "gla", "gated_deltanet", "longhorn")
 
 
 def _config_with(
@@ -118,6 +119,9 @@ _BUILDERS: dict[str, Builder] = {
     "gated_deltanet": _constructor(
         GatedDeltaNetMixer, lambda hidden_size, num_heads: {"head_dim": hidden_size // num_heads}
     ),
+    "longhorn": lambda hidden_size, num_heads, layer_idx, backbone_config, options: LonghornMixer(
+        hidden_size=hidden_size, layer_idx=layer_idx, **options
+    ),
 }
 
 
@@ -132,8 +136,9 @@ def build_mixer(
     ``backbone_config`` when it is a LlamaConfig, else on a LlamaConfig of hidden_size and num_heads;
     mamba: ``CachedMambaMixer`` on ``backbone_config`` when it is a MambaConfig, else on a MambaConfig
     of hidden_size (num_heads unused); for these two ``options`` are config fields (e.g. rope_theta,
-    num_key_value_heads; state_size, expand, conv_kernel). Unknown name or bad values: ValueError;
-    unknown options: TypeError naming the mixer.
+    num_key_value_heads; state_size, expand, conv_kernel). longhorn: ``LonghornMixer`` (the authors'
+    defaults; num_heads unused) with ``options`` as constructor arguments. Unknown name or bad
+    values: ValueError; unknown options: TypeError naming the mixer.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown mixer {name!r}; choose one of {MIXER_NAMES}")

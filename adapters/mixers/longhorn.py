@@ -1,0 +1,184 @@
+"""Longhorn (Liu et al. 2024, "Longhorn: State Space Models are Amortized Online Learners") on the
+fla layer interface, in PyTorch.
+
+Each channel d of the inner width keeps a state S[d] in R^N and takes, per token, the closed-form
+step of an online regression of x_t[d] on the key k_t (the implicit online-learning update, no
+forget gate):
+
+    beta_t  = sigmoid(W_dt dt_t + b_dt)                  [D], the rate
+    delta_t = beta_t / (1 + beta_t |k_t|^2)              [D], normalised by the key's squared norm
+    S_t     = (1 - delta_t k_t^2) * S_{t-1} + (delta_t x_t) k_t       (k_t^2 elementwise)
+    y_t     = S_t q_t + D * x_t,      o_t = out_proj(y_t * silu(z_t))
+
+with x, z = in_proj(h) split in two, x through a causal depthwise convolution (width 4) and SiLU,
+and (dt, k, q) = x_proj(x) split [dt_rank, N, N]: Mamba's block with Longhorn's scan in place of
+the selective scan. Parameter names and shapes follow the authors' ``Longhorn`` module
+(github.com/Cranial-XIX/longhorn, models/longhorn.py; their CUDA kernel and
+``selective_scan_online7_ref`` agree on the step above): ``in_proj``, ``conv1d``, ``x_proj``,
+``dt_head``, ``out_proj``, ``D``; defaults d_state 16, d_conv 4, expand 2, dt_rank ceil(hidden / 16),
+conv bias on, no projection biases.
+
+Not pinned down, and chosen here:
+  * Initialisation. The authors' module keeps PyTorch's default init for its layers (their dt_min,
+    dt_max, dt_init, dt_scale, dt_init_floor arguments are unused, unlike Mamba's dt_proj init) and
+    their LM's init zeroes every Linear bias, so dt_head's bias starts at 0 (rate sigmoid(0) = 1/2);
+    this module zeroes it too. The LM's rescaling of out_proj by 1/sqrt(n_layer) is a model-level
+    step left to the backbone, whose own init (Llama's, in ``swap_mixer``'s models) applies anyway.
+  * Precision: their scan runs in float32 and casts back; here in at least float32 (float64 stays
+    float64).
+  * Final state and decoding: their reference captures the "last" state at index d_state - 1 instead
+    of the last token, and their decoding cache reads a ``dt_proj`` the module does not have; here the
+    final state is the last token's and a continuation of any length runs from the cached states.
+  * Padding: they have none; here padded tokens are skipped exactly (rate 0, no convolution window
+    holds them) and output 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from fla.layers.utils import update_layer_cache
+from fla.models.utils import Cache
+from torch import nn
+from ttt_mixer.adapters.mixers.common import cached_states, check_inputs, reject_cu_seqlens, zero_padding
+from ttt_mixer.adapters.mixers.selective_scan import causal_conv, online_scan
+
+from ttt_mixer.layers.checks import check_int
+
+
+def longhorn_delta(dt: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The normalised step delta = beta / (1 + beta |k|^2), beta = sigmoid(dt): dt [B, T, D] (bias
+    included), k [B, T, N] -> [B, T, D], in at least float32."""
+    dt = dt.to(torch.promote_types(dt.dtype, torch.float32))
+    beta = torch.sigmoid(dt)
+    return beta / (1 + beta * k.to(dt.dtype).square().sum(-1, keepdim=True))
+
+
+def longhorn_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    k: torch.Tensor,
+    q: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Longhorn's scan: x, dt [B, T, D] (dt the rate's logit, bias included), k, q [B, T, N],
+    initial_state [B, D, N] -> (y [B, T, D] = S_t q_t, final state or None); no skip, no gate."""
+    return online_scan(x, longhorn_delta(dt, k), k, q, initial_state, output_final_state)
+
+
+def longhorn_scan_reference(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    k: torch.Tensor,
+    q: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``longhorn_scan`` token by token, in plain autograd: (y [B, T, D], final state [B, D, N])."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, dt.dtype), torch.float32)
+    x, dt, k, q = (t.to(dtype) for t in (x, dt, k, q))
+    if initial_state is None:
+        state = x.new_zeros(x.shape[0], x.shape[2], k.shape[2])
+    else:
+        state = initial_state.to(dtype)
+    outputs = []
+    for t in range(x.shape[1]):
+        beta = torch.sigmoid(dt[:, t])  # [B, D]
+        key = k[:, t]  # [B, N]
+        delta = beta / (1 + beta * (key * key).sum(-1, keepdim=True))
+        forget = 1 - delta[:, :, None] * (key * key)[:, None, :]
+        state = forget * state + (delta * x[:, t])[:, :, None] * key[:, None, :]
+        outputs.append((state * q[:, t, None, :]).sum(-1))
+    return torch.stack(outputs, 1), state
+
+
+class LonghornMixer(nn.Module):
+    """Longhorn's mixer (see the module docstring) with fla's layer interface:
+
+        mixer(hidden_states [B, T, hidden_size], attention_mask=None, past_key_values=None,
+              use_cache=False, output_attentions=False, **kwargs) -> (o [B, T, hidden_size], None, cache)
+
+    Cache entry (fla's Cache at ``layer_idx``): ``conv_state`` [B, d_inner, d_conv], the last d_conv
+    inputs of the convolution, and ``recurrent_state`` [B, d_inner, d_state], in at least float32.
+    Exact for any prefill/continuation split; padded tokens change no state and output 0. Keyword
+    arguments other than ``cu_seqlens`` (refused) are ignored.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        conv_bias: bool = True,
+        bias: bool = False,
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("d_state", d_state), ("d_conv", d_conv)):
+            check_int(name, value)
+        check_int("expand", expand)
+        if dt_rank != "auto":
+            check_int("dt_rank", dt_rank)
+        self.hidden_size = hidden_size
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = expand * hidden_size
+        self.dt_rank = math.ceil(hidden_size / 16) if dt_rank == "auto" else dt_rank
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(hidden_size, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_head = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=bias)
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D._no_weight_decay = True
+        with torch.no_grad():
+            self.dt_head.bias.zero_()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None, Cache | None]:
+        """hidden_states [B, T, hidden_size] -> (o [B, T, hidden_size], None, past_key_values)."""
+        mask = check_inputs(self, hidden_states, attention_mask)
+        reject_cu_seqlens(self, kwargs)
+        batch_size, q_len, _ = hidden_states.shape
+        recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
+        x, conv_state = causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, mask, F.silu)
+        dt, k, q = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = longhorn_delta(self.dt_head(dt), k)
+        if mask is not None:
+            delta = torch.where(mask[..., None], delta, 0)
+        y, final_state = online_scan(
+            x,
+            delta,
+            k,
+            q,
+            initial_state=recurrent_state,
+            output_final_state=bool(use_cache) and past_key_values is not None,
+        )
+        y = (y + x * self.D) * F.silu(z)
+        update_layer_cache(
+            self,
+            past_key_values,
+            recurrent_state=final_state,
+            conv_state=conv_state if use_cache else None,
+            offset=q_len,
+        )
+        o = self.out_proj(y.to(hidden_states.dtype))
+        return zero_padding(o, mask), None, past_key_values

@@ -1,0 +1,188 @@
+"""Longhorn (``ttt_mixer.adapters.mixers.longhorn``): the scan against its token-by-token reference
+and the update written out by hand, the mixer against the authors' layer written out (float64),
+exact caching through gradients, padding, defaults and the builder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import perturb_
+from fla.models.utils import Cache
+from ttt_mixer.adapters.mixers import LonghornMixer, build_mixer, recurrent_state_size
+from ttt_mixer.adapters.mixers.longhorn import longhorn_scan, longhorn_scan_reference
+
+EXACT = 1e-12
+HIDDEN = 32
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def make_mixer(seed: int = 0, **options) -> LonghornMixer:
+    torch.manual_seed(seed)
+    mixer = LonghornMixer(hidden_size=HIDDEN, d_state=8, layer_idx=0, **options)
+    return perturb_(mixer, seed + 1).double().eval()
+
+
+def test_the_update_by_hand() -> None:
+    """Two steps of one channel with a 2-dim key, from the paper's closed form."""
+    x, dt = torch.tensor([[[0.7], [-1.2]]]), torch.tensor([[[0.3], [-0.5]]])
+    k, q = torch.tensor([[[0.5, -1.0], [2.0, 0.25]]]), torch.tensor([[[1.5, 0.5], [-1.0, 2.0]]])
+    state, expected = [0.0, 0.0], []
+    for t in range(2):
+        beta = 1 / (1 + math.exp(-dt[0, t, 0].item()))
+        keys = k[0, t].tolist()
+        delta = beta / (1 + beta * sum(key * key for key in keys))
+        state = [
+            (1 - delta * key * key) * s + delta * x[0, t, 0].item() * key
+            for s, key in zip(state, keys, strict=True)
+        ]
+        expected.append(sum(s * query for s, query in zip(state, q[0, t].tolist(), strict=True)))
+    inputs = (x.double(), dt.double(), k.double(), q.double())
+    for y, final in (longhorn_scan(*inputs, output_final_state=True), longhorn_scan_reference(*inputs)):
+        assert max_err(y[0, :, 0], torch.tensor(expected, dtype=torch.float64)) <= EXACT
+        assert max_err(final[0, 0], torch.tensor(state, dtype=torch.float64)) <= EXACT
+
+
+def test_the_scan_equals_the_token_by_token_reference() -> None:
+    """Outputs, final state and the gradients of x, dt, k, q and the initial state, float64."""
+    x, dt = randn(2, 11, 5, seed=0), randn(2, 11, 5, seed=1)
+    k, q = randn(2, 11, 4, seed=2), randn(2, 11, 4, seed=3)
+    initial = randn(2, 5, 4, seed=4)
+    inputs = [t.requires_grad_() for t in (x, dt, k, q, initial)]
+    y, final = longhorn_scan(*inputs, output_final_state=True)
+    y_ref, final_ref = longhorn_scan_reference(*inputs)
+    assert max_err(y, y_ref) <= EXACT and max_err(final, final_ref) <= EXACT
+    weights = randn(*y.shape, seed=5), randn(*final.shape, seed=6)
+    grads = torch.autograd.grad((y * weights[0]).sum() + (final * weights[1]).sum(), inputs)
+    grads_ref = torch.autograd.grad((y_ref * weights[0]).sum() + (final_ref * weights[1]).sum(), inputs)
+    for name, g, g_ref in zip(["x", "dt", "k", "q", "initial"], grads, grads_ref, strict=True):
+        assert max_err(g, g_ref) <= EXACT, name
+    # the decay 1 - delta k^2 stays in (0, 1]: the state cannot blow up, whatever the key's size
+    big_k = 30 * k.detach()
+    _, state = longhorn_scan(x.detach(), dt.detach() + 5, big_k, q.detach(), output_final_state=True)
+    assert torch.isfinite(state).all() and state.abs().max() <= x.abs().max() / big_k.abs().min()
+
+
+def authors_forward(mixer: LonghornMixer, hidden: torch.Tensor) -> torch.Tensor:
+    """The authors' Longhorn layer on a whole sequence, written out from their description: x and z
+    from in_proj, x through the padded conv1d (cut to T) and SiLU, x_proj split into (dt, k, q), the
+    rate sigmoid(dt_head.weight dt + dt_head.bias) normalised by 1 + rate |k|^2, the diagonal
+    online update, y = S q + D x, times silu(z), out_proj."""
+    length = hidden.shape[1]
+    x, z = mixer.in_proj(hidden).chunk(2, dim=-1)
+    x = F.silu(mixer.conv1d(x.transpose(1, 2))[..., :length]).transpose(1, 2)
+    dt, k, q = torch.split(mixer.x_proj(x), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+    rate = torch.sigmoid(dt @ mixer.dt_head.weight.T + mixer.dt_head.bias)
+    rate = rate / (1 + rate * (k**2).sum(-1, keepdim=True))
+    state = hidden.new_zeros(hidden.shape[0], mixer.d_inner, mixer.d_state)
+    outputs = []
+    for t in range(length):
+        forget = 1 - rate[:, t, :, None] * k[:, t, None, :] ** 2
+        state = forget * state + (rate[:, t] * x[:, t])[:, :, None] * k[:, t, None, :]
+        outputs.append(torch.einsum("bdn,bn->bd", state, q[:, t]))
+    y = (torch.stack(outputs, 1) + x * mixer.D) * F.silu(z)
+    return mixer.out_proj(y)
+
+
+def test_the_mixer_equals_the_authors_layer() -> None:
+    mixer = make_mixer()
+    x = randn(2, 13, HIDDEN, seed=7)
+    with torch.no_grad():
+        assert max_err(mixer(x)[0], authors_forward(mixer, x)) <= EXACT
+
+
+def test_caching_is_exact_for_every_split_and_through_gradients() -> None:
+    """Splits and token-by-token decoding give the one pass and its final states (float64); in
+    training mode a prefill + continuation gives the one pass's gradients."""
+    mixer = make_mixer()
+    x = randn(2, 12, HIDDEN, seed=8)
+    full_cache = Cache()
+    with torch.no_grad():
+        full = mixer(x, past_key_values=full_cache, use_cache=True)[0]
+        for chunks in ([1, 11], [4, 8], [3, 1, 4, 4], [1] * 12):
+            cache, outputs, start = Cache(), [], 0
+            for size in chunks:
+                outputs.append(mixer(x[:, start : start + size], past_key_values=cache, use_cache=True)[0])
+                start += size
+            assert max_err(torch.cat(outputs, 1), full) <= EXACT, chunks
+            for key in ("recurrent_state", "conv_state"):
+                assert max_err(cache[0][key], full_cache[0][key]) <= EXACT, (key, chunks)
+    assert full_cache[0]["conv_state"].shape == (2, mixer.d_inner, mixer.d_conv)
+    assert full_cache[0]["recurrent_state"].shape == (2, mixer.d_inner, mixer.d_state)
+
+    mixer.train()
+    inputs = x.clone().requires_grad_()
+    weights = randn(2, 12, HIDDEN, seed=9)
+    params = [inputs, *mixer.parameters()]
+    grads = torch.autograd.grad((mixer(inputs)[0] * weights).sum(), params)
+    cache = Cache()
+    first = mixer(inputs[:, :5], past_key_values=cache, use_cache=True)[0]
+    second = mixer(inputs[:, 5:], past_key_values=cache, use_cache=True)[0]
+    split = torch.autograd.grad((torch.cat([first, second], 1) * weights).sum(), params)
+    for name, g, g_split in zip(["input", *dict(mixer.named_parameters())], grads, split, strict=True):
+        assert max_err(g, g_split) <= 1e-10, name
+
+
+def test_padding_is_skipped_in_prefill_and_decoding() -> None:
+    """Left padding shorter than the convolution, and padding inside a cached continuation: each row's
+    real tokens give that row's outputs alone, padded positions 0 (float64)."""
+    mixer = make_mixer()
+    x = randn(2, 10, HIDDEN, seed=10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :2] = 0
+    mask[0, 6] = 0
+    mask[1, 7] = 0
+    cache = Cache()
+    with torch.no_grad():
+        outputs = [
+            mixer(x[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)[0]
+            for a, b in ((0, 6), (6, 7), (7, 10))
+        ]
+        padded = torch.cat(outputs, 1)
+        for row in range(2):
+            real = mask[row].bool()
+            assert max_err(padded[row, real], mixer(x[row : row + 1, real])[0][0]) <= EXACT, row
+            assert padded[row, ~real].abs().max() == 0
+
+
+def test_defaults_follow_the_authors() -> None:
+    """d_state 16, d_conv 4, expand 2, dt_rank ceil(hidden / 16), conv bias, no projection biases,
+    D = 1, the rate's bias 0; the state is d_inner (d_state + d_conv) numbers."""
+    mixer = build_mixer("longhorn", 64, 1, 0)
+    shapes = {name: tuple(p.shape) for name, p in mixer.named_parameters()}
+    assert shapes == {
+        "in_proj.weight": (256, 64),
+        "conv1d.weight": (128, 1, 4),
+        "conv1d.bias": (128,),
+        "x_proj.weight": (4 + 2 * 16, 128),
+        "dt_head.weight": (128, 4),
+        "dt_head.bias": (128,),
+        "out_proj.weight": (64, 128),
+        "D": (128,),
+    }
+    assert torch.equal(mixer.D, torch.ones(128)) and torch.equal(mixer.dt_head.bias, torch.zeros(128))
+    assert mixer.D._no_weight_decay
+    assert recurrent_state_size(mixer) == 128 * (16 + 4)
+    assert build_mixer("longhorn", 64, 1, 0, dt_rank=2, expand=1).x_proj.weight.shape == (2 + 32, 64)
+    with pytest.raises(TypeError, match="mixer 'longhorn'"):
+        build_mixer("longhorn", 64, 1, 0, num_state=3)
+    with pytest.raises(ValueError, match="d_state"):
+        build_mixer("longhorn", 64, 1, 0, d_state=0)
+
+
+def test_float32_agrees_with_float64() -> None:
+    mixer = make_mixer()
+    x = randn(2, 9, HIDDEN, seed=11)
+    with torch.no_grad():
+        expected = mixer(x)[0]
+        out = mixer.float()(x.float())[0]
+    assert out.dtype == torch.float32 and max_err(out.double(), expected) <= 1e-5
