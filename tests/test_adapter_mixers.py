@@ -64,6 +64,7 @@ CASES = {
         {"num_v_heads": 8, "conv_bias": True, "allow_neg_eigval": True, "use_gate": False},
     ),
     "longhorn": ("longhorn", {"d_state": 8}),
+    "mamba2": ("mamba2", {"state_size": 8, "n_groups": 2, "chunk_size": 4}),
 }
 cases = pytest.mark.parametrize("case", list(CASES))
 

@@ -24,10 +24,21 @@ from ttt_mixer.adapters.mixers.gated_deltanet import GatedDeltaNetMixer
 from ttt_mixer.adapters.mixers.gla import GLAMixer
 from ttt_mixer.adapters.mixers.longhorn import LonghornMixer
 from ttt_mixer.adapters.mixers.mamba import CachedMambaMixer, MambaLayerState
+from ttt_mixer.adapters.mixers.mamba2 import build_mamba2
 
 from ttt_mixer.layers import TTTMLP, TTTLinear
 
-MIXER_NAMES = ("ttt_linear", "ttt_mlp", "attention", "based", "mamba", "gla", "gated_deltanet", "longhorn")
+MIXER_NAMES = (
+    "ttt_linear",
+    "ttt_mlp",
+    "attention",
+    "based",
+    "mamba",
+    "gla",
+    "gated_deltanet",
+    "longhorn",
+    "mamba2",
+)
 
 
 def _config_with(
@@ -122,6 +133,7 @@ _BUILDERS: dict[str, Builder] = {
     "longhorn": lambda hidden_size, num_heads, layer_idx, backbone_config, options: LonghornMixer(
         hidden_size=hidden_size, layer_idx=layer_idx, **options
     ),
+    "mamba2": build_mamba2,
 }
 
 
@@ -137,8 +149,10 @@ def build_mixer(
     mamba: ``CachedMambaMixer`` on ``backbone_config`` when it is a MambaConfig, else on a MambaConfig
     of hidden_size (num_heads unused); for these two ``options`` are config fields (e.g. rope_theta,
     num_key_value_heads; state_size, expand, conv_kernel). longhorn: ``LonghornMixer`` (the authors'
-    defaults; num_heads unused) with ``options`` as constructor arguments. Unknown name or bad
-    values: ValueError; unknown options: TypeError naming the mixer.
+    defaults; num_heads unused) with ``options`` as constructor arguments; mamba2: ``CachedMamba2Mixer``
+    on a Mamba2Config of hidden_size, num_heads heads and 1 group, ``options`` its fields (e.g.
+    state_size, expand, head_dim). Unknown name or bad values: ValueError; unknown options: TypeError
+    naming the mixer.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown mixer {name!r}; choose one of {MIXER_NAMES}")
