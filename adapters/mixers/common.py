@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fla.layers.utils import get_layer_cache
+from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states
 from torch import nn
 
 from ttt_mixer.layers.checks import check_cache_batch, check_hidden_states, padding_mask, resolve_backend
+from ttt_mixer.modules.short_conv import causal_depthwise_conv
 
 # fla's activations by name (fla.modules.activations.ACT2FN), computed with PyTorch: fla's own are
 # Triton kernels, which cannot run on a CPU tensor
@@ -80,42 +81,20 @@ def masked_short_conv(
     x [B, T, D] -> (y [B, T, D], cache or None).
 
     The cache has fla's layout [B, D, W] (W the kernel size): the last W inputs of the sequence, the
-    oldest first. fla's layers unpad before convolving, so a real token's window holds the previous
-    real tokens and then the cache, never a padding token; here the same windows come from moving, in
-    every row, the padding to the front (a stable sort on the mask) with the cache right before the
-    first real token. Padded positions of y are 0.
-    """
-    batch_size, _, dim = x.shape
-    width = conv.kernel_size[0]
-    if cache is None:
-        cache = x.new_zeros(batch_size, dim, width)
-    elif tuple(cache.shape) != (batch_size, dim, width):
-        raise ValueError(f"conv_state must have shape [batch_size, D, W] = {[batch_size, dim, width]}")
-    sequence = torch.cat([cache.to(x.dtype).transpose(1, 2), x], dim=1)  # [B, W + T, D]
+    oldest first. As fla's layers do, the real tokens are unpadded first, so that a real token's
+    window holds the previous real tokens and then the cache, never a padding token; padded
+    positions of y are 0."""
+    batch_size, q_len, _ = x.shape
+    packed, indices, cu_seqlens = x, None, None
     if mask is not None:
-        valid = torch.cat([mask.new_ones(batch_size, width), mask], dim=1)
-        order = torch.argsort(valid.to(torch.int8), dim=1, stable=True)
-        sequence = torch.where(valid[..., None], sequence, 0).gather(1, order[..., None].expand(-1, -1, dim))
-    # y_t = sum_i w_i x_{t - W + 1 + i}, over the W-wide windows that end at each position
-    if mask is None:
-        windows = sequence[:, 1:].unfold(1, width, 1)  # [B, T, D, W]: the T current positions
-    else:
-        windows = F.pad(sequence, (0, 0, width - 1, 0)).unfold(1, width, 1)  # [B, W + T, D, W]
-    y = (windows.float() * conv.weight[:, 0].float()).sum(-1)
-    if mask is not None:
-        # back to the original order, at the T current positions
-        inverse = torch.argsort(order, dim=1)[:, width:]
-        y = y.gather(1, inverse[..., None].expand(-1, -1, dim))
-    if conv.bias is not None:
-        y = y + conv.bias.float()
+        packed, indices, cu_seqlens = unpad_hidden_states(x, None, mask.long(), q_len)
+    y, final = causal_depthwise_conv(
+        packed, conv.weight, conv.bias, cache, conv.kernel_size[0], output_final_state, cu_seqlens
+    )
     # ShortConvolution's activation: None, "silu" or "swish"
     if getattr(conv, "activation", None) is not None:
-        y = F.silu(y)
-    y = y.to(x.dtype)
-    if mask is not None:
-        y = torch.where(mask[..., None], y, 0)
-    final = sequence[:, -width:].transpose(1, 2).contiguous() if output_final_state else None
-    return y, final
+        y = F.silu(y.float()).to(y.dtype)
+    return repad_hidden_states(y, indices, batch_size, q_len), final
 
 
 def rms_norm(
