@@ -70,6 +70,34 @@ def cached_states(module: nn.Module, past_key_values: Any, batch_size: int) -> t
     return recurrent_state, conv_state
 
 
+def causal_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    window: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A depthwise causal convolution continuing from a window, skipping padding: x [B, T, C],
+    weight [C, W], bias [C] or None, window [B, C, W] (fla's layout: the last W inputs before x, the
+    oldest first; zeros when None), mask [B, T] bool or None -> (activation(y) [B, T, C], the new
+    window [B, C, W]).
+
+    As fla's layers do, the real tokens are unpadded first, so that a real token's window holds the
+    previous real tokens and then the old window, never a padding token; padded positions of y are 0.
+    """
+    batch_size, q_len, _ = x.shape
+    packed, indices, cu_seqlens = x, None, None
+    if mask is not None:
+        packed, indices, cu_seqlens = unpad_hidden_states(x, None, mask.long(), q_len)
+    y, window = causal_depthwise_conv(
+        packed, weight[:, None], bias, window, weight.shape[-1], True, cu_seqlens
+    )
+    if activation is not None:
+        y = activation(y)
+    return repad_hidden_states(y, indices, batch_size, q_len), window
+
+
 def masked_short_conv(
     conv: nn.Conv1d,
     x: torch.Tensor,
@@ -77,24 +105,11 @@ def masked_short_conv(
     cache: torch.Tensor | None,
     output_final_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's ShortConvolution ``conv`` (weights, bias, activation) in PyTorch, padding-aware:
-    x [B, T, D] -> (y [B, T, D], cache or None).
-
-    The cache has fla's layout [B, D, W] (W the kernel size): the last W inputs of the sequence, the
-    oldest first. As fla's layers do, the real tokens are unpadded first, so that a real token's
-    window holds the previous real tokens and then the cache, never a padding token; padded
-    positions of y are 0."""
-    batch_size, q_len, _ = x.shape
-    packed, indices, cu_seqlens = x, None, None
-    if mask is not None:
-        packed, indices, cu_seqlens = unpad_hidden_states(x, None, mask.long(), q_len)
-    y, final = causal_depthwise_conv(
-        packed, conv.weight, conv.bias, cache, conv.kernel_size[0], output_final_state, cu_seqlens
-    )
-    # ShortConvolution's activation: None, "silu" or "swish"
-    if getattr(conv, "activation", None) is not None:
-        y = F.silu(y.float()).to(y.dtype)
-    return repad_hidden_states(y, indices, batch_size, q_len), final
+    """fla's ShortConvolution ``conv`` (weights, bias, activation: None, "silu" or "swish") through
+    ``causal_conv``: x [B, T, D] -> (y [B, T, D], its cache [B, D, W] or None)."""
+    activation = F.silu if getattr(conv, "activation", None) is not None else None
+    y, window = causal_conv(x, conv.weight[:, 0], conv.bias, cache, mask, activation)
+    return y, window if output_final_state else None
 
 
 def rms_norm(

@@ -43,8 +43,14 @@ import torch.nn.functional as F
 from fla.layers.utils import update_layer_cache
 from fla.models.utils import Cache
 from torch import nn
-from ttt_mixer.adapters.mixers.common import cached_states, check_inputs, reject_cu_seqlens, zero_padding
-from ttt_mixer.adapters.mixers.selective_scan import causal_conv, online_scan
+from ttt_mixer.adapters.mixers.common import (
+    cached_states,
+    causal_conv,
+    check_inputs,
+    reject_cu_seqlens,
+    zero_padding,
+)
+from ttt_mixer.adapters.mixers.selective_scan import online_scan
 
 from ttt_mixer.layers.checks import check_int
 

@@ -12,8 +12,14 @@ from fla.layers.utils import update_layer_cache
 from fla.models.utils import Cache
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer
-from ttt_mixer.adapters.mixers.common import cached_states, check_inputs, reject_cu_seqlens, zero_padding
-from ttt_mixer.adapters.mixers.selective_scan import causal_conv, selective_scan
+from ttt_mixer.adapters.mixers.common import (
+    cached_states,
+    causal_conv,
+    check_inputs,
+    reject_cu_seqlens,
+    zero_padding,
+)
+from ttt_mixer.adapters.mixers.selective_scan import selective_scan
 
 # transformers 5.2x renamed MambaMixer.forward's ``cache_params`` to ``cache``
 MAMBA_CACHE_ARGUMENT = (

@@ -20,8 +20,14 @@ from fla.layers.utils import update_layer_cache
 from fla.models.utils import Cache
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
-from ttt_mixer.adapters.mixers.common import cached_states, check_inputs, reject_cu_seqlens, zero_padding
-from ttt_mixer.adapters.mixers.selective_scan import causal_conv, ssd_scan
+from ttt_mixer.adapters.mixers.common import (
+    cached_states,
+    causal_conv,
+    check_inputs,
+    reject_cu_seqlens,
+    zero_padding,
+)
+from ttt_mixer.adapters.mixers.selective_scan import ssd_scan
 
 # transformers 5.2x renamed Mamba2Mixer.forward's ``cache_params`` to ``cache``
 MAMBA2_CACHE_ARGUMENT = (

@@ -16,8 +16,6 @@ attention-like inside chunks, through the state across chunks. ``*_reference``: 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -314,50 +312,3 @@ def ssd_scan_reference(
         state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
         outputs.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
     return torch.stack(outputs, 1), state
-
-
-def causal_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    window: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A depthwise causal convolution continuing from a window, in x's dtype, skipping padding:
-    x [B, T, C], weight [C, W], bias [C] or None, window [B, C, W] (the last W inputs before x, the
-    oldest first; zeros when None), mask [B, T] bool or None -> (activation(y) [B, T, C], the new
-    window [B, C, W]).
-
-    A real token's window holds the previous real tokens, then the old window, never a padding
-    token: in every row the padding moves to the front (a stable sort on the mask) before the
-    convolution and back after it. Padded positions of y are 0.
-    """
-    batch_size, _, channels = x.shape
-    width = weight.shape[-1]
-    if window is None:
-        window = x.new_zeros(batch_size, channels, width)
-    elif tuple(window.shape) != (batch_size, channels, width):
-        raise ValueError(f"conv_state must have shape [batch_size, C, W] = {[batch_size, channels, width]}")
-    sequence = torch.cat([window.to(x.dtype).transpose(1, 2), x], dim=1)  # [B, W + T, C]
-    if mask is not None:
-        valid = torch.cat([mask.new_ones(batch_size, width), mask], dim=1)
-        order = torch.argsort(valid.to(torch.int8), dim=1, stable=True)
-        sequence = sequence.gather(1, order[..., None].expand(-1, -1, channels))
-        # every position's output (the first W - 1 over zeros), then the T current ones, unsorted
-        y = F.conv1d(
-            F.pad(sequence.transpose(1, 2), (width - 1, 0)), weight[:, None].to(x.dtype), groups=channels
-        )
-        inverse = torch.argsort(order, dim=1)[:, width:]
-        y = y.gather(2, inverse[:, None, :].expand(-1, channels, -1))
-    else:
-        # the window ending at each current token
-        y = F.conv1d(sequence.transpose(1, 2), weight[:, None].to(x.dtype), groups=channels)[..., 1:]
-    if bias is not None:
-        y = y + bias.to(x.dtype)[:, None]
-    y = y.transpose(1, 2)
-    if activation is not None:
-        y = activation(y)
-    if mask is not None:
-        y = torch.where(mask[..., None], y, 0)
-    return y, sequence[:, -width:].transpose(1, 2).contiguous()

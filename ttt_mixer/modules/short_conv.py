@@ -33,7 +33,7 @@ def causal_depthwise_conv(
     if cache is None:
         cache = x.new_zeros(num_sequences, dim, cache_width)
     elif tuple(cache.shape) != (num_sequences, dim, cache_width):
-        raise ValueError(f"conv cache must have shape [N, D, W] = {[num_sequences, dim, cache_width]}")
+        raise ValueError(f"conv_state must have shape [N, D, W] = {[num_sequences, dim, cache_width]}")
     dtype = torch.promote_types(x.dtype, torch.float32)
     # sequences as rows [N, L, D]; the grid with mini-batch 1 unpacks cu_seqlens
     start = torch.zeros(num_sequences, dtype=torch.long, device=x.device)
