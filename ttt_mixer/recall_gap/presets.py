@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from ttt_mixer.eval_tasks import recall
 
 CORE_MIXERS = ("attention", "based", "mamba", "ttt_linear", "ttt_mlp")
-ALL_MIXERS = (*CORE_MIXERS, "gla", "gated_deltanet")
+ALL_MIXERS = (*CORE_MIXERS, "gla", "gated_deltanet", "mamba2", "longhorn")
 MAX_KV_PAIRS = len(recall.MQAR_KEYS)
 
 
@@ -123,6 +123,9 @@ CPU = Preset(
         "ttt_mlp": 1e-2,
         "gla": 1e-2,
         "gated_deltanet": 3e-3,
+        # not yet swept: Mamba's rate
+        "mamba2": 3e-3,
+        "longhorn": 3e-3,
     },
     mixer_options={"ttt_linear": TTT_SHORT_CONV, "ttt_mlp": TTT_SHORT_CONV, "gla": SHORT_CONV},
 )
