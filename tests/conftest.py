@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import os
-import warnings
 
-import pytest
 import torch
 
-# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before anything
-# imports Triton (fla does, when ttt_mixer is imported below).
+# Without a GPU, the Triton tests (tests/ops/test_triton.py, the fla kernels compared in
+# tests/adapters/test_adapter_mixers.py) run the kernels in Triton's interpreter. Triton reads the
+# choice when it compiles a kernel's decorator, which happens when fla or ttt_mixer is imported, so it
+# is made here, before any import of either; the PyTorch paths the other tests take never call Triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# fla warns once per process, at import time, that Triton has no backend on a CPU-only machine; the
-# filter must be in place before anything imports fla (ttt_mixer does), and pytest_configure below
-# keeps it in force inside pytest's per-test warning capture.
-TRITON_CPU_WARNING = "Triton is not supported on current platform"
-warnings.filterwarnings("ignore", message=TRITON_CPU_WARNING, category=UserWarning)
-# importing fla also trips a torch deprecation inside torch.compile's setup: not ours to act on
-JIT_DEPRECATION = "`torch.jit.script_method` is deprecated"
-warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=DeprecationWarning)
-
-from ttt_mixer import TTTConfig, TTTForCausalLM, TTTLayer  # noqa: E402
+from ttt_mixer import TTTConfig, TTTForCausalLM, TTTLayer
 
 # The tests run tiny tensors, for which one thread is fastest; several threads on a small or busy
 # machine spin against each other and run ten to a hundred times slower.
@@ -46,11 +37,6 @@ TINY_CONFIG = {
     # no end-of-sequence token: generation always runs for max_new_tokens, so results compare 1:1
     "eos_token_id": None,
 }
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("filterwarnings", f"ignore:{TRITON_CPU_WARNING}:UserWarning")
-    config.addinivalue_line("filterwarnings", f"ignore:{JIT_DEPRECATION}:DeprecationWarning")
 
 
 def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:

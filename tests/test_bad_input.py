@@ -14,13 +14,13 @@ from conftest import make_layer, make_model
 from fla.models.utils import Cache
 from ops_cases import make_inputs
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-from ttt_mixer.adapters import MixerLlamaConfig, MixerMambaConfig, swap_mixer
-from ttt_mixer.adapters.distill import NonFiniteTrainingError, distill
-from ttt_mixer.eval_tasks.perplexity import parse_options as ppl_options
-from ttt_mixer.eval_tasks.recall import parse_options as recall_options
 
 from ttt_mixer import TTTConfig, TTTLayer
+from ttt_mixer.adapters import MixerLlamaConfig, MixerMambaConfig, swap_mixer
+from ttt_mixer.adapters.distill import NonFiniteTrainingError, distill
 from ttt_mixer.cli import main
+from ttt_mixer.eval_tasks.perplexity import parse_options as ppl_options
+from ttt_mixer.eval_tasks.recall import parse_options as recall_options
 from ttt_mixer.models.causal_lm import CACHE_FIELD
 from ttt_mixer.ops import ttt_chunk, ttt_primal, ttt_step
 

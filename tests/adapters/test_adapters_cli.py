@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from eval_models import character_tokenizer, run_lm_eval, save_checkpoint, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from ttt_mixer.eval_tasks import tasks_path
 
 from ttt_mixer.cli import main
+from ttt_mixer.eval_tasks import tasks_path
+
+pytestmark = pytest.mark.slow  # training or subprocesses
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 40
 

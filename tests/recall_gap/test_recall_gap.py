@@ -23,8 +23,8 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
-from ttt_mixer.adapters import MIXER_NAMES
 
+from ttt_mixer.adapters import MIXER_NAMES
 from ttt_mixer.recall_gap import main
 from ttt_mixer.recall_gap.data import VOCAB, mqar_tokenizer
 from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, MQARShape
@@ -58,6 +58,7 @@ def test_the_presets_cover_every_mixer_and_evaluate_at_1x_2x_4x_the_training_len
     assert MQARShape(4 * train.seq_len, 4 * train.num_kv_pairs) in CPU.eval_shapes(train)
 
 
+@pytest.mark.slow
 def test_every_mixer_trains_saves_reloads_and_is_evaluated_and_a_rerun_reuses_the_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -140,6 +141,7 @@ class StopAt(TrainerCallback):
         return control
 
 
+@pytest.mark.slow
 def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     spec = RunSpec("ttt_linear", 32, 2, 2, MQARShape(16, 2), 6, 4, 3e-3, 0, 32)
     interrupted = train_run(spec, tmp_path / "a", save_steps=3, progress_bars=False, callbacks=[StopAt(4)])
@@ -204,6 +206,7 @@ def test_bad_options_are_errors_that_name_them(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_folder_holding_other_runs_is_not_overwritten(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -16,7 +16,7 @@ from ttt_mixer.cli import main
 from ttt_mixer.convert import config_from_ttt_lm_pytorch, from_ttt_lm_pytorch, load_ttt_lm_pytorch_checkpoint
 from ttt_mixer.models.causal_lm import CACHE_FIELD
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 REFERENCE_WEIGHTS = FIXTURES / "ttt_lm_pytorch_reference.safetensors"
 REFERENCE_CONFIGS = FIXTURES / "ttt_lm_pytorch_reference.json"
 CASES = ("linear_transformer", "linear_mamba", "mlp_transformer", "mlp_mamba")

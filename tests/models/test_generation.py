@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from conftest import MODEL_CASE_IDS, MODEL_CASES, make_model, perturb_
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM, PreTrainedModel
-from ttt_mixer.adapters import MIXER_NAMES, swap_mixer
 
+from ttt_mixer.adapters import MIXER_NAMES, swap_mixer
 from ttt_mixer.models.causal_lm import CACHE_FIELD
 
 pytestmark = pytest.mark.compat

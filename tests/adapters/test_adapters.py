@@ -25,6 +25,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
 from ttt_mixer.adapters import (
     MIXER_NAMES,
     MixerLlamaForCausalLM,
@@ -246,6 +247,7 @@ def test_hybrid_greedy_and_beam_generation_with_cache_equal_recomputation(backbo
         assert torch.equal(beams[True], beams[False])
 
 
+@pytest.mark.slow
 def test_save_and_reload_in_fresh_process(tmp_path: Path) -> None:
     models = {
         "llama": hybrid(tiny_llama(len(LLAMA_HYBRID)), LLAMA_HYBRID),

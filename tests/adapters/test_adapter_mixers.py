@@ -22,6 +22,7 @@ from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 from transformers import DynamicCache, LlamaConfig, MambaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 from transformers.models.mamba.modeling_mamba import MambaMixer
+
 from ttt_mixer.adapters.mixers import (
     MIXER_NAMES,
     BasedMixer,

@@ -15,6 +15,8 @@ from transformers import PreTrainedTokenizerFast
 
 from ttt_mixer import TTTForCausalLM
 
+pytestmark = [pytest.mark.compat, pytest.mark.slow]
+
 # contexts without trailing spaces: lm-eval moves those into the continuation
 PAIRS = [("hello wor", "ld"), ("the cat sat on the", " mat"), ("one two thr", "ee")]
 

@@ -12,11 +12,13 @@ import matplotlib.image
 import pytest
 import yaml
 from eval_models import character_tokenizer, run_lm_eval, save_checkpoint, tiny_model
-from ttt_mixer.eval_tasks import tasks_path
 
 from ttt_mixer.cli import main as cli_main
+from ttt_mixer.eval_tasks import tasks_path
 from ttt_mixer.evaluation import lm_eval_argv
 from ttt_mixer.plotting import PlotError, plot_results
+
+pytestmark = pytest.mark.slow  # training or subprocesses
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MQAR_LENGTHS = (16, 24)

@@ -12,8 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
 from ttt_mixer.adapters import distill, swap_mixer
 from ttt_mixer.adapters.distill import perplexity, swapped_layers
+
+pytestmark = pytest.mark.slow  # training or subprocesses
 
 VOCAB, SEQ_LEN, TOPICS = 32, 64, 8
 TEACHER_STEPS, BATCH, LR = 300, 32, 3e-3

@@ -61,6 +61,7 @@ def test_unknown_backend_names_its_source(monkeypatch: pytest.MonkeyPatch) -> No
         resolve_backend(None, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_triton_on_cpu_without_interpreter_is_an_error() -> None:
     code = textwrap.dedent(
         """

@@ -11,6 +11,7 @@ from conftest import perturb_
 from fla.models.utils import Cache
 from transformers import DynamicCache, MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer
+
 from ttt_mixer.adapters.mixers import CachedMambaMixer
 from ttt_mixer.adapters.mixers.common import causal_conv
 from ttt_mixer.adapters.mixers.mamba import MAMBA_CACHE_ARGUMENT

@@ -253,6 +253,7 @@ def test_auto_classes_resolve_ttt(tmp_path: Path) -> None:
     assert type(AutoModel.from_config(config)) is TTTModel
 
 
+@pytest.mark.slow
 def test_save_pretrained_and_reload_through_remote_code_in_fresh_process(tmp_path: Path) -> None:
     model = make_model("mlp", "mamba", seed=3)
     ids = random_ids(2, 10, seed=8)

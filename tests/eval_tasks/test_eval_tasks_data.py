@@ -19,6 +19,7 @@ import torch
 from eval_models import MODEL_KINDS, character_tokenizer, run_lm_eval, save_checkpoint, tiny_model
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks._yaml_loader import load_yaml
+
 from ttt_mixer.eval_tasks import perplexity, recall_data, tasks_path
 
 TOKENIZER = character_tokenizer()

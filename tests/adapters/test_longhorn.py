@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import perturb_
 from fla.models.utils import Cache
+
 from ttt_mixer.adapters.mixers import LonghornMixer, build_mixer, recurrent_state_size
 from ttt_mixer.adapters.mixers.longhorn import longhorn_scan, longhorn_scan_reference
 

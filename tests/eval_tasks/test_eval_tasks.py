@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from eval_models import MODEL_KINDS, character_tokenizer, run_lm_eval, save_checkpoint, tiny_model
-from ttt_mixer.eval_tasks import recall, tasks_path
 
 from ttt_mixer.cli import main as cli_main
+from ttt_mixer.eval_tasks import recall, tasks_path
 
 TOKENIZER = character_tokenizer()
 
@@ -184,7 +184,7 @@ def test_tasks_path_command(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_lm_eval_command_line_scores_the_group_per_length(tmp_path: Path, kind: str) -> None:
     # ttt_recall_synthetic: the synthetic half of ttt_recall (the real-data half, ttt_recall_data,
-    # reads hub datasets by default; tests/test_eval_tasks_data.py runs it on local files)
+    # reads hub datasets by default; tests/eval_tasks/test_eval_tasks_data.py runs it on local files)
     checkpoint = save_checkpoint(tiny_model(kind, TOKENIZER), TOKENIZER, tmp_path / kind)
     metadata = {
         "context_lengths": [192, 256],

@@ -14,6 +14,7 @@ from conftest import perturb_
 from fla.models.utils import Cache
 from transformers import DynamicCache, Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, MambaRMSNormGated
+
 from ttt_mixer.adapters.mixers import build_mixer, recurrent_state_size
 from ttt_mixer.adapters.mixers.mamba2 import MAMBA2_CACHE_ARGUMENT, CachedMamba2Mixer
 from ttt_mixer.adapters.mixers.selective_scan import ssd_scan, ssd_scan_reference

@@ -12,11 +12,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from ttt_mixer.eval_tasks import recall, tasks_path
 
+from ttt_mixer.eval_tasks import recall, tasks_path
 from ttt_mixer.recall_gap.data import mqar_tokenizer
+
+pytestmark = pytest.mark.slow  # training or subprocesses
 
 SEQ_LEN, NUM_KV_PAIRS = 32, 4
 CHANCE = 1 / NUM_KV_PAIRS
