@@ -8,6 +8,7 @@ transfer). The results are registered transformers classes that save and reload 
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
 from ttt_mixer.adapters.distill import distill
 from ttt_mixer.adapters.mixers import MIXER_NAMES, build_mixer, recurrent_state_size

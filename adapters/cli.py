@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from ttt_mixer.adapters.distill import distill, perplexity
 from ttt_mixer.adapters.mixers import MIXER_NAMES
 from ttt_mixer.adapters.swap import INITS, swap_mixer
-
 from ttt_mixer.arguments import int_at_least, non_negative_int, positive_float, positive_int
 from ttt_mixer.paths import checkpoint_source, prepare_output_folder
 

@@ -12,8 +12,8 @@ import functools
 from typing import Any
 
 from transformers import LlamaConfig, MambaConfig
-from ttt_mixer.adapters.mixers import MIXER_NAMES
 
+from ttt_mixer.adapters.mixers import MIXER_NAMES
 from ttt_mixer.models.configuration_ttt import reject_unknown_fields
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from ttt_mixer.adapters.swap import mixer_names, mixer_path
 
+from ttt_mixer.adapters.swap import mixer_names, mixer_path
 from ttt_mixer.progress import Progress
 
 

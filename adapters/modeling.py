@@ -19,9 +19,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
+
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
 from ttt_mixer.adapters.mixers import build_mixer
-
 from ttt_mixer.layers import TTTLayer
 from ttt_mixer.models.causal_lm import (
     CausalLMGenerationMixin,

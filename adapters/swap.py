@@ -14,10 +14,10 @@ from transformers import (
     PreTrainedModel,
     Qwen2ForCausalLM,
 )
+
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
 from ttt_mixer.adapters.mixers import MIXER_NAMES
 from ttt_mixer.adapters.modeling import MixerLlamaForCausalLM, MixerMambaForCausalLM
-
 from ttt_mixer.layers import TTTLayer
 
 INITS = ("random", "attention")

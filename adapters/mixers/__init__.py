@@ -18,6 +18,7 @@ import torch
 from fla.models.utils import Cache
 from torch import nn
 from transformers import LlamaConfig, MambaConfig
+
 from ttt_mixer.adapters.mixers.attention import CachedAttention
 from ttt_mixer.adapters.mixers.based import BasedMixer
 from ttt_mixer.adapters.mixers.gated_deltanet import GatedDeltaNetMixer
@@ -25,7 +26,6 @@ from ttt_mixer.adapters.mixers.gla import GLAMixer
 from ttt_mixer.adapters.mixers.longhorn import LonghornMixer
 from ttt_mixer.adapters.mixers.mamba import CachedMambaMixer, MambaLayerState
 from ttt_mixer.adapters.mixers.mamba2 import build_mamba2
-
 from ttt_mixer.layers import TTTMLP, TTTLinear
 
 MIXER_NAMES = (

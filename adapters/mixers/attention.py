@@ -15,8 +15,8 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     repeat_kv,
 )
-from ttt_mixer.adapters.mixers.common import check_inputs, reject_cu_seqlens, zero_padding
 
+from ttt_mixer.adapters.mixers.common import check_inputs, reject_cu_seqlens, zero_padding
 from ttt_mixer.layers.checks import check_cache_batch
 
 

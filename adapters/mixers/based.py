@@ -11,6 +11,7 @@ from einops import rearrange
 from fla.layers.based import BasedLinearAttention
 from fla.layers.utils import update_layer_cache
 from fla.models.utils import Cache
+
 from ttt_mixer.adapters.mixers.common import (
     at_least_float32,
     cached_states,
@@ -18,7 +19,6 @@ from ttt_mixer.adapters.mixers.common import (
     reject_cu_seqlens,
     zero_padding,
 )
-
 from ttt_mixer.layers.checks import check_backend, resolve_backend
 
 # the epsilon added to the normaliser by fla's causal kernels: parallel_based adds 1e-6, the

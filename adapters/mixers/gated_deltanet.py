@@ -9,6 +9,7 @@ from fla.layers.gated_deltanet import GatedDeltaNet
 from fla.layers.utils import update_layer_cache
 from fla.models.utils import Cache
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+
 from ttt_mixer.adapters.mixers.common import (
     TorchPathMixin,
     cached_states,
@@ -16,7 +17,6 @@ from ttt_mixer.adapters.mixers.common import (
     rms_norm,
     zero_padding,
 )
-
 from ttt_mixer.layers.checks import check_backend
 
 # fla's l2norm kernels (fla.modules.l2norm, and the recurrent kernel's in-kernel norm): x / sqrt(|x|^2 + eps)

@@ -9,6 +9,7 @@ from fla.layers.gla import GatedLinearAttention
 from fla.layers.utils import update_layer_cache
 from fla.models.utils import Cache
 from fla.ops.gla.naive import naive_recurrent_gla
+
 from ttt_mixer.adapters.mixers.common import (
     TorchPathMixin,
     cached_states,
@@ -17,7 +18,6 @@ from ttt_mixer.adapters.mixers.common import (
     torch_activation,
     zero_padding,
 )
-
 from ttt_mixer.layers.checks import check_backend
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from fla.layers.utils import update_layer_cache
 from fla.models.utils import Cache
 from torch import nn
+
 from ttt_mixer.adapters.mixers.common import (
     cached_states,
     causal_conv,
@@ -51,7 +52,6 @@ from ttt_mixer.adapters.mixers.common import (
     zero_padding,
 )
 from ttt_mixer.adapters.mixers.selective_scan import online_scan
-
 from ttt_mixer.layers.checks import check_int
 
 

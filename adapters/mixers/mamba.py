@@ -12,6 +12,7 @@ from fla.layers.utils import update_layer_cache
 from fla.models.utils import Cache
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer
+
 from ttt_mixer.adapters.mixers.common import (
     cached_states,
     causal_conv,

@@ -20,6 +20,7 @@ from fla.layers.utils import update_layer_cache
 from fla.models.utils import Cache
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
 from ttt_mixer.adapters.mixers.common import (
     cached_states,
     causal_conv,
