@@ -207,12 +207,10 @@ class TTTLayer(nn.Module):
         q, k, v = (x.unflatten(-1, (self.num_heads, self.head_dim)) for x in (q, k, v))
         lr = self.base_lr / self.head_dim * torch.sigmoid(self.lr_proj(hidden_states))
         if self.use_rope:
-            start = (
-                state_position(recurrent_state)
-                if recurrent_state is not None
-                else torch.zeros(num_sequences, dtype=torch.long, device=q.device)
+            start = None if recurrent_state is None else state_position(recurrent_state)
+            positions = minibatch_positions(
+                q.shape[0], q.shape[1], cu_seqlens, start, self.mini_batch_size, device=q.device
             )
-            positions = minibatch_positions(q.shape[0], q.shape[1], cu_seqlens, start, self.mini_batch_size)
             q = apply_interleaved_rotary(q, positions, self.rope_theta)
             k = apply_interleaved_rotary(k, positions, self.rope_theta)
 

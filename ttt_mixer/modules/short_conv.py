@@ -36,8 +36,7 @@ def causal_depthwise_conv(
         raise ValueError(f"conv_state must have shape [N, D, W] = {[num_sequences, dim, cache_width]}")
     dtype = torch.promote_types(x.dtype, torch.float32)
     # sequences as rows [N, L, D]; the grid with mini-batch 1 unpacks cu_seqlens
-    start = torch.zeros(num_sequences, dtype=torch.long, device=x.device)
-    grid = MiniBatchGrid(batch_size, seq_len, cu_seqlens, start, 1)
+    grid = MiniBatchGrid(batch_size, seq_len, cu_seqlens, None, 1, device=x.device)
     rows = grid.to_grid(x).squeeze(2)
     padded = torch.cat([cache.to(dtype), rows.transpose(1, 2).to(dtype)], dim=2)  # [N, D, W + L]
     # a K-wide depthwise window as K multiply-adds: far cheaper on CPU than conv1d's grouped path

@@ -73,7 +73,7 @@ def ttt_chunk(
     if initial_state is None:
         # not ``initial_state()``: without a state there are no accumulators at all (sums None), which
         # lets the loop skip their terms and fold tau_b into the learning rates
-        position = torch.zeros(num_sequences, dtype=torch.long, device=q.device)
+        position = None  # every sequence starts a fresh mini-batch
         weights = [w.to(dtype).expand(num_sequences, -1, -1, -1) for w in augmented_params(params)]
         sums = None
     else:
@@ -81,7 +81,7 @@ def ttt_chunk(
         weights = [w.to(dtype) for w in weights]
         sums = [s.to(dtype) for s in sums]
 
-    grid = MiniBatchGrid(B, T, cu_seqlens, position, b)
+    grid = MiniBatchGrid(B, T, cu_seqlens, position, b, device=q.device)
     N, H, M = num_sequences, q.shape[2], grid.num_minibatches
 
     qg, kg, vg = (grid.to_grid(t.to(dtype)) for t in (q, k, v))
@@ -106,7 +106,7 @@ def ttt_chunk(
     complete = grid.complete.repeat_interleave(H, dim=0)[:, :, None, None]  # [N * H, M, 1, 1]
     # with whole mini-batches only, the end-of-mini-batch scale tau_b folds into the learning rates
     # and each update is one baddbmm; otherwise the unscaled sums are kept for the final state
-    whole_minibatches = bool(grid.complete.all()) and sums is None
+    whole_minibatches = grid.all_complete and sums is None
     lr_mb = (lrg * tau[-1] if whole_minibatches else lrg)[..., None].unbind(1)  # [N * H, b, 1] each
 
     carried, outputs = sums, []
