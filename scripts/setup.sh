@@ -1,14 +1,30 @@
 #!/usr/bin/env bash
-# Creates .venv and installs ttt-mixer with its test tools. On a machine without an NVIDIA GPU it
-# installs the CPU build of torch (torch==2.13.0+cpu) first, so that nothing pulls CUDA wheels; set
-# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu where pip has no CPU build at hand.
+# Creates a virtual environment (or brings an existing one up to date) with ttt-mixer installed
+# editable and its test tools:
+#   bash scripts/setup.sh                 .venv, at the committed lock (requirements/lock-cpu.txt)
+#   bash scripts/setup.sh VENV LOCK       VENV at LOCK (scripts/test.sh: .venv-floor, requirements/floor-cpu.txt)
+#   bash scripts/setup.sh VENV --newest   VENV at the newest releases pyproject.toml allows, no lock
+# torch is the lock's CPU build (torch==2.13.0+cpu), so nothing pulls CUDA wheels; on a machine with an
+# NVIDIA GPU (nvidia-smi -L works) it is the CUDA build of the same version, from PyPI. Where pip has
+# no CPU build at hand, set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "${pip[@]}" "torch==2.13.0"
+venv=${1:-.venv}
+lock=${2:-requirements/lock-cpu.txt}
+
+cpu_torch=$(grep '^torch==' requirements/lock-cpu.txt) # torch==2.13.0+cpu
+if nvidia-smi -L >/dev/null 2>&1; then
+    torch="${cpu_torch%+cpu},!=${cpu_torch#torch==}" # torch==2.13.0,!=2.13.0+cpu: the CUDA build
 else
-    "${pip[@]}" "torch==2.13.0+cpu"
+    torch=$cpu_torch
 fi
-"${pip[@]}" -e ".[test]"
+
+python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+if [[ $lock == --newest ]]; then
+    # every dependency upgraded to its newest release, torch held at the build chosen above
+    "${pip[@]}" --upgrade --upgrade-strategy eager -c <(echo "$torch") -e ".[test]"
+else
+    "${pip[@]}" "$torch" -r <(grep -v '^torch==' "$lock")
+    "${pip[@]}" --no-deps -e .
+fi
