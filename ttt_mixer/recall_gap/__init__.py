@@ -1,4 +1,4 @@
-"""``ttt-mixer recall-gap``: train every mixer of ``presets.ALL_MIXERS`` in one Llama backbone on
+"""``ttt-mixer recall-gap``: train the mixers of a preset (``presets``) in one Llama backbone on
 MQAR, evaluate each through lm-eval at the training length and at 2x and 4x it, and report the recall
 gap as tables and a plot.
 
@@ -18,12 +18,13 @@ from typing import Any
 
 from ttt_mixer.arguments import comma_list, non_negative_int, positive_int
 from ttt_mixer.paths import checkpoint_source
-from ttt_mixer.recall_gap.presets import ALL_MIXERS, PRESETS, MQARShape, Preset
+from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, PRESETS, MQARShape, Preset
 
 # the help lists the mixers from the registry the runs use, so it cannot drift from the code
 DESCRIPTION = (
-    f"Train {', '.join(ALL_MIXERS)} in one Llama backbone on MQAR, evaluate each through lm-eval at "
-    "the training length and at 2x and 4x it, and report the recall gap as tables and a plot."
+    f"Train sequence mixers in one Llama backbone on MQAR (the default: {', '.join(CPU.mixers)}; "
+    f"--mixers takes any of {', '.join(ALL_MIXERS)}), evaluate each through lm-eval at the training "
+    "length and at 2x and 4x it, and report the recall gap as tables and a plot."
 )
 
 
