@@ -243,3 +243,33 @@ def test_a_piped_run_writes_a_log_that_reads_top_to_bottom(tmp_path: Path) -> No
     assert "warn" not in text.lower(), text
     assert re.search(r"^attention-\S+: done: 3/3$", text, re.M)
     assert "| ttt_linear |" in text
+
+
+def test_training_stops_at_a_non_finite_loss(tmp_path: Path) -> None:
+    """A diverged run raises before its optimiser step and saves no checkpoint."""
+    from transformers import TrainingArguments
+
+    from ttt_mixer.adapters.distill import NonFiniteTrainingError
+    from ttt_mixer.recall_gap.train import RecallTrainer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    ids = torch.randint(0, 20, (8, 6))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        save_steps=1,
+        report_to="none",
+        use_cpu=True,
+    )
+    with pytest.raises(NonFiniteTrainingError, match="non-finite at step 1"):
+        RecallTrainer(model=model, args=args, train_dataset=data).train()
+    assert not list(tmp_path.glob("checkpoint-*"))

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
+from ttt_mixer.adapters.distill import NonFiniteTrainingError
 from ttt_mixer.progress import Progress, on_terminal
 from ttt_mixer.recall_gap.evaluate import StateSize, evaluate_checkpoint, write_lm_eval_results
 from ttt_mixer.recall_gap.presets import MQARShape, Preset
@@ -234,9 +235,13 @@ def _run_parallel(
                     for other in pending:
                         other.cancel()
                     log = out / RUNS_DIR / specs[i].name / LOG_FILE
-                    raise RuntimeError(
-                        f"run {specs[i].name} failed: {error!r}; its output is in {log}"
-                    ) from error
+                    # bad settings and diverged training keep their type: the command reports them in a line
+                    kind = (
+                        type(error)
+                        if isinstance(error, (ValueError, NonFiniteTrainingError))
+                        else RuntimeError
+                    )
+                    raise kind(f"run {specs[i].name} failed: {error}; its output is in {log}") from error
                 rows[i] = future.result()
                 bars[i].set(specs[i].steps, f"{specs[i].name}: done")
             for i in (futures[f] for f in pending):
