@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states
+from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 from torch import nn
 
 from ttt_mixer.layers.checks import check_cache_batch, check_hidden_states, padding_mask, resolve_backend
@@ -186,3 +186,39 @@ class TorchPathMixin:
             )
         reject_cu_seqlens(self, kwargs)
         return self.torch_forward(hidden_states, mask, past_key_values, bool(use_cache))
+
+
+class ScanMixerMixin:
+    """fla's layer ``forward`` for a mixer computed in PyTorch (list the mixin first): the input
+    checks, the layer's cached states, the cache update and ``out_proj`` written once for Mamba,
+    Mamba-2 and Longhorn. The mixer defines ``scan_forward(hidden_states, mask, recurrent_state,
+    conv_state, output_final_state) -> (y before out_proj, final recurrent state or None, conv
+    window)``. ``cu_seqlens`` is refused; other keyword arguments are ignored."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None, Any]:
+        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values)."""
+        mask = check_inputs(self, hidden_states, attention_mask)
+        reject_cu_seqlens(self, kwargs)
+        batch_size, q_len, _ = hidden_states.shape
+        recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
+        keep = bool(use_cache) and past_key_values is not None
+        y, recurrent_state, conv_state = self.scan_forward(
+            hidden_states, mask, recurrent_state, conv_state, keep
+        )
+        update_layer_cache(
+            self,
+            past_key_values,
+            recurrent_state=recurrent_state,
+            conv_state=conv_state if use_cache else None,
+            offset=q_len,
+        )
+        o = self.out_proj(y.to(hidden_states.dtype))
+        return zero_padding(o, mask), None, past_key_values

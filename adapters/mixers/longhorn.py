@@ -36,20 +36,14 @@ Not pinned down, and chosen here:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fla.layers.utils import update_layer_cache
-from fla.models.utils import Cache
 from torch import nn
 
 from ttt_mixer.adapters.mixers.common import (
-    cached_states,
+    ScanMixerMixin,
     causal_conv,
-    check_inputs,
-    reject_cu_seqlens,
-    zero_padding,
 )
 from ttt_mixer.adapters.mixers.selective_scan import online_scan
 from ttt_mixer.layers.checks import check_int
@@ -101,7 +95,7 @@ def longhorn_scan_reference(
     return torch.stack(outputs, 1), state
 
 
-class LonghornMixer(nn.Module):
+class LonghornMixer(ScanMixerMixin, nn.Module):
     """Longhorn's mixer (see the module docstring) with fla's layer interface:
 
         mixer(hidden_states [B, T, hidden_size], attention_mask=None, past_key_values=None,
@@ -150,20 +144,15 @@ class LonghornMixer(nn.Module):
         with torch.no_grad():
             self.dt_head.bias.zero_()
 
-    def forward(
+    def scan_forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        output_attentions: bool | None = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None, Cache | None]:
-        """hidden_states [B, T, hidden_size] -> (o [B, T, hidden_size], None, past_key_values)."""
-        mask = check_inputs(self, hidden_states, attention_mask)
-        reject_cu_seqlens(self, kwargs)
-        batch_size, q_len, _ = hidden_states.shape
-        recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
+        mask: torch.Tensor | None,
+        recurrent_state: torch.Tensor | None,
+        conv_state: torch.Tensor | None,
+        output_final_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The layer's computation between its input projection and ``out_proj`` (ScanMixerMixin)."""
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         x, conv_state = causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, mask, F.silu)
         dt, k, q = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -176,15 +165,7 @@ class LonghornMixer(nn.Module):
             k,
             q,
             initial_state=recurrent_state,
-            output_final_state=bool(use_cache) and past_key_values is not None,
+            output_final_state=output_final_state,
         )
         y = (y + x * self.D) * F.silu(z)
-        update_layer_cache(
-            self,
-            past_key_values,
-            recurrent_state=final_state,
-            conv_state=conv_state if use_cache else None,
-            offset=q_len,
-        )
-        o = self.out_proj(y.to(hidden_states.dtype))
-        return zero_padding(o, mask), None, past_key_values
+        return y, final_state, conv_state

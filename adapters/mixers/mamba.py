@@ -8,17 +8,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fla.layers.utils import update_layer_cache
-from fla.models.utils import Cache
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from ttt_mixer.adapters.mixers.common import (
-    cached_states,
+    ScanMixerMixin,
     causal_conv,
-    check_inputs,
-    reject_cu_seqlens,
-    zero_padding,
 )
 from ttt_mixer.adapters.mixers.selective_scan import selective_scan
 
@@ -100,7 +95,7 @@ def rounded_as_transformers(exact: torch.Tensor, rounded: torch.Tensor) -> torch
     return exact + (rounded.to(exact.dtype) - exact).detach()
 
 
-class CachedMambaMixer(MambaMixer):
+class CachedMambaMixer(ScanMixerMixin, MambaMixer):
     """transformers' ``MambaMixer`` (same parameters and initialisation) with fla's forward signature,
     computing what ``MambaMixer.forward``'s PyTorch path computes through ``selective_scan``, a scan
     with an initial state and a hand-written backward: fast on CPU, differentiable through cached
@@ -125,20 +120,15 @@ class CachedMambaMixer(MambaMixer):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 
-    def forward(
+    def scan_forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        output_attentions: bool | None = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None, Cache | None]:
-        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values)."""
-        mask = check_inputs(self, hidden_states, attention_mask)
-        reject_cu_seqlens(self, kwargs)
-        batch_size, q_len, _ = hidden_states.shape
-        recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
+        mask: torch.Tensor | None,
+        recurrent_state: torch.Tensor | None,
+        conv_state: torch.Tensor | None,
+        output_final_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The layer's computation between its input projection and ``out_proj`` (ScanMixerMixin)."""
         x, gate = self.in_proj(hidden_states).chunk(2, dim=-1)
         x, conv_state = causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, mask, self.act)
         time_step, B, C = torch.split(
@@ -157,15 +147,7 @@ class CachedMambaMixer(MambaMixer):
             rounded_as_transformers(B, B.float()),
             C,
             initial_state=recurrent_state,
-            output_final_state=bool(use_cache) and past_key_values is not None,
+            output_final_state=output_final_state,
         )
         y = (y + x * rounded_as_transformers(self.D, self.D.float())) * F.silu(gate)
-        update_layer_cache(
-            self,
-            past_key_values,
-            recurrent_state=final_state,
-            conv_state=conv_state if use_cache else None,
-            offset=q_len,
-        )
-        o = self.out_proj(y.to(hidden_states.dtype))
-        return zero_padding(o, mask), None, past_key_values
+        return y, final_state, conv_state

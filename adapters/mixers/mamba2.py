@@ -16,17 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fla.layers.utils import update_layer_cache
-from fla.models.utils import Cache
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from ttt_mixer.adapters.mixers.common import (
-    cached_states,
+    ScanMixerMixin,
     causal_conv,
-    check_inputs,
-    reject_cu_seqlens,
-    zero_padding,
 )
 from ttt_mixer.adapters.mixers.selective_scan import ssd_scan
 
@@ -39,7 +34,7 @@ MAMBA2_CACHE_ARGUMENT = (
 CPU_CHUNK_SIZE = 64
 
 
-class CachedMamba2Mixer(Mamba2Mixer):
+class CachedMamba2Mixer(ScanMixerMixin, Mamba2Mixer):
     """transformers' ``Mamba2Mixer`` (same parameters) with fla's forward signature.
 
     Per head h (head_dim P, state N, B and C shared by the heads of a group):
@@ -62,20 +57,16 @@ class CachedMamba2Mixer(Mamba2Mixer):
         for parameter in (self.A_log, self.D, self.dt_bias):
             parameter._no_weight_decay = True
 
-    def forward(
+    def scan_forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        output_attentions: bool | None = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None, Cache | None]:
-        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values)."""
-        mask = check_inputs(self, hidden_states, attention_mask)
-        reject_cu_seqlens(self, kwargs)
+        mask: torch.Tensor | None,
+        recurrent_state: torch.Tensor | None,
+        conv_state: torch.Tensor | None,
+        output_final_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The layer's computation between its input projection and ``out_proj`` (ScanMixerMixin)."""
         batch_size, q_len, _ = hidden_states.shape
-        recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
         gate, xBC, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
         )
@@ -99,19 +90,11 @@ class CachedMamba2Mixer(Mamba2Mixer):
             C.reshape(batch_size, q_len, self.n_groups, self.ssm_state_size),
             chunk_size=min(self.chunk_size, CPU_CHUNK_SIZE),
             initial_state=recurrent_state,
-            output_final_state=bool(use_cache) and past_key_values is not None,
+            output_final_state=output_final_state,
         )
         y = (y + x * self.D[:, None]).reshape(batch_size, q_len, self.intermediate_size)
         y = self._gated_norm(y, gate)
-        update_layer_cache(
-            self,
-            past_key_values,
-            recurrent_state=final_state,
-            conv_state=conv_state if use_cache else None,
-            offset=q_len,
-        )
-        o = self.out_proj(y.to(hidden_states.dtype))
-        return zero_padding(o, mask), None, past_key_values
+        return y, final_state, conv_state
 
     def _gated_norm(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """The gated RMSNorm, y * silu(gate) RMS-normalised over each of the n_groups groups of
