@@ -13,7 +13,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
 from ttt_mixer import TTTConfig, TTTForCausalLM, TTTLayer
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess: offline (no hub), without the Triton interpreter that
+    this process chose for its kernel tests (a subprocess runs the PyTorch paths), plus ``extra``."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
 
 # The tests run tiny tensors, for which one thread is fastest; several threads on a small or busy
 # machine spin against each other and run ten to a hundred times slower.

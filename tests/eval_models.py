@@ -3,12 +3,12 @@ tokenizer, saved with the tokenizer, as ``lm_eval --model hf`` loads them."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from conftest import subprocess_env
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
@@ -56,7 +56,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, 
 def run_lm_eval(args: list[str], cwd: Path, module: tuple[str, ...] = ("lm_eval",)) -> Path:
     """``python -m lm_eval ARGS`` (or another module, e.g. ``ttt_mixer.cli eval``) offline, results
     written under ``cwd/out``; fails the test with lm-eval's stderr on error. Returns the results file."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = subprocess_env()
     command = [sys.executable, "-m", *module, *args, "--output_path", str(cwd / "out")]
     result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,13 +3,13 @@ and gives what the README says; every command the package installs is in the REA
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from ttt_mixer.cli import build_parser
 
@@ -28,8 +28,7 @@ EXPECTED = [
 @pytest.mark.parametrize("index", range(len(EXPECTED)))
 def test_readme_python_block_runs_alone_without_warnings(index: int, tmp_path: Path) -> None:
     assert len(BLOCKS) == len(EXPECTED), "a README block without its expectation here"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("TRITON_INTERPRET", None)
+    env = subprocess_env()
     result = subprocess.run(
         [sys.executable, "-c", BLOCKS[index] + "\n" + EXPECTED[index]],
         cwd=tmp_path,

@@ -5,7 +5,6 @@ without it (also left-padded); save -> reload in a fresh process; ``init="attent
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import greedy_without_cache, perturb_
+from conftest import greedy_without_cache, perturb_, subprocess_env
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -272,7 +271,7 @@ def test_save_and_reload_in_fresh_process(tmp_path: Path) -> None:
         "    with torch.no_grad():\n"
         "        torch.save(model(ids).logits, f'{folder}/{name}.pt')\n"
     )
-    env = {**os.environ, "TRANSFORMERS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env()
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env=env, timeout=300)
     for name, model in models.items():
         with torch.no_grad():

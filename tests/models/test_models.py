@@ -5,7 +5,6 @@ registration, save/reload (also through remote code in a fresh process) and inpu
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODEL_CASE_IDS, MODEL_CASES, TINY_CONFIG, greedy_without_cache, make_config, make_model
+from conftest import (
+    MODEL_CASE_IDS,
+    MODEL_CASES,
+    TINY_CONFIG,
+    greedy_without_cache,
+    make_config,
+    make_model,
+    subprocess_env,
+)
 from fla.models.utils import Cache
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -280,12 +287,7 @@ def test_save_pretrained_and_reload_through_remote_code_in_fresh_process(tmp_pat
         "    logits = model(torch.load(ids_file)).logits\n"
         "torch.save({'logits': logits, 'class': type(model).__name__}, out_file)\n"
     )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "PYTHONWARNINGS": "ignore",
-    }
+    env = subprocess_env(HF_HOME=str(tmp_path / "hf_home"), PYTHONWARNINGS="ignore")
     result = subprocess.run(
         [sys.executable, "-c", script, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
         env=env,

@@ -6,7 +6,6 @@ are noise, scores near chance (1 / mqar_num_kv_pairs)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import subprocess_env
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ttt_mixer.eval_tasks import recall, tasks_path
@@ -94,7 +94,7 @@ def accuracy(output: Path) -> float:
 
 def test_a_model_trained_on_mqar_recalls_and_noise_stays_at_chance(tmp_path: Path) -> None:
     tokenizer = mqar_tokenizer()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
 
     # the untrained model is scored in the background while the other one trains
     noise, trained = tmp_path / "noise", tmp_path / "trained"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -235,7 +236,7 @@ def test_a_piped_run_writes_a_log_that_reads_top_to_bottom(tmp_path: Path) -> No
         "--min-attention-accuracy",
         "0",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = subprocess_env()
     with log.open("w") as output:
         subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env, check=True, timeout=600)
     text = log.read_text()
