@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import subprocess_env
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -274,3 +275,38 @@ def test_training_stops_at_a_non_finite_loss(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteTrainingError, match="non-finite at step 1"):
         RecallTrainer(model=model, args=args, train_dataset=data).train()
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_does(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2`` on CPU (gloo) trains at the stated global batch (the weights
+    equal a single process's) and reports the same accuracies (the main process evaluates)."""
+    plan = [
+        *("--widths", "32", "--heads", "2", "--steps", "4", "--batch-size", "8", "--seq-len", "16"),
+        *("--kv-pairs", "2", "--length-factors", "1", "--eval-samples", "4", "--save-steps", "2"),
+        *("--mixers", "attention", "--min-attention-accuracy", "0"),
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    runs = {
+        "one": [sys.executable, "-m", "ttt_mixer.cli", "recall-gap", "--jobs", "1"],
+        "two": [*torchrun, "-m", "ttt_mixer.cli", "recall-gap"],
+    }
+    for name, command in runs.items():
+        subprocess.run(
+            [*command, "--out", str(tmp_path / name), *plan],
+            env=subprocess_env(),
+            check=True,
+            timeout=600,
+            capture_output=True,
+        )
+    weights = {
+        name: load_file(next((tmp_path / name).glob("runs/*/model/model.safetensors"))) for name in runs
+    }
+    for key, value in weights["one"].items():
+        torch.testing.assert_close(weights["two"][key], value, rtol=0, atol=1e-6, msg=key)
+    tables = {name: json.loads((tmp_path / name / "recall_gap.json").read_text()) for name in runs}
+    assert [row["accuracy"] for row in tables["two"]["rows"]] == [
+        row["accuracy"] for row in tables["one"]["rows"]
+    ]
+    (run_dir,) = (tmp_path / "two" / "runs").iterdir()
+    assert json.loads((run_dir / "train.json").read_text())["final_loss"] is not None

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
+from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.presets import Preset
 from ttt_mixer.recall_gap.report import Row, best_rows, markdown_table, plot, write_tables
 from ttt_mixer.recall_gap.runner import EvalSettings, distributed, evaluate_checkpoints, plan, run_all
@@ -81,7 +81,7 @@ def recall_gap(
         specs = plan(preset, seed)
         save_steps = save_steps or max(1, preset.steps // 5)
         all_rows = run_all(specs, out, preset, settings, save_steps, jobs or _default_jobs(len(specs)))
-    if not PartialState().is_main_process:
+    if not launch.is_main_process():
         return []
     rows = best_rows(all_rows)
     failures = [] if checkpoints else attention_failures(rows, preset.min_attention_accuracy)

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 
 from ttt_mixer.adapters.distill import NonFiniteTrainingError
 from ttt_mixer.progress import Progress, on_terminal
+from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.evaluate import StateSize, evaluate_checkpoint, write_lm_eval_results
 from ttt_mixer.recall_gap.presets import MQARShape, Preset
 from ttt_mixer.recall_gap.report import Row
@@ -81,7 +81,7 @@ def _claim(run_dir: Path, spec: RunSpec) -> None:
                 "choose another --out folder, or delete it to start over"
             )
         return
-    if PartialState().is_main_process:
+    if launch.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(wanted, indent=2))
 
@@ -137,6 +137,8 @@ def execute_run(
     if trained is None:
         callbacks = [] if progress is None else [ProgressFile(progress)]
         trained = train_run(spec, run_dir, save_steps, progress_bars, callbacks)
+    if not launch.is_main_process():
+        return None  # the main process evaluates, once
     evaluation = _load_evaluation(run_dir, shapes, settings)
     if evaluation is None:
         if progress is not None:
@@ -184,8 +186,8 @@ RELATIVE_CPU_COST |= {"gated_deltanet": 5.0, "mamba": 2.0, "mamba2": 3.0, "longh
 
 
 def distributed() -> bool:
-    """Whether this process is one of several of a distributed launch (accelerate, torchrun)."""
-    return PartialState().num_processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is one of several of a distributed launch (accelerate, torchrun, MPI)."""
+    return launch.world_size() > 1
 
 
 def _estimated_cost(spec: RunSpec) -> float:

@@ -28,6 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ttt_mixer.adapters import swap_mixer
 from ttt_mixer.adapters.distill import NonFiniteTrainingError
+from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, mqar_tokenizer
 from ttt_mixer.recall_gap.presets import MQARShape
 
@@ -165,7 +166,7 @@ class TrainResult:
 def _training_arguments(
     spec: RunSpec, output_dir: Path, save_steps: int, progress_bars: bool
 ) -> TrainingArguments:
-    world_size = PartialState().num_processes  # under accelerate launch: the processes of the run
+    world_size = launch.world_size()  # read before TrainingArguments sets up the process group
     if spec.batch_size % world_size:
         raise ValueError(f"batch_size {spec.batch_size} must be a multiple of the {world_size} processes")
     return TrainingArguments(
@@ -230,7 +231,7 @@ def train_run(
     if trainer.is_world_process_zero():
         mqar_tokenizer().save_pretrained(run_dir / MODEL_DIR)
         (run_dir / TRAIN_RESULT).write_text(json.dumps(asdict(result), indent=2))
-    PartialState().wait_for_everyone()  # every process evaluates the saved model next
+    PartialState().wait_for_everyone()  # the main process evaluates the saved model next
     return result
 
 
