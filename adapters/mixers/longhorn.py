@@ -43,6 +43,7 @@ from torch import nn
 
 from ttt_mixer.adapters.mixers.common import (
     ScanMixerMixin,
+    at_least_float32,
     causal_conv,
 )
 from ttt_mixer.adapters.mixers.selective_scan import online_scan
@@ -52,7 +53,7 @@ from ttt_mixer.layers.checks import check_int
 def longhorn_delta(dt: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The normalised step delta = beta / (1 + beta |k|^2), beta = sigmoid(dt): dt [B, T, D] (bias
     included), k [B, T, N] -> [B, T, D], in at least float32."""
-    dt = dt.to(torch.promote_types(dt.dtype, torch.float32))
+    dt = at_least_float32(dt)
     beta = torch.sigmoid(dt)
     return beta / (1 + beta * k.to(dt.dtype).square().sum(-1, keepdim=True))
 
