@@ -14,16 +14,18 @@ What runs where:
   implementation. A step is bound by moving the state through the chip, which a separate mat-vec
   kernel would do just the same (TTT-MLP needs the whole hidden layer for the loss gradient before
   any update, hence two passes over the weights in both).
-- Backward: recomputation in PyTorch. When gradients are needed, the forward kernel also stores the
-  weights at the start of every ``checkpoint_every``-th mini-batch of every sequence (memory
-  O(T / (b checkpoint_every)) states). The backward pass walks the segments of ``checkpoint_every``
-  mini-batches from last to first: it recomputes each segment from its stored start state with the
-  differentiable ``ttt_chunk`` (all the sequences active in the segment packed into one call), and
-  back-propagates the output gradient plus the gradient reaching the segment's end state, which gives
-  the gradient of its start state for the segment before. The first segment starts from the initial
-  state (its position may be mid-mini-batch); the gradient of that state becomes the gradient of
-  ``initial_state`` or, without one, of ``params``. Gradients are exact for every case the forward
-  supports (rows, packed sequences, empty sequences, mid-mini-batch states).
+- Backward: when gradients are needed, the forward kernel also stores the weights at the start of
+  every ``checkpoint_every``-th mini-batch of every sequence (memory O(T / (b checkpoint_every))
+  states). The backward walks the segments of ``checkpoint_every`` mini-batches from last to first,
+  recomputing each from its stored start weights and back-propagating the output gradient plus the
+  gradient reaching the segment's end state, which gives the gradient of its start state for the
+  segment before. The first segment starts from the initial state (its position may be
+  mid-mini-batch); the gradient of that state becomes the gradient of ``initial_state`` or, without
+  one, of ``params``. TTT-Linear runs all of it in one fused Triton kernel per (sequence, head)
+  (``triton_linear_backward``; the hand-derived backward of the dual form is in docs/math.md section
+  13). TTT-MLP recomputes each segment in PyTorch with the differentiable ``ttt_chunk`` (all the
+  sequences active in the segment packed into one call). Gradients are exact for every case the
+  forward supports (rows, packed sequences, empty sequences, mid-mini-batch states).
 
 The Triton path needs the inner LayerNorm (ln_weight, ln_bias not None). Everything accumulates in
 float32 (float64 for float64 inputs), the state is float32 (float64); inputs may be 16-bit.
@@ -59,6 +61,13 @@ from ttt_mixer.ops.ttt.triton_helpers import (
     Tokens,
 )
 from ttt_mixer.ops.ttt.triton_linear import LINEAR_KERNEL, LINEAR_META
+from ttt_mixer.ops.ttt.triton_linear_backward import (
+    LINEAR_BACKWARD_KERNEL,
+    LINEAR_BACKWARD_META,
+    BackwardStates,
+    SharedGrads,
+    TokenGrads,
+)
 from ttt_mixer.ops.ttt.triton_mlp import MLP_KERNEL, MLP_META
 
 __all__ = ["ttt_chunk_triton", "ttt_step_triton"]
@@ -229,18 +238,11 @@ def _forward(
     the weights (W1, b1, [W2, b2]) [num_checkpoints, N, H, ...] at the start of mini-batches
     checkpoint_every, 2 checkpoint_every, ... of each sequence (none when one segment covers them).
     """
-    q, k, v, lr, token_offset, ln_weight, ln_bias = tensors[:7]
-    params, state_floats = tensors[7 : 7 + call.num_params], tensors[7 + call.num_params :]
-    H, d = q.shape[2:]
-    N = call.seq_start.shape[0]
-    b = call.mini_batch_size
-    compute = torch.promote_types(q.dtype, torch.float32)
-    if not call.has_initial_state:
-        state_floats = state_tensors(make_initial_state(call.inner, [p.to(compute) for p in params], N))
-    state = [t.to(compute).contiguous() for t in state_floats]
+    q, token_offset, ln_weight, ln_bias = tensors[0], *tensors[4:7]
+    state = _initial_floats(call, tensors)
     weights, sums = state[: call.num_params], state[call.num_params :]
-    q, k, v, lr = (t.contiguous() for t in (q, k, v, lr))
-    o = torch.empty_like(q)
+    tokens = _tokens(tensors)
+    o = torch.empty_like(tokens.q)
     # the MLP kernel writes the output accumulators only where they end non-zero
     final = [torch.empty_like(t) for t in weights] + [torch.zeros_like(t) for t in sums]
     num_checkpoints = _num_segments(call) - 1 if store_checkpoints else 0
@@ -250,26 +252,74 @@ def _forward(
         else final[: call.num_params]  # placeholders, never written
     )
     kernel, meta = (LINEAR_KERNEL, LINEAR_META) if call.inner.num_layers == 1 else (MLP_KERNEL, MLP_META)
-    kernel[(N, H)](
-        Tokens(q, k, v, lr, o),
-        Shared(
-            token_scale(token_offset.to(compute)).contiguous(), ln_weight.contiguous(), ln_bias.contiguous()
-        ),
-        Sequences(call.seq_start, call.seq_len, call.position),
+    kernel[_grid(call, q)](
+        tokens,
+        o,
+        _shared(token_scale(token_offset.to(state[0].dtype)), ln_weight, ln_bias),
+        _sequences(call),
         tuple(state),
         tuple(final),
         tuple(checkpoints),
-        Dims(d, call.inner.layer_shapes(d)[0][1], b),
-        call.checkpoint_every,
+        _dims(call, q),
         call.eps,
         STORE_CHECKPOINTS=num_checkpoints > 0,
-        BLOCK_T=max(16, triton.next_power_of_2(b)),
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        COMPUTE=TORCH_TO_TRITON[compute],
-        PRECISION=DOT_PRECISION[q.dtype],
+        **_block_meta(call, q),
         **meta,
     )
     return o, final, checkpoints if num_checkpoints > 0 else []
+
+
+# What both kernels (forward and backward) take, from a call and its tensors ---------------------------
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit and float32 inputs, float64 for float64."""
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+def _initial_floats(call: _Call, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The initial state's floating tensors [N, H, ...] in the compute dtype, contiguous: the given
+    state's, or the params broadcast to every sequence with zero accumulators."""
+    compute = _compute_dtype(tensors[0])
+    params, state_floats = tensors[7 : 7 + call.num_params], tensors[7 + call.num_params :]
+    if not call.has_initial_state:
+        num_sequences = call.seq_start.shape[0]
+        state_floats = state_tensors(
+            make_initial_state(call.inner, [p.to(compute) for p in params], num_sequences)
+        )
+    return [t.detach().to(compute).contiguous() for t in state_floats]
+
+
+def _tokens(tensors: Sequence[torch.Tensor]) -> Tokens:
+    return Tokens(*(t.detach().contiguous() for t in tensors[:4]))
+
+
+def _shared(tau: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor) -> Shared:
+    return Shared(tau.detach().contiguous(), ln_weight.detach().contiguous(), ln_bias.detach().contiguous())
+
+
+def _sequences(call: _Call) -> Sequences:
+    return Sequences(call.seq_start, call.seq_len, call.position)
+
+
+def _grid(call: _Call, q: torch.Tensor) -> tuple[int, int]:
+    """One program per (sequence, head)."""
+    return call.seq_start.shape[0], q.shape[2]
+
+
+def _dims(call: _Call, q: torch.Tensor) -> Dims:
+    d = q.shape[3]
+    return Dims(d, call.inner.layer_shapes(d)[0][1], call.mini_batch_size, call.checkpoint_every)
+
+
+def _block_meta(call: _Call, q: torch.Tensor) -> dict:
+    """The block sizes, compute dtype and dot precision of a launch (see ``triton_helpers``)."""
+    return {
+        "BLOCK_T": max(16, triton.next_power_of_2(call.mini_batch_size)),
+        "BLOCK_D": max(16, triton.next_power_of_2(q.shape[3])),
+        "COMPUTE": TORCH_TO_TRITON[_compute_dtype(q)],
+        "PRECISION": DOT_PRECISION[q.dtype],
+    }
 
 
 def _num_segments(call: _Call) -> int:
@@ -281,7 +331,7 @@ def _num_segments(call: _Call) -> int:
 
 
 class _TTTTriton(torch.autograd.Function):
-    """Forward on the Triton kernel with weight checkpoints; backward by segment recomputation."""
+    """Forward on the Triton kernel with weight checkpoints; backward segment by segment from them."""
 
     @staticmethod
     def forward(ctx, call: _Call, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -309,13 +359,98 @@ def _backward(
     grad_o: torch.Tensor,
     grad_final: list[torch.Tensor],
 ) -> list[torch.Tensor | None]:
-    """Gradients w.r.t. (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state floats) by
-    recomputing segments of checkpoint_every mini-batches with ``ttt_chunk``, last to first."""
+    """Gradients w.r.t. (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state floats): by the
+    fused backward kernel for TTT-Linear, by segment recomputation in PyTorch for TTT-MLP."""
+    grad_final = [g.to(_compute_dtype(tensors[0])).contiguous() for g in grad_final]
+    if call.inner.num_layers == 1:
+        grad_tokens, grad_shared, grad_state = _fused_linear_backward(
+            call, tensors, checkpoints, grad_o, grad_final
+        )
+    else:
+        grad_tokens, grad_shared, grad_state = _recomputed_backward(
+            call, tensors, checkpoints, grad_o, grad_final
+        )
     q, k, v, lr, token_offset, ln_weight, ln_bias = tensors[:7]
     params, state_floats = tensors[7 : 7 + call.num_params], tensors[7 + call.num_params :]
+    grad_tokens = [g.reshape(t.shape).to(t.dtype) for g, t in zip(grad_tokens, (q, k, v, lr), strict=True)]
+    grad_shared = [
+        g.to(t.dtype) for g, t in zip(grad_shared, (token_offset, ln_weight, ln_bias), strict=True)
+    ]
+    if call.has_initial_state:
+        grad_params = [None] * call.num_params
+        grad_initial = [g.to(t.dtype) for g, t in zip(grad_state, state_floats, strict=True)]
+    else:
+        # every sequence starts from the params: their gradient sums over sequences
+        grad_params = [
+            g.sum(0).to(p.dtype) for g, p in zip(grad_state[: call.num_params], params, strict=True)
+        ]
+        grad_initial = []
+    return [*grad_tokens, *grad_shared, *grad_params, *grad_initial]
+
+
+def _fused_linear_backward(
+    call: _Call,
+    tensors: Sequence[torch.Tensor],
+    checkpoints: Sequence[torch.Tensor],
+    grad_o: torch.Tensor,
+    grad_final: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """TTT-Linear's gradients from the fused backward kernel (``triton_linear_backward``): w.r.t. the
+    tokens' (q, k, v, lr), the shared (token_offset, ln_weight, ln_bias) and the initial state's
+    floating tensors [N, H, ...]."""
+    q, token_offset, ln_weight, ln_bias = tensors[0], *tensors[4:7]
+    num_sequences, num_heads = _grid(call, q)
+    initial = _initial_floats(call, tensors)
+    compute = initial[0].dtype
+    offset = token_offset.detach().to(compute).requires_grad_()
+    with torch.enable_grad():
+        tau = token_scale(offset)
+    tokens = _tokens(tensors)
+    token_grads = TokenGrads(grad_o.contiguous(), *(torch.empty_like(t) for t in tokens))
+    shared_grads = SharedGrads(
+        initial[0].new_empty(num_sequences, num_heads, call.mini_batch_size),
+        torch.empty_like(initial[1]),
+        torch.empty_like(initial[1]),
+    )
+    weights = initial[: call.num_params]
+    states = BackwardStates(
+        tuple(initial),
+        tuple(checkpoints) if checkpoints else tuple(weights),  # placeholders when never read
+        tuple(w.new_empty(call.checkpoint_every, *w.shape) for w in weights),
+    )
+    grad_initial = [torch.empty_like(t) for t in initial]
+    LINEAR_BACKWARD_KERNEL[_grid(call, q)](
+        tokens,
+        token_grads,
+        _shared(tau, ln_weight, ln_bias),
+        shared_grads,
+        _sequences(call),
+        states,
+        tuple(grad_final),
+        tuple(grad_initial),
+        _dims(call, q),
+        call.eps,
+        **_block_meta(call, q),
+        **LINEAR_BACKWARD_META,
+    )
+    (grad_offset,) = torch.autograd.grad(tau, offset, shared_grads.tau.sum((0, 1)))
+    grad_shared = [grad_offset, shared_grads.ln_weight.sum(0), shared_grads.ln_bias.sum(0)]
+    return list(token_grads[1:]), grad_shared, grad_initial
+
+
+def _recomputed_backward(
+    call: _Call,
+    tensors: Sequence[torch.Tensor],
+    checkpoints: Sequence[torch.Tensor],
+    grad_o: torch.Tensor,
+    grad_final: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The gradients of ``_fused_linear_backward`` (the tokens' flattened to [B * T, ...]) by
+    recomputing segments of checkpoint_every mini-batches with ``ttt_chunk``, last to first."""
+    q, k, v, lr, token_offset, ln_weight, ln_bias = tensors[:7]
+    params = tensors[7 : 7 + call.num_params]
     B, T, H, d = q.shape
-    N = call.seq_start.shape[0]
-    compute = torch.promote_types(q.dtype, torch.float32)
+    compute = _compute_dtype(q)
     num_weights = call.num_params
 
     # the recomputation runs in the compute dtype (16-bit inputs are cast exactly, as in the kernel)
@@ -325,15 +460,12 @@ def _backward(
     tokens = [flat(t) for t in (q, k, v, lr)]
     shared = [t.detach().to(compute) for t in (token_offset, ln_weight, ln_bias)]
     compute_params = [p.detach().to(compute) for p in params]
-    if call.has_initial_state:
-        initial = [t.detach().to(compute) for t in state_floats]
-    else:
-        initial = list(state_tensors(make_initial_state(call.inner, compute_params, N)))
+    initial = _initial_floats(call, tensors)
 
     grad_tokens = [torch.zeros_like(t) for t in tokens]
     grad_shared = [torch.zeros_like(t) for t in shared]
     # the gradient w.r.t. each sequence's state at the current segment boundary, starting at the end
-    grad_state = [g.to(compute).clone() for g in grad_final]
+    grad_state = [g.clone() for g in grad_final]
     grad_o_flat = grad_o.to(compute).reshape(B * T, H, d)
 
     span = call.checkpoint_every * call.mini_batch_size  # grid cells per segment
@@ -397,17 +529,4 @@ def _backward(
         for grad_start, g in zip(grad_state, grads[7:], strict=True):
             grad_start[active] = g
 
-    grad_q, grad_k, grad_v, grad_lr = (
-        g.reshape(t.shape).to(t.dtype) for g, t in zip(grad_tokens, (q, k, v, lr), strict=True)
-    )
-    grad_shared = [
-        g.to(t.dtype) for g, t in zip(grad_shared, (token_offset, ln_weight, ln_bias), strict=True)
-    ]
-    if call.has_initial_state:
-        grad_params = [None] * num_weights
-        grad_initial = [g.to(t.dtype) for g, t in zip(grad_state, state_floats, strict=True)]
-    else:
-        # every sequence starts from the params: their gradient sums over sequences
-        grad_params = [g.sum(0).to(p.dtype) for g, p in zip(grad_state[:num_weights], params, strict=True)]
-        grad_initial = []
-    return [grad_q, grad_k, grad_v, grad_lr, *grad_shared, *grad_params, *grad_initial]
+    return grad_tokens, grad_shared, grad_state

@@ -52,20 +52,19 @@ DOT_PRECISION = {
 
 # Kernel arguments -----------------------------------------------------------------------------------
 #
-# Both forward kernels take (tokens, shared, sequences, state_in, state_out, checkpoints, dims,
-# checkpoint_every, eps) and their meta-parameters. The state groups are tuples of pointers in the
+# Both forward kernels take (tokens, o, shared, sequences, state_in, state_out, checkpoints, dims, eps)
+# and their meta-parameters. The state groups are tuples of pointers in the
 # state tuple's order, [N, H, ...] each: state_in / state_out (W_1, b_1, [W_2, b_2,] S_W_1, S_b_1,
 # [S_W_2, S_b_2]) and checkpoints (W_1, b_1, [W_2, b_2]) [num_checkpoints, N, H, ...].
 
 
 class Tokens(NamedTuple):
-    """The per-token tensors, contiguous [B, T, H, d] (lr [B, T, H]); o is written."""
+    """The per-token inputs, contiguous [B, T, H, d] (lr [B, T, H])."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     lr: torch.Tensor
-    o: torch.Tensor
 
 
 class Shared(NamedTuple):
@@ -87,11 +86,12 @@ class Sequences(NamedTuple):
 
 class Dims(NamedTuple):
     """The sizes: head dim d, the width of the first inner layer's output (4d for TTT-MLP, d for
-    TTT-Linear) and the mini-batch size b."""
+    TTT-Linear), the mini-batch size b, and the mini-batches between two checkpoints of the weights."""
 
     head_dim: int
     hidden_dim: int
     mini_batch_size: int
+    checkpoint_every: int
 
 
 # What a program reads and derives ----------------------------------------------------------------------
@@ -126,6 +126,7 @@ class MiniBatch(NamedTuple):
     real: tl.tensor  # [BLOCK_T] the cells that hold real tokens
     tile: tl.tensor  # [BLOCK_T, BLOCK_D] offsets of its queries (and outputs) in the [B, T, H, d] layout
     mask: tl.tensor  # [BLOCK_T, BLOCK_D] real tokens and valid columns
+    rows: tl.tensor  # [BLOCK_T] offsets of its learning rates in the [B, T, H] layout
 
 
 class Tile(NamedTuple):
@@ -181,7 +182,8 @@ def load_minibatch(
     token = program.start + offset
     tile = (token * num_heads + program.head)[:, None] * dims.head_dim + cols[None, :]
     mask = real[:, None] & (cols < dims.head_dim)[None, :]
-    lr = tl.load(tokens.lr + token * num_heads + program.head, mask=real, other=0.0).to(COMPUTE)
+    rows = token * num_heads + program.head
+    lr = tl.load(tokens.lr + rows, mask=real, other=0.0).to(COMPUTE)
     return MiniBatch(
         index=index,
         first=index == 0,
@@ -194,6 +196,7 @@ def load_minibatch(
         real=real,
         tile=tile,
         mask=mask,
+        rows=rows,
     )
 
 
@@ -247,21 +250,63 @@ def normalize(z, col_valid, head_dim, eps):
 
 
 @triton.jit
+def normalize_backward(grad, z_hat, rstd, col_valid, head_dim):
+    """rstd (grad - mean(grad) - z_hat mean(grad z_hat)) per row: the gradient w.r.t. z of a loss whose
+    gradient w.r.t. z_hat = normalize(z) is grad (the Jacobian of normalize is symmetric, so this is
+    also its forward product), zero outside the valid columns."""
+    grad = tl.where(col_valid[None, :], grad, 0.0)
+    mean_grad = tl.sum(grad, axis=1) / head_dim
+    mean_grad_z_hat = tl.sum(grad * z_hat, axis=1) / head_dim
+    value = (grad - mean_grad[:, None] - z_hat * mean_grad_z_hat[:, None]) * rstd[:, None]
+    return tl.where(col_valid[None, :], value, 0.0)
+
+
+@triton.jit
+def ln_fused_l2_parts(z, target, program, dims, eps, BLOCK_D: tl.constexpr):
+    """The pieces of the LayerNorm-L2 gradient (docs/math.md section 1): normalize(z) = zh, 1 / std = r
+    and the error e = ln_weight zh + ln_bias - target."""
+    col_valid = tl.arange(0, BLOCK_D) < dims.head_dim
+    z_hat, rstd = normalize(z, col_valid, dims.head_dim, eps)
+    error = program.ln_weight[None, :] * z_hat + program.ln_bias[None, :] - target
+    return z_hat, rstd, error
+
+
+@triton.jit
 def ln_fused_l2_grad(z, target, program, minibatch, dims, eps, BLOCK_D: tl.constexpr):
     """d/dz of 1/2 ||LN(z) - target||^2 (reference_ln_fused_l2_grad of naive.py) with the head's
     LayerNorm, zero outside the real tokens and columns so that padding never reaches the
     accumulators."""
+    col_valid = tl.arange(0, BLOCK_D) < dims.head_dim
+    z_hat, rstd, error = ln_fused_l2_parts(z, target, program, dims, eps, BLOCK_D)
+    grad = normalize_backward(error * program.ln_weight[None, :], z_hat, rstd, col_valid, dims.head_dim)
+    return tl.where(minibatch.real[:, None], grad, 0.0)
+
+
+@triton.jit
+def ln_fused_l2_grad_backward(grad_of_grad, grad, z_hat, rstd, error, program, dims, BLOCK_D: tl.constexpr):
+    """Back-propagates grad_of_grad, the outer gradient w.r.t. grad = ``ln_fused_l2_grad(z, target)``
+    (zero on empty cells), from the parts of ``ln_fused_l2_parts``: returns the outer gradients w.r.t.
+    z and target [BLOCK_T, BLOCK_D], and w.r.t. ln_weight and ln_bias summed over the rows [BLOCK_D]
+    (derivation: docs/math.md section 13)."""
+    col_valid = tl.arange(0, BLOCK_D) < dims.head_dim
     head_dim = dims.head_dim
-    col_valid = tl.arange(0, BLOCK_D) < head_dim
-    ln_weight, ln_bias = program.ln_weight, program.ln_bias
-    z_hat, rstd = normalize(z, col_valid, head_dim, eps)
-    grad_hat = (ln_weight[None, :] * z_hat + ln_bias[None, :] - target) * ln_weight[None, :]
-    grad = (
-        head_dim * grad_hat
-        - tl.sum(grad_hat, axis=1)[:, None]
-        - z_hat * tl.sum(grad_hat * z_hat, axis=1)[:, None]
-    ) * (rstd / head_dim)[:, None]
-    return tl.where(minibatch.real[:, None] & col_valid[None, :], grad, 0.0)
+    ln_weight = program.ln_weight[None, :]
+    grad_hat = ln_weight * error
+    d_grad_hat = normalize_backward(grad_of_grad, z_hat, rstd, col_valid, head_dim)
+    mean_grad_hat_z_hat = tl.sum(grad_hat * z_hat, axis=1) / head_dim
+    mean_outer_z_hat = tl.sum(grad_of_grad * z_hat, axis=1) / head_dim
+    d_z_hat = ln_weight * ln_weight * d_grad_hat - rstd[:, None] * (
+        grad_of_grad * mean_grad_hat_z_hat[:, None] + grad_hat * mean_outer_z_hat[:, None]
+    )
+    # the standard deviation's own share: 1 / std scales grad as a whole
+    mean_outer_grad = tl.sum(grad_of_grad * grad, axis=1) / head_dim
+    d_z = (
+        normalize_backward(d_z_hat, z_hat, rstd, col_valid, head_dim)
+        - (rstd * mean_outer_grad)[:, None] * z_hat
+    )
+    d_ln_weight = tl.sum(d_grad_hat * (error + ln_weight * z_hat), axis=0)
+    d_ln_bias = tl.sum(d_grad_hat * ln_weight, axis=0)
+    return d_z, -d_grad_hat * ln_weight, d_ln_weight, d_ln_bias
 
 
 @triton.jit
@@ -274,10 +319,16 @@ def store_output(o_ptr, minibatch, z, program, dims, eps, BLOCK_D: tl.constexpr)
 
 
 @triton.jit
+def causal(BLOCK_T: tl.constexpr):
+    """[BLOCK_T, BLOCK_T]: key j is visible to query i (j <= i)."""
+    cells = tl.arange(0, BLOCK_T)
+    return cells[:, None] >= cells[None, :]
+
+
+@triton.jit
 def step_sizes(tau_rows, lr, BLOCK_T: tl.constexpr):
     """eta[i, j] = tau_i lr_j for j <= i: the step applied to query i from key j (docs/math.md section 2)."""
-    cells = tl.arange(0, BLOCK_T)
-    return tl.where(cells[:, None] >= cells[None, :], tau_rows[:, None] * lr[None, :], 0.0)
+    return tl.where(causal(BLOCK_T), tau_rows[:, None] * lr[None, :], 0.0)
 
 
 @triton.jit

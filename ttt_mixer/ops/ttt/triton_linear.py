@@ -25,22 +25,22 @@ LINEAR_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 2)]
 
 
 @triton.jit
-def _linear_minibatch(
-    minibatch, program, state, o_ptr, dims, eps, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr
+def linear_loss_grad(
+    minibatch, program, weight, bias, dims, eps, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr
 ):
-    """One mini-batch of TTT-Linear: writes its outputs and returns the state (W, b, S_W, S_b) after it,
-    from the state in registers before it."""
-    weight, bias, sum_w, sum_b = state
-    q, k = minibatch.q, minibatch.k
+    """The loss gradient g = dl/dZ of every key of the mini-batch at the weights (W, b)."""
+    k = minibatch.k
     z_key = tl.dot(k, weight, input_precision=PRECISION) + bias[None, :]
-    grad = ln_fused_l2_grad(z_key, minibatch.v - k, program, minibatch, dims, eps, BLOCK_D)
-    z_query = dual_form_partial(q, weight, sum_w, program, minibatch, PRECISION)
-    query_key = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    z_query = dual_form_finish(z_query, query_key, grad, bias, sum_b, program, minibatch, PRECISION)
-    store_output(o_ptr, minibatch, z_query, program, dims, eps, BLOCK_D)
+    return ln_fused_l2_grad(z_key, minibatch.v - k, program, minibatch, dims, eps, BLOCK_D)
 
+
+@triton.jit
+def linear_advance(minibatch, program, state, grad, PRECISION: tl.constexpr):
+    """The state (W, b, S_W, S_b) after the mini-batch, from the state before it and the keys' loss
+    gradient: S_end = S + sum_j lr_j [k_j; 1]^T g_j, then the update of ``apply_update``."""
+    weight, bias, sum_w, sum_b = state
     grad_lr = grad * minibatch.lr[:, None]
-    sum_w_end = tl.dot(tl.trans(k), grad_lr, input_precision=PRECISION)
+    sum_w_end = tl.dot(tl.trans(minibatch.k), grad_lr, input_precision=PRECISION)
     sum_b_end = tl.sum(grad_lr, axis=0)
     if minibatch.first:
         sum_w_end += sum_w
@@ -51,15 +51,39 @@ def _linear_minibatch(
 
 
 @triton.jit
+def linear_query_forward(minibatch, program, state, grad, PRECISION: tl.constexpr):
+    """Zbar, the dual form of every query of the mini-batch before the output LayerNorm, and the
+    query-key products Q K^T it used."""
+    weight, bias, sum_w, sum_b = state
+    q = minibatch.q
+    z_query = dual_form_partial(q, weight, sum_w, program, minibatch, PRECISION)
+    query_key = tl.dot(q, tl.trans(minibatch.k), input_precision=PRECISION)
+    z_query = dual_form_finish(z_query, query_key, grad, bias, sum_b, program, minibatch, PRECISION)
+    return z_query, query_key
+
+
+@triton.jit
+def _linear_minibatch(
+    minibatch, program, state, o_ptr, dims, eps, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr
+):
+    """One mini-batch of TTT-Linear: writes its outputs and returns the state (W, b, S_W, S_b) after it,
+    from the state in registers before it."""
+    grad = linear_loss_grad(minibatch, program, state[0], state[1], dims, eps, BLOCK_D, PRECISION)
+    z_query, _ = linear_query_forward(minibatch, program, state, grad, PRECISION)
+    store_output(o_ptr, minibatch, z_query, program, dims, eps, BLOCK_D)
+    return linear_advance(minibatch, program, state, grad, PRECISION)
+
+
+@triton.jit
 def ttt_linear_forward_kernel(
     tokens,
+    o,
     shared,
     sequences,
     state_in,
     state_out,
     checkpoints,
     dims,
-    checkpoint_every,
     eps,
     STORE_CHECKPOINTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -84,10 +108,10 @@ def ttt_linear_forward_kernel(
     )
     for index in range(program.num_minibatches):
         minibatch = load_minibatch(tokens, program, index, dims, BLOCK_T, BLOCK_D, COMPUTE)
-        state = _linear_minibatch(minibatch, program, state, tokens.o, dims, eps, BLOCK_D, PRECISION)
+        state = _linear_minibatch(minibatch, program, state, o, dims, eps, BLOCK_D, PRECISION)
         if STORE_CHECKPOINTS:
-            store_checkpoint(w_ckpt, w_tile, state[0], minibatch, checkpoint_every)
-            store_checkpoint(b_ckpt, b_tile, state[1], minibatch, checkpoint_every)
+            store_checkpoint(w_ckpt, w_tile, state[0], minibatch, dims.checkpoint_every)
+            store_checkpoint(b_ckpt, b_tile, state[1], minibatch, dims.checkpoint_every)
 
     w_out, b_out, sw_out, sb_out = state_out
     weight, bias, sum_w, sum_b = state

@@ -82,7 +82,6 @@ def _mlp_minibatch(
     checkpoints,
     o_ptr,
     dims,
-    checkpoint_every,
     eps,
     STORE_CHECKPOINTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -135,15 +134,15 @@ def _mlp_minibatch(
         sb1 += tl.sum(grad1_lr, axis=0)
         sw2 += tl.dot(tl.trans(hidden_key), grad2_lr, input_precision=PRECISION)
         _write_update(
-            (w1_dst, sw1_dst, w1_ckpt), w1_tile, w1, sw1, program, minibatch, checkpoint_every,
+            (w1_dst, sw1_dst, w1_ckpt), w1_tile, w1, sw1, program, minibatch, dims.checkpoint_every,
             STORE_CHECKPOINTS,
         )  # fmt: skip
         _write_update(
-            (b1_dst, sb1_dst, b1_ckpt), b1_tile, b1, sb1, program, minibatch, checkpoint_every,
+            (b1_dst, sb1_dst, b1_ckpt), b1_tile, b1, sb1, program, minibatch, dims.checkpoint_every,
             STORE_CHECKPOINTS,
         )  # fmt: skip
         _write_update(
-            (w2_dst, sw2_dst, w2_ckpt), w2_tile, w2, sw2, program, minibatch, checkpoint_every,
+            (w2_dst, sw2_dst, w2_ckpt), w2_tile, w2, sw2, program, minibatch, dims.checkpoint_every,
             STORE_CHECKPOINTS,
         )  # fmt: skip
 
@@ -152,7 +151,7 @@ def _mlp_minibatch(
     store_output(o_ptr, minibatch, z_query, program, dims, eps, BLOCK_D)
     _write_update(
         (b2_dst, sb2_dst, b2_ckpt), b2_tile, b2, sb2 + tl.sum(grad2_lr, axis=0), program, minibatch,
-        checkpoint_every, STORE_CHECKPOINTS,
+        dims.checkpoint_every, STORE_CHECKPOINTS,
     )  # fmt: skip
     # the next mini-batch reads what other threads of this program just wrote
     tl.debug_barrier()
@@ -161,13 +160,13 @@ def _mlp_minibatch(
 @triton.jit
 def ttt_mlp_forward_kernel(
     tokens,
+    o,
     shared,
     sequences,
     state_in,
     state_out,
     checkpoints,
     dims,
-    checkpoint_every,
     eps,
     STORE_CHECKPOINTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -186,7 +185,7 @@ def ttt_mlp_forward_kernel(
         if minibatch.first:
             src = state_in
         _mlp_minibatch(
-            minibatch, program, src, state_out, checkpoints, tokens.o, dims, checkpoint_every, eps,
+            minibatch, program, src, state_out, checkpoints, o, dims, eps,
             STORE_CHECKPOINTS, BLOCK_T, BLOCK_D, BLOCK_H, COMPUTE, PRECISION,
         )  # fmt: skip
 
