@@ -160,8 +160,9 @@ def conv_projections(
 
 
 class TorchPathMixin:
-    """``forward`` of an fla layer subclass (list the mixin first): fla's own Triton forward where the
-    backend is Triton, else the subclass's ``torch_forward``, which computes the same in PyTorch."""
+    """``forward`` of a mixer on fla's layer interface (list the mixin first): the input checks, then
+    fla's own Triton forward where ``uses_fla_forward`` says so, else the subclass's ``torch_forward``,
+    which computes the same in PyTorch."""
 
     def forward(
         self,
@@ -175,7 +176,7 @@ class TorchPathMixin:
         """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values). ``cu_seqlens`` only on the
         Triton path; other keyword arguments (position_ids, cache_position, ...) are ignored."""
         mask = check_inputs(self, hidden_states, attention_mask)
-        if resolve_backend(self.backend, hidden_states.device) == "triton":
+        if self.uses_fla_forward(hidden_states):
             return super().forward(
                 hidden_states,
                 attention_mask=None if mask is None else attention_mask,
@@ -187,29 +188,70 @@ class TorchPathMixin:
         reject_cu_seqlens(self, kwargs)
         return self.torch_forward(hidden_states, mask, past_key_values, bool(use_cache))
 
+    def uses_fla_forward(self, hidden_states: torch.Tensor) -> bool:
+        """Whether fla's layer (its Triton kernels) computes this call: where the backend resolves to
+        Triton."""
+        return resolve_backend(self.backend, hidden_states.device) == "triton"
 
-class ScanMixerMixin:
-    """fla's layer ``forward`` for a mixer computed in PyTorch (list the mixin first): the input
+
+class LinearAttentionTorchPath(TorchPathMixin):
+    """``torch_forward`` of fla's gated linear-attention layers (GLA, Gated DeltaNet): q, k and v from
+    their projections (through their short convolutions where the layer has them), the layer's naive
+    recurrence from the cached state, the state and windows back into the cache, the output stage.
+
+    The subclass defines ``recurrence_inputs(hidden_states, (q, k, v), mask)``, the positional inputs
+    of its ``naive_recurrence`` (fla's naive recurrent function: (o, final state)), and
+    ``output(o, hidden_states)``, the stage after the recurrence (norm, gate and o_proj)."""
+
+    def torch_forward(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor | None, past_key_values: Any, use_cache: bool
+    ) -> tuple[torch.Tensor, None, Any]:
+        """What fla's forward computes, in PyTorch; ``mask`` [B, T] bool (None: no padding)."""
+        batch_size, q_len, _ = hidden_states.shape
+        recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
+        if self.use_short_conv:
+            qkv, conv_state = conv_projections(self, hidden_states, mask, conv_state, use_cache)
+        else:
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            qkv = tuple(self.projection_activation(proj(hidden_states)) for proj in projections)
+        # fla caches the state as [B, H, V, K] (its state_v_first layout); the naive recurrences take
+        # and give [B, H, K, V]
+        o, final_state = self.naive_recurrence(
+            *self.recurrence_inputs(hidden_states, qkv, mask),
+            initial_state=None if recurrent_state is None else recurrent_state.transpose(-1, -2),
+            output_final_state=use_cache,
+        )
+        update_layer_cache(
+            self,
+            past_key_values,
+            recurrent_state=None if final_state is None else final_state.transpose(-1, -2).contiguous(),
+            conv_state=conv_state if self.use_short_conv else None,
+            offset=q_len,
+        )
+        return zero_padding(self.output(o, hidden_states), mask), None, past_key_values
+
+    def projection_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """What the layer applies to q, k and v when no short convolution (which has its own) does."""
+        return x
+
+
+class ScanMixerMixin(TorchPathMixin):
+    """fla's layer ``forward`` for a mixer computed in PyTorch only (list the mixin first): the input
     checks, the layer's cached states, the cache update and ``out_proj`` written once for Mamba,
     Mamba-2 and Longhorn. The mixer defines ``scan_forward(hidden_states, mask, recurrent_state,
     conv_state, output_final_state) -> (y before out_proj, final recurrent state or None, conv
     window)``. ``cu_seqlens`` is refused; other keyword arguments are ignored."""
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Any = None,
-        use_cache: bool | None = False,
-        output_attentions: bool | None = False,
-        **kwargs: Any,
+    def uses_fla_forward(self, hidden_states: torch.Tensor) -> bool:
+        """Never: these mixers have no fla layer underneath."""
+        return False
+
+    def torch_forward(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor | None, past_key_values: Any, use_cache: bool
     ) -> tuple[torch.Tensor, None, Any]:
-        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values)."""
-        mask = check_inputs(self, hidden_states, attention_mask)
-        reject_cu_seqlens(self, kwargs)
         batch_size, q_len, _ = hidden_states.shape
         recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
-        keep = bool(use_cache) and past_key_values is not None
+        keep = use_cache and past_key_values is not None
         y, recurrent_state, conv_state = self.scan_forward(
             hidden_states, mask, recurrent_state, conv_state, keep
         )
@@ -222,3 +264,13 @@ class ScanMixerMixin:
         )
         o = self.out_proj(y.to(hidden_states.dtype))
         return zero_padding(o, mask), None, past_key_values
+
+    def short_conv(
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        activation: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's ``conv1d`` through ``causal_conv``: (activation(conv(x)) [B, T, C], its window)."""
+        return causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, mask, activation)

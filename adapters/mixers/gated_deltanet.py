@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from fla.layers.gated_deltanet import GatedDeltaNet
-from fla.layers.utils import update_layer_cache
-from fla.models.utils import Cache
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
-from ttt_mixer.adapters.mixers.common import (
-    TorchPathMixin,
-    cached_states,
-    conv_projections,
-    rms_norm,
-    zero_padding,
-)
+from ttt_mixer.adapters.mixers.common import LinearAttentionTorchPath, rms_norm
 from ttt_mixer.layers.checks import check_backend
 
 # fla's l2norm kernels (fla.modules.l2norm, and the recurrent kernel's in-kernel norm): x / sqrt(|x|^2 + eps)
@@ -28,7 +22,7 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + L2NORM_EPS)
 
 
-class GatedDeltaNetMixer(TorchPathMixin, GatedDeltaNet):
+class GatedDeltaNetMixer(LinearAttentionTorchPath, GatedDeltaNet):
     """fla's ``GatedDeltaNet`` (same arguments, parameters and cache layout) that runs anywhere.
 
     ``backend`` "triton" runs fla's own forward (its Triton kernels); "torch" computes the same in
@@ -82,20 +76,15 @@ class GatedDeltaNetMixer(TorchPathMixin, GatedDeltaNet):
             raise ValueError(f"num_v_heads ({self.num_v_heads}) must be >= num_heads ({self.num_heads})")
         self.backend = backend
 
-    def torch_forward(
-        self,
-        hidden_states: torch.Tensor,
-        mask: torch.Tensor | None,
-        past_key_values: Cache | None,
-        use_cache: bool,
-    ) -> tuple[torch.Tensor, None, Cache | None]:
-        """What fla's forward computes, in PyTorch; ``mask`` [B, T] bool (None: no padding)."""
-        batch_size, q_len, _ = hidden_states.shape
-        recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
-        if self.use_short_conv:
-            (q, k, v), conv_state = conv_projections(self, hidden_states, mask, conv_state, use_cache)
-        else:
-            q, k, v = (F.silu(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    def projection_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU, as fla's layer applies it to q, k and v when they have no short convolution."""
+        return F.silu(x)
+
+    def recurrence_inputs(
+        self, hidden_states: torch.Tensor, qkv: tuple[torch.Tensor, ...], mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        """(q, k, v, beta, g) of ``naive_recurrent_gated_delta_rule`` (LinearAttentionTorchPath)."""
+        q, k, v = qkv
         q, k = (rearrange(x, "... (h d) -> ... h d", d=self.head_k_dim) for x in (q, k))
         v = rearrange(v, "... (h d) -> ... h d", d=self.head_v_dim)
         q, k = l2_normalize(q), l2_normalize(k)
@@ -110,30 +99,20 @@ class GatedDeltaNetMixer(TorchPathMixin, GatedDeltaNet):
         if mask is not None:
             # a padded token leaves the state as it is: no write (beta 0), decay exp(0) = 1
             beta, g = torch.where(mask[..., None], beta, 0), torch.where(mask[..., None], g, 0)
+        return q, k, v, beta, g
 
-        o, final_state = naive_recurrent_gated_delta_rule(
-            q,
-            k,
-            v,
-            beta,
-            g,
-            scale=self.head_k_dim**-0.5,
-            initial_state=None if recurrent_state is None else recurrent_state.transpose(-1, -2),
-            output_final_state=use_cache,
-        )
-        update_layer_cache(
-            self,
-            past_key_values,
-            recurrent_state=None if final_state is None else final_state.transpose(-1, -2).contiguous(),
-            conv_state=conv_state if self.use_short_conv else None,
-            offset=q_len,
-        )
+    def naive_recurrence(
+        self, *inputs: torch.Tensor, **state: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``naive_recurrent_gated_delta_rule`` with the layer's scale, 1 / sqrt(head_k_dim)."""
+        return naive_recurrent_gated_delta_rule(*inputs, scale=self.head_k_dim**-0.5, **state)
 
+    def output(self, o: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The gated RMSNorm (or the plain one without ``use_gate``), then o_proj."""
         norm = self.o_norm
         if self.use_gate:
             g_out = rearrange(self.g_proj(hidden_states), "... (h d) -> ... h d", d=self.head_v_dim)
             o = rms_norm(o, norm.weight, norm.bias, norm.eps, gate=g_out, activation=norm.activation)
         else:
             o = rms_norm(o, norm.weight, norm.bias, norm.eps)
-        o = self.o_proj(rearrange(o, "b t h d -> b t (h d)").to(hidden_states.dtype))
-        return zero_padding(o, mask), None, past_key_values
+        return self.o_proj(rearrange(o, "b t h d -> b t (h d)").to(hidden_states.dtype))

@@ -6,22 +6,13 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from fla.layers.gla import GatedLinearAttention
-from fla.layers.utils import update_layer_cache
-from fla.models.utils import Cache
 from fla.ops.gla.naive import naive_recurrent_gla
 
-from ttt_mixer.adapters.mixers.common import (
-    TorchPathMixin,
-    cached_states,
-    conv_projections,
-    rms_norm,
-    torch_activation,
-    zero_padding,
-)
+from ttt_mixer.adapters.mixers.common import LinearAttentionTorchPath, rms_norm, torch_activation
 from ttt_mixer.layers.checks import check_backend
 
 
-class GLAMixer(TorchPathMixin, GatedLinearAttention):
+class GLAMixer(LinearAttentionTorchPath, GatedLinearAttention):
     """fla's ``GatedLinearAttention`` (same arguments, parameters and cache layout) that runs anywhere.
 
     ``backend`` "triton" runs fla's own forward (its Triton kernels); "torch" computes the same in
@@ -32,6 +23,8 @@ class GLAMixer(TorchPathMixin, GatedLinearAttention):
     state and output 0. ``mode="fused_chunk"`` is refused: fla stores that mode's state as [B, H, K, V],
     which would not continue from the other modes' states.
     """
+
+    naive_recurrence = staticmethod(naive_recurrent_gla)
 
     def __init__(
         self,
@@ -90,20 +83,11 @@ class GLAMixer(TorchPathMixin, GatedLinearAttention):
         self.gate_fn_name = gate_fn
         self.backend = backend
 
-    def torch_forward(
-        self,
-        hidden_states: torch.Tensor,
-        mask: torch.Tensor | None,
-        past_key_values: Cache | None,
-        use_cache: bool,
-    ) -> tuple[torch.Tensor, None, Cache | None]:
-        """What fla's forward computes, in PyTorch; ``mask`` [B, T] bool (None: no padding)."""
-        batch_size, q_len, _ = hidden_states.shape
-        recurrent_state, conv_state = cached_states(self, past_key_values, batch_size)
-        if self.use_short_conv:
-            (q, k, v), conv_state = conv_projections(self, hidden_states, mask, conv_state, use_cache)
-        else:
-            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    def recurrence_inputs(
+        self, hidden_states: torch.Tensor, qkv: tuple[torch.Tensor, ...], mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        """(q, k, v, gk) of ``naive_recurrent_gla`` (LinearAttentionTorchPath)."""
+        q, k, v = qkv
         gk = self.gk_proj(hidden_states)
 
         q = rearrange(q, "... (h d) -> ... h d", d=self.head_k_dim)
@@ -122,23 +106,10 @@ class GLAMixer(TorchPathMixin, GatedLinearAttention):
             # a padded token leaves the state as it is: no key/value, decay exp(0) = 1
             m = mask[..., None, None]
             k, v, gk = (torch.where(m, x, 0) for x in (k, v, gk))
+        return q, k, v, gk
 
-        o, final_state = naive_recurrent_gla(
-            q,
-            k,
-            v,
-            gk,
-            initial_state=None if recurrent_state is None else recurrent_state.transpose(-1, -2),
-            output_final_state=use_cache,
-        )
-        update_layer_cache(
-            self,
-            past_key_values,
-            recurrent_state=None if final_state is None else final_state.transpose(-1, -2).contiguous(),
-            conv_state=conv_state if self.use_short_conv else None,
-            offset=q_len,
-        )
-
+    def output(self, o: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The RMSNorm and output gate (fused or not, or none without ``use_output_gate``), then o_proj."""
         if self.use_output_gate:
             g = self.g_proj(hidden_states)
             if self.fuse_norm_and_gate:
@@ -155,5 +126,4 @@ class GLAMixer(TorchPathMixin, GatedLinearAttention):
             o = rearrange(
                 rms_norm(o, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps), "... h d -> ... (h d)"
             )
-        o = self.o_proj(o)
-        return zero_padding(o, mask), None, past_key_values
+        return self.o_proj(o)

@@ -41,11 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttt_mixer.adapters.mixers.common import (
-    ScanMixerMixin,
-    at_least_float32,
-    causal_conv,
-)
+from ttt_mixer.adapters.mixers.common import ScanMixerMixin, at_least_float32
 from ttt_mixer.adapters.mixers.selective_scan import online_scan
 from ttt_mixer.layers.checks import check_int
 
@@ -153,9 +149,10 @@ class LonghornMixer(ScanMixerMixin, nn.Module):
         conv_state: torch.Tensor | None,
         output_final_state: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The layer's computation between its input projection and ``out_proj`` (ScanMixerMixin)."""
+        """in_proj -> (x, z), x through the conv and SiLU, Longhorn's scan, the D skip and the SiLU(z)
+        gate: what ScanMixerMixin feeds to out_proj."""
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
-        x, conv_state = causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, mask, F.silu)
+        x, conv_state = self.short_conv(x, conv_state, mask, F.silu)
         dt, k, q = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = longhorn_delta(self.dt_head(dt), k)
         if mask is not None:

@@ -11,10 +11,7 @@ import torch.nn.functional as F
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
-from ttt_mixer.adapters.mixers.common import (
-    ScanMixerMixin,
-    causal_conv,
-)
+from ttt_mixer.adapters.mixers.common import ScanMixerMixin
 from ttt_mixer.adapters.mixers.selective_scan import selective_scan
 
 # transformers 5.2x renamed MambaMixer.forward's ``cache_params`` to ``cache``
@@ -128,9 +125,10 @@ class CachedMambaMixer(ScanMixerMixin, MambaMixer):
         conv_state: torch.Tensor | None,
         output_final_state: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The layer's computation between its input projection and ``out_proj`` (ScanMixerMixin)."""
+        """in_proj -> (x, gate), x through the conv and activation, the selective scan, the D skip and
+        the SiLU(gate) gate: what ScanMixerMixin feeds to out_proj."""
         x, gate = self.in_proj(hidden_states).chunk(2, dim=-1)
-        x, conv_state = causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, mask, self.act)
+        x, conv_state = self.short_conv(x, conv_state, mask, self.act)
         time_step, B, C = torch.split(
             self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
         )

@@ -19,10 +19,7 @@ import torch.nn.functional as F
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
-from ttt_mixer.adapters.mixers.common import (
-    ScanMixerMixin,
-    causal_conv,
-)
+from ttt_mixer.adapters.mixers.common import ScanMixerMixin
 from ttt_mixer.adapters.mixers.selective_scan import ssd_scan
 
 # transformers 5.2x renamed Mamba2Mixer.forward's ``cache_params`` to ``cache``
@@ -65,14 +62,13 @@ class CachedMamba2Mixer(ScanMixerMixin, Mamba2Mixer):
         conv_state: torch.Tensor | None,
         output_final_state: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The layer's computation between its input projection and ``out_proj`` (ScanMixerMixin)."""
+        """in_proj -> (gate, xBC, dt), xBC through the conv and activation, the SSD scan, the D skip
+        and the gated RMSNorm: what ScanMixerMixin feeds to out_proj."""
         batch_size, q_len, _ = hidden_states.shape
         gate, xBC, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
         )
-        xBC, conv_state = causal_conv(
-            xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, mask, self.act
-        )
+        xBC, conv_state = self.short_conv(xBC, conv_state, mask, self.act)
         group_width = self.n_groups * self.ssm_state_size
         x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
         dt = F.softplus(dt + self.dt_bias)
