@@ -34,6 +34,8 @@ from ttt_mixer.ops import INNER_MODELS, ttt_chunk, ttt_chunk_triton, ttt_primal,
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 HALF_PRECISION_RMS = 5e-3
+# docs/conventions.md section 6: float64 gradients agree with the primal form's to 1e-9
+TOLERANCE_FLOAT64_GRADIENTS = 1e-9
 
 inner_models = pytest.mark.parametrize("inner_model", INNER_MODELS)
 
@@ -203,33 +205,68 @@ def test_step_packed_matches_step(inner_model: str) -> None:
 # Gradients ------------------------------------------------------------------------------------------
 
 # name -> (make_case keyword arguments, checkpoint_every); checkpoint_every=1 recomputes one mini-batch
-# per backward segment, so these cross several segment boundaries
+# per backward segment, so these cross several segment boundaries (TTT-Linear's fused backward kernel
+# replays each segment in the kernel, TTT-MLP's backward in PyTorch)
 GRADIENT_CASES = {
     "rows": ({"batch_size": 2, "seq_len": 10, "mini_batch_size": 4}, 1),
     "one-segment": ({"batch_size": 2, "seq_len": 10, "mini_batch_size": 4}, 4),
+    "T<b": ({"batch_size": 2, "seq_len": 3, "mini_batch_size": 4}, 1),
+    "d=32-H=3-segments-of-3": (
+        {"batch_size": 1, "seq_len": 14, "mini_batch_size": 3, "head_dim": 32, "num_heads": 3},
+        3,
+    ),
+    "d=64-mid-mini-batch-state": (
+        {"batch_size": 2, "seq_len": 6, "mini_batch_size": 4, "head_dim": 64, "positions": (3, 1)},
+        1,
+    ),
     "mid-mini-batch-state": ({"batch_size": 2, "seq_len": 10, "mini_batch_size": 4, "positions": (1, 3)}, 2),
     "packed-mid-mini-batch-state": (
         {"batch_size": 3, "seq_len": 9, "mini_batch_size": 3, "lengths": (5, 0, 9), "positions": (2, 0, 1)},
         1,
     ),
+    "packed-segments-of-3": (
+        {"batch_size": 3, "seq_len": 13, "mini_batch_size": 2, "lengths": (13, 4, 1), "positions": (1, 0, 1)},
+        3,
+    ),
 }
+
+
+def as_float64(inputs: TTTInputs, state: State | None) -> tuple[TTTInputs, State | None]:
+    """The same numbers in float64: the reference the float32 kernels are held to."""
+    wide = inputs.with_tensors({name: t.double() for name, t in inputs.float_tensors().items()})
+    if state is None:
+        return wide, None
+    return wide, tuple(t.double() if t.is_floating_point() else t for t in state)
 
 
 @inner_models
 @pytest.mark.parametrize("case", GRADIENT_CASES.values(), ids=GRADIENT_CASES.keys())
 def test_gradients_match_primal(inner_model: str, case: tuple[dict, int]) -> None:
+    """Outputs, final state and every gradient against the primal form in float64."""
     shape, checkpoint_every = case
     inputs, state, cu_seqlens = make_case(inner_model, **shape, seed=8)
     o, final, grads = gradients(
         ttt_chunk_triton, inputs, state, cu_seqlens, checkpoint_every=checkpoint_every
     )
-    o_ref, final_ref, grads_ref = gradients(ttt_primal, inputs, state, cu_seqlens)
+    o_ref, final_ref, grads_ref = gradients(ttt_primal, *as_float64(inputs, state), cu_seqlens)
     tol = TOLERANCE[torch.float32]
-    assert_matches((o, final), (o_ref, final_ref), tol)
+    assert_matches((o.double(), final), (o_ref, final_ref), tol)
     assert_gradients_match(grads, grads_ref, tol)
     # every tensor that is read gets a gradient: the params only when no state is given
     read = {name for name in grads if state is None or name not in PARAM_NAMES}
     assert {name for name, g in grads.items() if g.abs().max() > 0} == read
+
+
+def test_linear_gradients_float64_match_primal() -> None:
+    """TTT-Linear's fused backward in float64 agrees with the primal form to rounding: the hand-derived
+    gradients (docs/math.md section 13) are exact, packed, from mid-mini-batch states, across
+    segments."""
+    shape, checkpoint_every = GRADIENT_CASES["packed-mid-mini-batch-state"]
+    inputs, state, cu_seqlens = make_case("linear", **shape, dtype=torch.float64, seed=14)
+    _, _, grads = gradients(ttt_chunk_triton, inputs, state, cu_seqlens, checkpoint_every=checkpoint_every)
+    _, _, grads_ref = gradients(ttt_primal, inputs, state, cu_seqlens)
+    assert all(g.dtype == torch.float64 for g in grads.values())
+    assert_gradients_match(grads, grads_ref, TOLERANCE_FLOAT64_GRADIENTS)
 
 
 @inner_models
