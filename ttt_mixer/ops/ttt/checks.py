@@ -27,21 +27,11 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], form: str) 
         raise ValueError(f"{name} must have shape {form} = {list(shape)}, got {list(t.shape)}")
 
 
-def check_inputs(
-    inner: InnerModel,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lr: torch.Tensor,
-    token_offset: torch.Tensor,
-    ln_weight: torch.Tensor | None,
-    ln_bias: torch.Tensor | None,
-    params: list[torch.Tensor],
-    initial_state: State | None,
-    cu_seqlens: torch.Tensor | None,
-    eps: float,
+def check_sequences(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, eps: float
 ) -> int:
-    """Check every input of a TTT op before any work; returns the number of sequences N."""
+    """eps, q, k, v [B, T, H, d] and the packing ``cu_seqlens``, as every TTT op takes them; returns the
+    number of sequences N."""
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
         # LayerNorm divides by sqrt(var + eps): eps <= 0 gives NaN for constant rows
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
@@ -57,19 +47,54 @@ def check_inputs(
     for name, t in (("k", k), ("v", v)):
         _check_float(name, t, q.dtype)
         _check_shape(name, t, (B, T, H, d), "[B, T, H, d]")
-    _check_float("lr", lr, q.dtype)
-    _check_shape("lr", lr, (B, T, H), "[B, T, H]")
-    _check_float("token_offset", token_offset, q.dtype)
-    if token_offset.dim() != 1 or token_offset.shape[0] < 1:
-        raise ValueError(
-            f"token_offset must have shape [mini_batch_size >= 1], got {list(token_offset.shape)}"
-        )
+    if cu_seqlens is None:
+        return B
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point() or cu_seqlens.dim() != 1:
+        raise TypeError("cu_seqlens must be a 1-D integer tensor [N + 1]")
+    if B != 1:
+        raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed), got {B}")
+    if cu_seqlens.numel() < 2 or cu_seqlens[0] != 0 or cu_seqlens[-1] != T:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}, got {cu_seqlens.tolist()}")
+    if (cu_seqlens[1:] < cu_seqlens[:-1]).any():
+        raise ValueError("cu_seqlens must be non-decreasing")
+    return cu_seqlens.numel() - 1
+
+
+def check_layer_norm(ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, q: torch.Tensor) -> None:
+    """The inner LayerNorm: both [H, d] tensors of q's dtype, or both None."""
     if (ln_weight is None) != (ln_bias is None):
         raise ValueError("ln_weight and ln_bias must both be tensors, or both None (f = f_res)")
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t is not None:
             _check_float(name, t, q.dtype)
-            _check_shape(name, t, (H, d), "[H, d]")
+            _check_shape(name, t, tuple(q.shape[2:]), "[H, d]")
+
+
+def check_inputs(
+    inner: InnerModel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    token_offset: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    params: list[torch.Tensor],
+    initial_state: State | None,
+    cu_seqlens: torch.Tensor | None,
+    eps: float,
+) -> int:
+    """Check every input of a TTT op before any work; returns the number of sequences N."""
+    num_sequences = check_sequences(q, k, v, cu_seqlens, eps)
+    H, d = q.shape[2:]
+    _check_float("lr", lr, q.dtype)
+    _check_shape("lr", lr, tuple(q.shape[:3]), "[B, T, H]")
+    _check_float("token_offset", token_offset, q.dtype)
+    if token_offset.dim() != 1 or token_offset.shape[0] < 1:
+        raise ValueError(
+            f"token_offset must have shape [mini_batch_size >= 1], got {list(token_offset.shape)}"
+        )
+    check_layer_norm(ln_weight, ln_bias, q)
     if len(params) != 2 * inner.num_layers:
         raise ValueError(
             f"params: TTT-{inner.name} takes {2 * inner.num_layers} inner weights (w1, b1[, w2, b2]), got {len(params)}"
@@ -79,22 +104,6 @@ def check_inputs(
         _check_shape(f"w{i + 1}", params[2 * i], (H, d_in, d_out), "[H, d_in, d_out]")
         _check_float(f"b{i + 1}", params[2 * i + 1], q.dtype)
         _check_shape(f"b{i + 1}", params[2 * i + 1], (H, d_out), "[H, d_out]")
-    if cu_seqlens is not None:
-        if (
-            not isinstance(cu_seqlens, torch.Tensor)
-            or cu_seqlens.is_floating_point()
-            or cu_seqlens.dim() != 1
-        ):
-            raise TypeError("cu_seqlens must be a 1-D integer tensor [N + 1]")
-        if B != 1:
-            raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed), got {B}")
-        if cu_seqlens.numel() < 2 or cu_seqlens[0] != 0 or cu_seqlens[-1] != T:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}, got {cu_seqlens.tolist()}")
-        if (cu_seqlens[1:] < cu_seqlens[:-1]).any():
-            raise ValueError("cu_seqlens must be non-decreasing")
-        num_sequences = cu_seqlens.numel() - 1
-    else:
-        num_sequences = B
     if initial_state is not None:
         check_state(inner, initial_state, num_sequences, H, d, token_offset.shape[0], name="initial_state")
     return num_sequences
