@@ -26,6 +26,7 @@ from ttt_mixer.layers import TTTLayer
 from ttt_mixer.models.causal_lm import (
     CausalLMGenerationMixin,
     RemoteCodeMixin,
+    auto_classes,
     cache_argument,
     decoder_inputs,
     decoder_output,
@@ -55,7 +56,20 @@ class MixerPreTrainedMixin(RemoteCodeMixin):
 
 
 class MixerDecoderMixin:
-    """Embeddings -> mixer blocks -> final norm, with one fla ``Cache`` for every layer."""
+    """Embeddings -> mixer blocks -> final norm, with one fla ``Cache`` for every layer. The backbone
+    names its embedding and final norm as its checkpoints do (``_input_embed_layer``, which
+    transformers' get_input_embeddings and set_input_embeddings read, and ``final_norm_layer``)."""
+
+    final_norm_layer: str
+
+    def build_decoder(self, block_class: type[nn.Module], final_norm: nn.Module) -> None:
+        """After the embedding: a ``block_class(config, layer_idx)`` per layer, then ``final_norm``;
+        gradient checkpointing off, then transformers' ``post_init``."""
+        num_layers = self.config.num_hidden_layers
+        self.layers = nn.ModuleList(block_class(self.config, i) for i in range(num_layers))
+        setattr(self, self.final_norm_layer, final_norm)
+        self.gradient_checkpointing = False
+        self.post_init()
 
     def forward(
         self,
@@ -103,7 +117,7 @@ class MixerDecoderMixin:
             )
             if output_attentions:
                 all_attentions += (attentions,)
-        hidden_states = self.final_norm(hidden_states)
+        hidden_states = getattr(self, self.final_norm_layer)(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         return decoder_output(
@@ -183,43 +197,23 @@ class MixerLlamaPreTrainedModel(MixerPreTrainedMixin, LlamaPreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
-    remote_classes = {
-        "AutoConfig": "MixerLlamaConfig",
-        "AutoModel": "MixerLlamaModel",
-        "AutoModelForCausalLM": "MixerLlamaForCausalLM",
-    }
+    remote_classes = auto_classes("MixerLlama")
 
 
 class MixerLlamaModel(MixerDecoderMixin, MixerLlamaPreTrainedModel):
+    _input_embed_layer = "embed_tokens"
+    final_norm_layer = "norm"
+
     def __init__(self, config: MixerLlamaConfig) -> None:
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            MixerLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
-        )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.gradient_checkpointing = False
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
-    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden_states)
+        self.build_decoder(MixerLlamaDecoderLayer, LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
 
 
 class MixerLlamaForCausalLM(MixerCausalLMGenerationMixin, MixerLlamaPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: MixerLlamaConfig) -> None:
-        super().__init__(config)
-        self.model = MixerLlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    decoder_class = MixerLlamaModel
 
 
 class MixerMambaBlock(GradientCheckpointingLayer):
@@ -242,38 +236,20 @@ class MixerMambaBlock(GradientCheckpointingLayer):
 class MixerMambaPreTrainedModel(MixerPreTrainedMixin, MambaPreTrainedModel):
     config_class = MixerMambaConfig
     _no_split_modules = ["MixerMambaBlock"]
-    remote_classes = {
-        "AutoConfig": "MixerMambaConfig",
-        "AutoModel": "MixerMambaModel",
-        "AutoModelForCausalLM": "MixerMambaForCausalLM",
-    }
+    remote_classes = auto_classes("MixerMamba")
 
 
 class MixerMambaModel(MixerDecoderMixin, MixerMambaPreTrainedModel):
+    _input_embed_layer = "embeddings"
+    final_norm_layer = "norm_f"
+
     def __init__(self, config: MixerMambaConfig) -> None:
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(MixerMambaBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm_f = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.gradient_checkpointing = False
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embeddings = value
-
-    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.norm_f(hidden_states)
+        self.build_decoder(MixerMambaBlock, MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon))
 
 
 class MixerMambaForCausalLM(MixerCausalLMGenerationMixin, MixerMambaPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
     decoder_attribute = "backbone"
-
-    def __init__(self, config: MixerMambaConfig) -> None:
-        super().__init__(config)
-        self.backbone = MixerMambaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    decoder_class = MixerMambaModel

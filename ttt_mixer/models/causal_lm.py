@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from fla.models.utils import Cache
+from torch import nn
+from transformers import PreTrainedConfig
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
@@ -28,6 +30,16 @@ def cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache 
     if cache is not None and past_key_values is not None:
         raise ValueError("give the cache as cache= or as past_key_values= (its older name), not both")
     return past_key_values if cache is None else cache
+
+
+def auto_classes(family: str) -> dict[str, str]:
+    """The ``remote_classes`` of a model family: the Auto classes that load ``{family}Config``,
+    ``{family}Model`` and ``{family}ForCausalLM``."""
+    return {
+        "AutoConfig": f"{family}Config",
+        "AutoModel": f"{family}Model",
+        "AutoModelForCausalLM": f"{family}ForCausalLM",
+    }
 
 
 class RemoteCodeMixin:
@@ -57,15 +69,22 @@ class RemoteCodeMixin:
 
 
 class CausalLMGenerationMixin(GenerationMixin):
-    """``forward`` of a causal LM (list it before the PreTrainedModel base) whose decoder
-    (``self.decoder_attribute``) returns hidden states and an fla ``Cache``, and generation that
-    carries that cache. (transformers gives a model a generation config when a base's name ends in
-    "GenerationMixin", hence the name.)"""
+    """A causal LM (list it before the PreTrainedModel base): its decoder, a ``decoder_class`` under
+    ``self.decoder_attribute`` that returns hidden states and an fla ``Cache``, the LM head over it,
+    and generation that carries that cache. (transformers gives a model a generation config when a
+    base's name ends in "GenerationMixin", hence the name.)"""
 
     decoder_attribute = "model"
+    decoder_class: type[PreTrainedModel]
     # the loss is a mean over this batch's targets (no ``num_items_in_batch``): Trainer must scale it
     # for gradient accumulation itself
     accepts_loss_kwargs = False
+
+    def __init__(self, config: PreTrainedConfig) -> None:
+        super().__init__(config)
+        setattr(self, self.decoder_attribute, self.decoder_class(config))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
