@@ -63,6 +63,24 @@ def _check_finite(stage: str, step: int, loss: float, parameters: list[nn.Parame
         )
 
 
+def _step(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    losses: list[float],
+    stage: str,
+    bar: Progress,
+    metric: str,
+) -> None:
+    """One optimiser step on ``loss``, which joins the stage's ``losses`` and the progress bar (as
+    ``metric``); a non-finite loss stops training."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    losses.append(loss.item())
+    _check_finite(stage, len(losses), losses[-1])
+    bar.update(status=f"{metric}={losses[-1]:.3g}")
+
+
 def _check(input_ids: Any, batch_size: int, lr: float, steps: dict[str, int]) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a LongTensor [num_sequences, seq_len]")
@@ -122,12 +140,7 @@ def distill(
                 F.mse_loss(_output(mixer(hidden)).float(), target.float())
                 for mixer, (hidden, target) in zip(student_mixers, captured, strict=True)
             ) / len(layers)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            report.layerwise_losses.append(loss.item())
-            _check_finite("layer-wise", len(report.layerwise_losses), report.layerwise_losses[-1])
-            bar.update(status=f"mse={loss.item():.3g}")
+            _step(optimizer, loss, report.layerwise_losses, "layer-wise", bar, "mse")
     finally:
         for hook in hooks:
             hook.remove()
@@ -140,12 +153,7 @@ def distill(
     for batch in _batches(input_ids, batch_size, finetune_steps, seed + 1):
         batch = batch.to(device)
         loss = student(input_ids=batch, labels=batch, use_cache=False).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        report.finetune_losses.append(loss.item())
-        _check_finite("fine-tune", len(report.finetune_losses), report.finetune_losses[-1])
-        bar.update(status=f"loss={loss.item():.3g}")
+        _step(optimizer, loss, report.finetune_losses, "fine-tune", bar, "loss")
     bar.close()
     if report.finetune_losses:
         _check_finite("fine-tune", finetune_steps, report.finetune_losses[-1], parameters)
