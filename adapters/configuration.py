@@ -18,11 +18,12 @@ from ttt_mixer.models.configuration_ttt import reject_unknown_fields
 
 
 def known_fields(config: Any) -> set[str]:
-    """The fields of a dataclass-style transformers config, what its backbone's config writes into
-    ``to_dict`` beside them (Mamba's intermediate_size) and the model_type that loading passes."""
+    """The fields of a dataclass-style transformers config, what its backbone's config (the last of
+    its bases) writes into ``to_dict`` beside them (Mamba's intermediate_size) and the model_type that
+    loading passes."""
     return (
         {field.name for field in dataclasses.fields(config)}
-        | backbone_keys(type(config).__mro__[1])
+        | backbone_keys(type(config).__bases__[-1])
         | {"model_type"}
     )
 
@@ -48,7 +49,28 @@ def check_mixer_fields(mixers: list[str], mixer_options: dict[str, dict[str, Any
         )
 
 
-class MixerLlamaConfig(LlamaConfig):
+class MixerFieldsMixin:
+    """``__post_init__`` of a backbone's config with a mixer in each layer (list it before the
+    backbone's config): unknown fields refused, ``mixers`` a list (``default_mixer`` in every layer
+    when None), ``mixer_options`` a dict, the fields the config adds to its backbone's filled in or
+    checked (its ``check_backbone_fields()``), then the mixers checked. Each config declares the
+    fields itself: transformers makes a config class a dataclass of its own annotations and those of
+    its config bases, not of a mixin's."""
+
+    default_mixer: str
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        reject_unknown_fields(type(self).__name__, kwargs, known_fields(self))
+        super().__post_init__(**kwargs)
+        if self.mixers is None:
+            self.mixers = [self.default_mixer] * self.num_hidden_layers
+        self.mixers = list(self.mixers)
+        self.mixer_options = dict(self.mixer_options or {})
+        self.check_backbone_fields()
+        check_mixer_fields(self.mixers, self.mixer_options, self.num_hidden_layers)
+
+
+class MixerLlamaConfig(MixerFieldsMixin, LlamaConfig):
     """A Llama backbone (embeddings, RMSNorm, SwiGLU MLP) with a chosen mixer in each layer.
 
     ``num_attention_heads`` also sets the heads of the other mixers unless their options say otherwise.
@@ -57,6 +79,7 @@ class MixerLlamaConfig(LlamaConfig):
     """
 
     model_type = "ttt_mixer_llama"
+    default_mixer = "attention"
     # Llama's tensor- and pipeline-parallel plans name attention's projections and Llama's layer
     # outputs; other mixers have other projections and the layers return (hidden, attentions)
     base_model_tp_plan = None
@@ -65,40 +88,29 @@ class MixerLlamaConfig(LlamaConfig):
     mixer_options: dict[str, dict[str, Any]] | None = None
     qkv_bias: bool | None = None
 
-    def __post_init__(self, **kwargs: Any) -> None:
-        reject_unknown_fields(type(self).__name__, kwargs, known_fields(self))
-        super().__post_init__(**kwargs)
+    def check_backbone_fields(self) -> None:
+        """qkv_bias follows attention_bias unless given."""
         if self.qkv_bias is None:
             self.qkv_bias = bool(self.attention_bias)
-        if self.mixers is None:
-            self.mixers = ["attention"] * self.num_hidden_layers
-        self.mixers = list(self.mixers)
-        self.mixer_options = dict(self.mixer_options or {})
-        check_mixer_fields(self.mixers, self.mixer_options, self.num_hidden_layers)
 
 
-class MixerMambaConfig(MambaConfig):
+class MixerMambaConfig(MixerFieldsMixin, MambaConfig):
     """A Mamba backbone (embeddings, RMSNorm, residual mixer blocks) with a chosen mixer in each layer.
 
     Mamba has no heads; ``num_heads`` sets the heads of the other mixers (default: hidden_size / 64).
     """
 
     model_type = "ttt_mixer_mamba"
+    default_mixer = "mamba"
     mixers: list[str] | None = None
     mixer_options: dict[str, dict[str, Any]] | None = None
     num_heads: int | None = None
 
-    def __post_init__(self, **kwargs: Any) -> None:
-        reject_unknown_fields(type(self).__name__, kwargs, known_fields(self))
-        super().__post_init__(**kwargs)
-        if self.mixers is None:
-            self.mixers = ["mamba"] * self.num_hidden_layers
-        self.mixers = list(self.mixers)
-        self.mixer_options = dict(self.mixer_options or {})
+    def check_backbone_fields(self) -> None:
+        """num_heads defaults to hidden_size / 64 and must divide hidden_size."""
         if self.num_heads is None:
             self.num_heads = max(1, self.hidden_size // 64)
         if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.hidden_size % self.num_heads:
             raise ValueError(
                 f"num_heads must be a positive divisor of hidden_size ({self.hidden_size}), got {self.num_heads!r}"
             )
-        check_mixer_fields(self.mixers, self.mixer_options, self.num_hidden_layers)
