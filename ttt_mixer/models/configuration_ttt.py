@@ -7,6 +7,7 @@ from transformers.configuration_utils import PretrainedConfig
 
 from ttt_mixer.layers.checks import check_bool, check_int, check_positive_float
 from ttt_mixer.layers.ttt import check_layer_options
+from ttt_mixer.layers.ttt_family import FAMILY_PRESETS, check_family_layer_options
 from ttt_mixer.ops.ttt.inner import INNER_MODELS
 
 BACKBONES = ("transformer", "mamba")
@@ -23,6 +24,7 @@ LAYER_OPTION_FIELDS = {
     "base_lr": "ttt_base_lr",
     "conv_size": "conv_kernel",
     "norm_eps": "ttt_norm_eps",
+    "preset": "ttt_preset",
 }
 # what transformers itself writes into or hands to any config (from_pretrained's valid_fields), beyond
 # PretrainedConfig's own fields
@@ -76,6 +78,9 @@ class TTTConfig(PretrainedConfig):
         mini_batch_size: int = 16,
         ttt_layer_type: str = "linear",
         ttt_base_lr: float | None = None,
+        ttt_preset: str | None = None,
+        window_size: int | None = None,
+        use_muon: bool = False,
         backbone: str = "transformer",
         pre_conv: bool | None = None,
         share_qk: bool | None = None,
@@ -127,6 +132,26 @@ class TTTConfig(PretrainedConfig):
             },
             names=LAYER_OPTION_FIELDS,
         )
+        if ttt_preset is not None:
+            check_family_layer_options(
+                {
+                    "preset": ttt_preset,
+                    "hidden_size": hidden_size,
+                    "num_heads": num_attention_heads,
+                    "mini_batch_size": mini_batch_size,
+                    "base_lr": ttt_base_lr,
+                    "conv_size": conv_kernel,
+                    "window_size": window_size,
+                    "use_muon": use_muon,
+                    "rope_theta": rope_theta,
+                    "norm_eps": ttt_norm_eps,
+                },
+                names=LAYER_OPTION_FIELDS,
+            )
+        elif window_size is not None or use_muon:
+            raise ValueError(
+                f"window_size and use_muon belong to ttt_preset 'lact' (one of {FAMILY_PRESETS})"
+            )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -135,6 +160,9 @@ class TTTConfig(PretrainedConfig):
         self.mini_batch_size = mini_batch_size
         self.ttt_layer_type = ttt_layer_type
         self.ttt_base_lr = ttt_base_lr
+        self.ttt_preset = ttt_preset
+        self.window_size = window_size
+        self.use_muon = use_muon
         self.backbone = backbone
         self.pre_conv = flags["pre_conv"]
         self.share_qk = flags["share_qk"]

@@ -22,12 +22,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
-from ttt_mixer.layers import TTTLayer
+from ttt_mixer.layers import TTTFamilyLayer, TTTLayer
 from ttt_mixer.layers.checks import padding_mask
 from ttt_mixer.models.causal_lm import (
     CausalLMGenerationMixin,
     RemoteCodeMixin,
-    auto_classes,
     cache_argument,
     decoder_inputs,
     decoder_output,
@@ -63,26 +62,45 @@ class PreConv(nn.Module):
         return out
 
 
+def mixer_layer(config: TTTConfig, layer_idx: int) -> TTTLayer | TTTFamilyLayer:
+    """The block's sequence mixer: TTT-Linear / TTT-MLP, or the family member ``config.ttt_preset``."""
+    if config.ttt_preset is not None:
+        return TTTFamilyLayer(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            preset=config.ttt_preset,
+            mini_batch_size=config.mini_batch_size,
+            base_lr=config.ttt_base_lr,
+            conv_size=config.conv_kernel,
+            window_size=config.window_size,
+            use_muon=config.use_muon,
+            rope_theta=config.rope_theta,
+            norm_eps=config.ttt_norm_eps,
+            layer_idx=layer_idx,
+        )
+    return TTTLayer(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        inner_model=config.ttt_layer_type,
+        mini_batch_size=config.mini_batch_size,
+        base_lr=config.ttt_base_lr,
+        share_qk=config.share_qk,
+        conv_size=config.conv_kernel,
+        use_gate=config.use_gate,
+        use_rope=config.use_rope,
+        rope_theta=config.rope_theta,
+        norm_eps=config.ttt_norm_eps,
+        layer_idx=layer_idx,
+    )
+
+
 class TTTBlock(GradientCheckpointingLayer):
     def __init__(self, config: TTTConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.pre_conv = PreConv(config, layer_idx) if config.pre_conv else None
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn = TTTLayer(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            inner_model=config.ttt_layer_type,
-            mini_batch_size=config.mini_batch_size,
-            base_lr=config.ttt_base_lr,
-            share_qk=config.share_qk,
-            conv_size=config.conv_kernel,
-            use_gate=config.use_gate,
-            use_rope=config.use_rope,
-            rope_theta=config.rope_theta,
-            norm_eps=config.ttt_norm_eps,
-            layer_idx=layer_idx,
-        )
+        self.attn = mixer_layer(config, layer_idx)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
@@ -111,7 +129,11 @@ class TTTBlock(GradientCheckpointingLayer):
 
 class TTTPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     remote_module = "ttt_mixer.models"
-    remote_classes = auto_classes("TTT")
+    remote_classes = {
+        "AutoConfig": "TTTConfig",
+        "AutoModel": "TTTModel",
+        "AutoModelForCausalLM": "TTTForCausalLM",
+    }
     config_class = TTTConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -129,9 +151,6 @@ class TTTPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
 
 
 class TTTModel(TTTPreTrainedModel):
-    # what transformers' get_input_embeddings and set_input_embeddings read and write
-    _input_embed_layer = "embeddings"
-
     def __init__(self, config: TTTConfig) -> None:
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -139,6 +158,12 @@ class TTTModel(TTTPreTrainedModel):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
 
     def forward(
         self,
@@ -209,7 +234,12 @@ class TTTModel(TTTPreTrainedModel):
 
 class TTTForCausalLM(CausalLMGenerationMixin, TTTPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
-    decoder_class = TTTModel
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__(config)
+        self.model = TTTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
     def forward(
         self,

@@ -1,0 +1,164 @@
+"""Tests of the TTT-family layers (``TTTFamilyLayer``: Titans and LaCT) in float64: exact continuation
+through fla's Cache at every split, padding and packed sequences equal to each sequence alone, LaCT's
+sliding-window attention against a written-out softmax, gradients, bad options, and the presets in
+TTTConfig: save and reload, generation with the cache equal to recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import greedy_without_cache, make_model, perturb_
+from fla.models.utils import Cache
+
+from ttt_mixer import TTTConfig, TTTForCausalLM
+from ttt_mixer.layers import FAMILY_PRESETS, TTTFamilyLayer
+from ttt_mixer.modules.sliding_window import sliding_window_attention
+
+HIDDEN, T = 16, 11
+presets = pytest.mark.parametrize("preset", FAMILY_PRESETS)
+
+
+def make_family_layer(preset: str, seed: int = 0) -> TTTFamilyLayer:
+    """Mini-batches of 4 and (LaCT) a window of 3, so that updates and the window both act."""
+    torch.manual_seed(seed)
+    extra = {"window_size": 3} if preset == "lact" else {}
+    layer = TTTFamilyLayer(HIDDEN, 2, preset, mini_batch_size=4, layer_idx=0, **extra)
+    return perturb_(layer, seed + 1).double()
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def cache_tensors(cache: Cache) -> list[torch.Tensor]:
+    entry = cache[0]
+    return [*entry["recurrent_state"], *entry["conv_state"]]
+
+
+def in_pieces(layer: TTTFamilyLayer, x: torch.Tensor, lengths: list[int], **kwargs) -> tuple:
+    cache, outputs, start = Cache(), [], 0
+    for n in lengths:
+        outputs.append(layer(x[:, start : start + n], past_key_values=cache, use_cache=True, **kwargs)[0])
+        start += n
+    return torch.cat(outputs, dim=1), cache_tensors(cache)
+
+
+def assert_all_close(got: list[torch.Tensor], expected: list[torch.Tensor], tol: float = 1e-10) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape
+        assert (a.double() - b.double()).abs().max().item() <= tol if a.numel() else True
+
+
+@presets
+@pytest.mark.parametrize("lengths", [[5, 6], [4, 7], [1] * T, [3, 1, 5, 2], [9, 1, 1]], ids=str)
+def test_continuation_equals_one_pass(preset: str, lengths: list[int]) -> None:
+    layer = make_family_layer(preset)
+    x = randn(2, T, HIDDEN, seed=1)
+    whole, whole_state = in_pieces(layer, x, [T])
+    assert_all_close([layer(x)[0]], [whole])
+    o, state = in_pieces(layer, x, lengths)
+    assert_all_close([o, *state], [whole, *whole_state])
+
+
+@presets
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_and_packed_equal_each_sequence_alone(preset: str, side: str) -> None:
+    layer = make_family_layer(preset)
+    lengths = (11, 3, 7)
+    sequences = [randn(n, HIDDEN, seed=10 + n) for n in lengths]
+    x = randn(3, T, HIDDEN, seed=2) * 10
+    mask = torch.zeros(3, T, dtype=torch.long)
+    places = []
+    for i, s in enumerate(sequences):
+        place = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        x[i, place], mask[i, place] = s, 1
+        places.append(place)
+    padded, padded_state = in_pieces(layer, x, [T], attention_mask=mask)
+    cu_seqlens = torch.tensor([0, 11, 14, 21])
+    packed, packed_state = in_pieces(layer, torch.cat(sequences)[None], [21], cu_seqlens=cu_seqlens)
+    for i, (s, place) in enumerate(zip(sequences, places, strict=True)):
+        alone, alone_state = in_pieces(layer, s[None], [len(s)])
+        assert_all_close([padded[i, place][None]], [alone])
+        assert_all_close([packed[:, cu_seqlens[i] : cu_seqlens[i + 1]]], [alone])
+        for state in (padded_state, packed_state):
+            assert_all_close([t[i : i + 1] for t in state], alone_state)
+
+
+def test_sliding_window_attention_matches_a_written_out_softmax() -> None:
+    q, k, v = (randn(2, 9, 2, 4, seed=s) for s in (3, 4, 5))
+    window = 3
+    o, state = sliding_window_attention(q, k, v, None, window)
+    scores = torch.einsum("bihe,bjhe->bhij", q, k) / 2.0
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    scores = scores.masked_fill(~((j <= i) & (j > i - window)), float("-inf"))
+    expected = torch.einsum("bhij,bjhe->bihe", scores.softmax(-1), v)
+    assert_all_close([o, state[0], state[1]], [expected, k[:, -2:], v[:, -2:]])
+    assert state[2].all() and state[3].tolist() == [9, 9]
+
+
+@presets
+def test_gradcheck_wrt_input(preset: str) -> None:
+    torch.manual_seed(0)
+    extra = {"window_size": 2} if preset == "lact" else {}
+    layer = perturb_(TTTFamilyLayer(8, 2, preset, mini_batch_size=2, layer_idx=0, **extra), 1).double()
+    x = randn(1, 5, 8, seed=6).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: layer(t)[0], (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"preset": "mamba"}, ValueError, "preset must be one of"),
+        ({"hidden_size": 10, "num_heads": 3}, ValueError, "num_heads"),
+        ({"mini_batch_size": 0}, ValueError, "mini_batch_size"),
+        ({"window_size": 1.5}, TypeError, "window_size"),
+        ({"use_muon": 1}, TypeError, "use_muon"),
+        ({"base_lr": -1.0}, ValueError, "base_lr"),
+    ],
+    ids=["preset", "heads", "mini_batch", "window", "muon", "base_lr"],
+)
+def test_constructor_rejects_bad_options(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        TTTFamilyLayer(**{"hidden_size": 16, "num_heads": 2, "preset": "lact", **kwargs})
+
+
+@pytest.mark.parametrize(
+    "fields, error, match",
+    [
+        ({"ttt_preset": "rwkv"}, ValueError, "ttt_preset must be one of"),
+        ({"ttt_preset": "lact", "window_size": 0}, ValueError, "window_size"),
+        ({"use_muon": True}, ValueError, "belong to ttt_preset 'lact'"),
+    ],
+)
+def test_config_rejects_bad_preset_fields(fields: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        TTTConfig(hidden_size=16, num_attention_heads=2, **fields)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("titans", {}), ("lact", {"window_size": 3, "use_muon": True})],
+    ids=["titans", "lact-muon"],
+)
+def preset_model(request: pytest.FixtureRequest) -> TTTForCausalLM:
+    preset, fields = request.param
+    return make_model("linear", "mamba", dtype=torch.float64, ttt_preset=preset, **fields)
+
+
+def test_preset_model_generates_with_the_cache_as_without(preset_model: TTTForCausalLM) -> None:
+    ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        cached = preset_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert torch.equal(cached, greedy_without_cache(preset_model, ids, 6, mask))
+
+
+def test_preset_model_saves_and_reloads(preset_model: TTTForCausalLM, tmp_path) -> None:
+    preset_model.save_pretrained(tmp_path)
+    reloaded = TTTForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float64).eval()
+    assert reloaded.config.ttt_preset == preset_model.config.ttt_preset
+    ids = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, preset_model(ids).logits)

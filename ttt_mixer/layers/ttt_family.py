@@ -1,0 +1,308 @@
+"""Titans and LaCT as flash-linear-attention layers, on the TTT-family op (docs/math.md section 13).
+
+Both keep fla's forward signature and their state in fla's ``Cache`` (``recurrent_state``: the
+family state; ``conv_state``: the layer's window over the last tokens, the short convolutions' inputs
+for Titans, the sliding-window attention's keys and values for LaCT), take padding masks and
+``cu_seqlens`` as ``TTTLayer`` does (unpad, run packed, repad), and run the family's chunked form,
+or its decode step when every sequence of a call has one token. PyTorch only: no Triton kernel yet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
+from fla.models.utils import Cache
+from torch import nn
+
+from ttt_mixer.layers.checks import (
+    check_bool,
+    check_cache_batch,
+    check_hidden_states,
+    check_int,
+    check_positive_float,
+    padding_mask,
+)
+from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
+from ttt_mixer.modules.sliding_window import sliding_window_attention, token_positions
+from ttt_mixer.ops.ttt_family import FamilySpec, family_state_position, ttt_family_chunk, ttt_family_step
+from ttt_mixer.ops.ttt_family.inner import param_names, param_shapes
+
+FAMILY_PRESETS = ("titans", "lact")
+# LaCT's published language models: chunks and window of 2048 tokens, base learning rate 1e-3 through
+# softplus; Titans' layer with chunks of 16 (their parallel training's) and a sigmoid gate
+PRESET_DEFAULTS = {
+    "titans": {"mini_batch_size": 16, "base_lr": 0.1},
+    "lact": {"mini_batch_size": 2048, "base_lr": 1e-3, "window_size": 2048},
+}
+# forgetting starts near 0 (alpha = sigmoid(-5) ~ 0.007): an untrained layer keeps its memory
+FORGET_BIAS_INIT = -5.0
+L2_NORM_EPS = 1e-5
+
+
+def l2_normalise(x: torch.Tensor) -> torch.Tensor:
+    """x / (||x|| + 1e-5) over the last dim, as LaCT writes it."""
+    return x / (x.norm(dim=-1, keepdim=True) + L2_NORM_EPS)
+
+
+def family_spec(preset: str, mini_batch_size: int, use_muon: bool = False) -> FamilySpec:
+    """The FamilySpec of a preset."""
+    if preset == "titans":
+        return FamilySpec("mlp", "reconstruction", "dual", mini_batch_size, momentum=True, forgetting=True)
+    return FamilySpec(
+        "swiglu",
+        "dot_product",
+        "apply_then_update",
+        mini_batch_size,
+        momentum=True,
+        weight_norm=True,
+        muon=use_muon,
+    )
+
+
+def check_family_layer_options(options: dict[str, object], names: dict[str, str] | None = None) -> None:
+    """Checks the family layers' constructor options; ``names`` maps an option to its caller's name."""
+    names = names or {}
+    preset = options.get("preset")
+    if preset not in FAMILY_PRESETS:
+        raise ValueError(f"{names.get('preset', 'preset')} must be one of {FAMILY_PRESETS}, got {preset!r}")
+    for option, value in options.items():
+        name = names.get(option, option)
+        if option in ("hidden_size", "num_heads", "conv_size") or (
+            option in ("mini_batch_size", "window_size") and value is not None
+        ):
+            check_int(name, value)
+        elif option == "use_muon":
+            check_bool(name, value)
+        elif option in ("rope_theta", "norm_eps") or (option == "base_lr" and value is not None):
+            check_positive_float(name, value)
+    if options["hidden_size"] % options["num_heads"]:
+        raise ValueError(
+            f"{names.get('hidden_size', 'hidden_size')} ({options['hidden_size']}) must be divisible by "
+            f"{names.get('num_heads', 'num_heads')} ({options['num_heads']})"
+        )
+
+
+class TTTFamilyLayer(nn.Module):
+    """A TTT-family mixer with a preset's projections around the family op: ``"titans"`` (Behrouz et
+    al. 2025, the neural memory as a layer) or ``"lact"`` (Zhang et al. 2025, large-chunk TTT with
+    SwiGLU fast weights beside sliding-window attention).
+
+    Args:
+        hidden_size, num_heads: width D and heads H (head dim d = D / H; LaCT's attention and fast
+            weights both use H heads).
+        preset: ``"titans"`` or ``"lact"``.
+        mini_batch_size: tokens per update (None: 16 for Titans, 2048 for LaCT).
+        base_lr: Titans: lr = base_lr * sigmoid(x W + c) (None: 0.1); LaCT: lr = softplus(x W + c +
+            softplus^-1(base_lr)), one per fast-weight matrix (None: 1e-3).
+        conv_size: width of Titans' depthwise convolutions after the q, k, v projections.
+        window_size: LaCT's attention window (None: 2048 tokens, the token itself included).
+        use_muon: LaCT's Newton-Schulz orthogonalised update.
+        rope_theta: RoPE base (LaCT's attention and fast-weight queries and keys).
+        norm_eps: epsilon of the output RMSNorm.
+        layer_idx: index of this layer's state in the cache.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        num_heads: int = 8,
+        preset: str = "titans",
+        mini_batch_size: int | None = None,
+        base_lr: float | None = None,
+        conv_size: int = 4,
+        window_size: int | None = None,
+        use_muon: bool = False,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-6,
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_family_layer_options(
+            {
+                "preset": preset,
+                "hidden_size": hidden_size,
+                "num_heads": num_heads,
+                "mini_batch_size": mini_batch_size,
+                "base_lr": base_lr,
+                "conv_size": conv_size,
+                "window_size": window_size,
+                "use_muon": use_muon,
+                "rope_theta": rope_theta,
+                "norm_eps": norm_eps,
+            }
+        )
+        defaults = PRESET_DEFAULTS[preset]
+        self.preset = preset
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.mini_batch_size = defaults["mini_batch_size"] if mini_batch_size is None else mini_batch_size
+        self.base_lr = defaults["base_lr"] if base_lr is None else float(base_lr)
+        self.spec = family_spec(preset, self.mini_batch_size, use_muon)
+        self.window_size = defaults.get("window_size") if window_size is None else window_size
+        self.rope_theta = rope_theta
+        self.norm_eps = norm_eps
+        self.layer_idx = layer_idx
+        H, d = num_heads, self.head_dim
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.momentum_proj = nn.Linear(hidden_size, H, bias=True)
+        # one learning rate per head (Titans) or per head and fast-weight matrix (LaCT)
+        self.lr_proj = nn.Linear(hidden_size, H * (3 if preset == "lact" else 1), bias=True)
+        self.ttt_norm = nn.RMSNorm(d, eps=norm_eps)
+        if preset == "titans":
+            self.q_conv1d, self.k_conv1d, self.v_conv1d = (
+                DepthwiseCausalConv(hidden_size, conv_size) for _ in range(3)
+            )
+            self.forget_proj = nn.Linear(hidden_size, H, bias=True)
+            self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        else:
+            # LaCT's per-channel rescaling of the shared q, k for the fast weights, and its output scale
+            self.qk_scale = nn.Parameter(torch.empty(2, hidden_size))
+            self.qk_offset = nn.Parameter(torch.empty(2, hidden_size))
+            self.ttt_scale_proj = nn.Linear(hidden_size, H, bias=True)
+        for name, shape in zip(param_names(self.spec), param_shapes(self.spec, H, d), strict=True):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The layer-specific parameters (projections are the model's): inner weights N(0, 1/d_in)
+        (LaCT's), biases 0, Titans' forgetting bias at FORGET_BIAS_INIT, LaCT's q/k rescaling 1 and 0."""
+        for name in param_names(self.spec):
+            parameter = getattr(self, name)
+            if parameter.dim() == 3:
+                nn.init.normal_(parameter, std=1.0 / math.sqrt(parameter.shape[-2]))
+            else:
+                nn.init.zeros_(parameter)
+        if self.preset == "titans":
+            nn.init.constant_(self.forget_proj.bias, FORGET_BIAS_INIT)
+        else:
+            nn.init.ones_(self.qk_scale)
+            nn.init.zeros_(self.qk_offset)
+
+    def inner_params(self) -> list[nn.Parameter]:
+        return [getattr(self, name) for name in param_names(self.spec)]
+
+    def extra_repr(self) -> str:
+        return (
+            f"preset={self.preset!r}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, window_size={self.window_size}"
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None, Cache | None]:
+        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values); ``cu_seqlens`` and
+        ``cache_offset`` in kwargs as for ``TTTLayer``, other fla keyword arguments unused."""
+        batch_size, q_len = check_hidden_states(
+            type(self).__name__, hidden_states, self.hidden_size, self.q_proj.weight.dtype
+        )
+        attention_mask = None if padding_mask(attention_mask, batch_size, q_len) is None else attention_mask
+        if attention_mask is not None and kwargs.get("cu_seqlens") is not None:
+            raise ValueError("give either cu_seqlens (packed input) or a padding attention_mask, not both")
+        entry = get_layer_cache(self, past_key_values)
+        x, indices, cu_seqlens = unpad_hidden_states(
+            hidden_states, kwargs.get("cu_seqlens"), attention_mask, q_len
+        )
+        num_sequences = batch_size if cu_seqlens is None else cu_seqlens.numel() - 1
+        recurrent_state = entry["recurrent_state"] if entry is not None else None
+        window = entry["conv_state"] if entry is not None else None
+        if recurrent_state is not None:
+            check_cache_batch(
+                type(self).__name__, family_state_position(recurrent_state).shape[0], num_sequences
+            )
+        mix = self.titans_mix if self.preset == "titans" else self.lact_mix
+        o, recurrent_state, window = mix(x, recurrent_state, window, bool(use_cache), cu_seqlens)
+        update_layer_cache(
+            self,
+            past_key_values,
+            recurrent_state=recurrent_state,
+            conv_state=window,
+            offset=q_len if kwargs.get("cache_offset") is None else kwargs["cache_offset"],
+        )
+        return repad_hidden_states(self.o_proj(o), indices, batch_size, q_len), None, past_key_values
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def fast_weights(self, q, k, v, lr, momentum, forget, state, use_cache, cu_seqlens) -> tuple:
+        """The family op over [B, T, H, d] inputs: the decode step when every sequence has one token."""
+        one_each = q.shape[1] == 1 if cu_seqlens is None else bool((cu_seqlens.diff() <= 1).all())
+        op = ttt_family_step if one_each else ttt_family_chunk
+        return op(
+            self.spec,
+            q,
+            k,
+            v,
+            lr,
+            None,
+            None,
+            None,
+            self.inner_params(),
+            momentum=momentum,
+            forget=forget,
+            initial_state=state,
+            output_final_state=use_cache,
+            cu_seqlens=cu_seqlens,
+        )
+
+    def titans_mix(self, x, state, windows, use_cache, cu_seqlens) -> tuple:
+        """q, k, v through a depthwise causal convolution and SiLU, q and k l2-normalised; the memory's
+        output RMS-normed and gated by silu(x W_g)."""
+        windows = windows if windows is not None else (None, None, None)
+        projected = []
+        new_windows = []
+        for proj, conv, window in zip(
+            (self.q_proj, self.k_proj, self.v_proj),
+            (self.q_conv1d, self.k_conv1d, self.v_conv1d),
+            windows,
+            strict=True,
+        ):
+            y, window = conv(proj(x), window, use_cache, cu_seqlens)
+            projected.append(self.heads(F.silu(y)))
+            new_windows.append(window)
+        q, k, v = projected
+        lr = self.base_lr * torch.sigmoid(self.lr_proj(x))
+        momentum, forget = torch.sigmoid(self.momentum_proj(x)), torch.sigmoid(self.forget_proj(x))
+        o, state = self.fast_weights(
+            l2_normalise(q), l2_normalise(k), v, lr, momentum, forget, state, use_cache, cu_seqlens
+        )
+        o = self.ttt_norm(o).flatten(-2) * F.silu(self.g_proj(x))
+        return o, state, tuple(new_windows) if use_cache else None
+
+    def lact_mix(self, x, state, window, use_cache, cu_seqlens) -> tuple:
+        """Sliding-window attention on q, k, v with RoPE, plus the SwiGLU fast weights on SiLU'd,
+        rescaled q, k (l2-normalised, RoPE'd) and v; the fast-weight output RMS-normed and scaled by
+        silu(x W_s) per head, then added to the attention's."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        positions = token_positions(window, x.shape[0], x.shape[1], cu_seqlens, x.device)
+        rotated_q, rotated_k = (
+            apply_interleaved_rotary(self.heads(t), positions, self.rope_theta) for t in (q, k)
+        )
+        attended, window = sliding_window_attention(
+            rotated_q, rotated_k, self.heads(v), window, self.window_size, cu_seqlens
+        )
+        fast_q, fast_k = (
+            l2_normalise(self.heads(F.silu(t * self.qk_scale[i] + self.qk_offset[i])))
+            for i, t in enumerate((q, k))
+        )
+        fast_q, fast_k = (apply_interleaved_rotary(t, positions, self.rope_theta) for t in (fast_q, fast_k))
+        inverse_softplus = math.log(math.expm1(self.base_lr))
+        lr = F.softplus(self.lr_proj(x) + inverse_softplus).unflatten(-1, (self.num_heads, 3))
+        momentum = torch.sigmoid(self.momentum_proj(x))
+        o, state = self.fast_weights(
+            fast_q, fast_k, self.heads(F.silu(v)), lr, momentum, None, state, use_cache, cu_seqlens
+        )
+        o = self.ttt_norm(o) * F.silu(self.ttt_scale_proj(x))[..., None]
+        return attended.flatten(-2) + o.flatten(-2), state, window if use_cache else None
