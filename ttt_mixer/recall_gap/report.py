@@ -159,6 +159,16 @@ def plot(rows: Sequence[Row], out: Path) -> Path:
     return path
 
 
+def _label_accuracy_axes(axes: Any, xlabel: str, title: str) -> None:
+    """What every accuracy plot has: the accuracy axis from 0 to 1, the labels, a grid and the legend."""
+    axes.set_ylim(-0.03, 1.03)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("MQAR accuracy")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+
+
 def _plot_lengths(
     axes: Any, group: Sequence[Row], train_shape: MQARShape | None, colors: dict, title: str
 ) -> None:
@@ -182,12 +192,11 @@ def _plot_lengths(
     axes.set_xscale("log", base=2)
     axes.set_xticks(lengths, [str(n) for n in lengths])
     axes.minorticks_off()
-    axes.set_ylim(-0.03, 1.03)
-    axes.set_xlabel("evaluation length (symbols); dashed: key-value pairs scaled with the length")
-    axes.set_ylabel("MQAR accuracy")
-    axes.set_title(f"accuracy vs length ({title})")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    _label_accuracy_axes(
+        axes,
+        "evaluation length (symbols); dashed: key-value pairs scaled with the length",
+        f"accuracy vs length ({title})",
+    )
 
 
 def _state_at(state: StateSize, length: int) -> int | None:
@@ -221,9 +230,8 @@ def _plot_states(
                 label=label if fill != "none" else None,
             )
     axes.set_xscale("log", base=2)
-    axes.set_ylim(-0.03, 1.03)
-    axes.set_xlabel("recurrent state size (numbers per sequence, all layers)")
-    axes.set_ylabel("MQAR accuracy")
-    axes.set_title(f"accuracy vs state size ({title})\nfilled: {reference.label}; hollow: {hardest.label}")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    _label_accuracy_axes(
+        axes,
+        "recurrent state size (numbers per sequence, all layers)",
+        f"accuracy vs state size ({title})\nfilled: {reference.label}; hollow: {hardest.label}",
+    )
