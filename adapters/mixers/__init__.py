@@ -26,7 +26,7 @@ from ttt_mixer.adapters.mixers.gla import GLAMixer
 from ttt_mixer.adapters.mixers.longhorn import LonghornMixer
 from ttt_mixer.adapters.mixers.mamba import CachedMambaMixer, MambaLayerState
 from ttt_mixer.adapters.mixers.mamba2 import build_mamba2
-from ttt_mixer.layers import TTTMLP, TTTLinear
+from ttt_mixer.layers import TTTMLP, TTTFamilyLayer, TTTLinear
 
 MIXER_NAMES = (
     "ttt_linear",
@@ -38,6 +38,8 @@ MIXER_NAMES = (
     "gated_deltanet",
     "longhorn",
     "mamba2",
+    "titans",
+    "lact",
 )
 
 
@@ -134,6 +136,8 @@ _BUILDERS: dict[str, Builder] = {
         hidden_size=hidden_size, layer_idx=layer_idx, **options
     ),
     "mamba2": build_mamba2,
+    "titans": _constructor(TTTFamilyLayer, lambda hidden_size, num_heads: {"preset": "titans"}),
+    "lact": _constructor(TTTFamilyLayer, lambda hidden_size, num_heads: {"preset": "lact"}),
 }
 
 
@@ -151,7 +155,8 @@ def build_mixer(
     num_key_value_heads; state_size, expand, conv_kernel). longhorn: ``LonghornMixer`` (the authors'
     defaults; num_heads unused) with ``options`` as constructor arguments; mamba2: ``CachedMamba2Mixer``
     on a Mamba2Config of hidden_size, num_heads heads and 1 group, ``options`` its fields (e.g.
-    state_size, expand, head_dim). Unknown name or bad values: ValueError; unknown options: TypeError
+    state_size, expand, head_dim); titans / lact: ``TTTFamilyLayer`` with that preset, ``options`` its
+    constructor arguments (e.g. mini_batch_size, window_size, use_muon). Unknown name or bad values: ValueError; unknown options: TypeError
     naming the mixer.
     """
     if name not in _BUILDERS:

@@ -66,6 +66,8 @@ CASES = {
     ),
     "longhorn": ("longhorn", {"d_state": 8}),
     "mamba2": ("mamba2", {"state_size": 8, "n_groups": 2, "chunk_size": 4}),
+    "titans": ("titans", {"mini_batch_size": 4}),
+    "lact": ("lact", {"mini_batch_size": 4, "window_size": 3}),
 }
 cases = pytest.mark.parametrize("case", list(CASES))
 
@@ -440,7 +442,7 @@ def test_bad_inputs_raise(case: str) -> None:
     for bad_mask in (torch.ones(2, 5), torch.ones(2, 6, 6), torch.ones(3, 6), torch.full((2, 6), 2)):
         with pytest.raises(ValueError, match="attention_mask"):
             mixer(x, attention_mask=bad_mask)
-    if not CASES[case][0].startswith("ttt"):  # the TTT layer runs packed sequences
+    if CASES[case][0] not in ("ttt_linear", "ttt_mlp", "titans", "lact"):  # TTT layers run packed sequences
         with pytest.raises(ValueError, match="cu_seqlens"):
             mixer(x[:1], cu_seqlens=torch.tensor([0, 3, 6]))
     cache = Cache()

@@ -36,7 +36,12 @@ from ttt_mixer.adapters.swap import rope_half_to_interleaved
 
 VOCAB = 40
 # small enough that every mixer runs its CPU path in well under a second
-MIXER_OPTIONS = {"ttt_linear": {"mini_batch_size": 4}, "ttt_mlp": {"mini_batch_size": 4}}
+MIXER_OPTIONS = {
+    "ttt_linear": {"mini_batch_size": 4},
+    "ttt_mlp": {"mini_batch_size": 4},
+    "titans": {"mini_batch_size": 4},
+    "lact": {"mini_batch_size": 4, "window_size": 3},
+}
 
 
 def tiny_attention_model(model_class: type, config_class: type, seed: int, **fields: Any) -> PreTrainedModel:

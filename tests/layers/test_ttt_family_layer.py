@@ -95,6 +95,8 @@ def test_sliding_window_attention_matches_a_written_out_softmax() -> None:
     expected = torch.einsum("bhij,bjhe->bihe", scores.softmax(-1), v)
     assert_all_close([o, state[0], state[1]], [expected, k[:, -2:], v[:, -2:]])
     assert state[2].all() and state[3].tolist() == [9, 9]
+    one_head, _ = sliding_window_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, window)
+    assert_all_close([one_head], [expected[:, :, :1]])
 
 
 @presets

@@ -28,7 +28,12 @@ FLOAT32_STATE_TOLERANCE = 1e-6
 # generate hands out float32 logits (it casts them): the float64 truth rounded to float32, within one
 # float32 rounding
 FLOAT32_ROUNDING = {"rtol": 2**-23, "atol": 0.0}
-MIXER_OPTIONS = {"ttt_linear": {"mini_batch_size": 4}, "ttt_mlp": {"mini_batch_size": 4}}
+MIXER_OPTIONS = {
+    "ttt_linear": {"mini_batch_size": 4},
+    "ttt_mlp": {"mini_batch_size": 4},
+    "titans": {"mini_batch_size": 4},
+    "lact": {"mini_batch_size": 4, "window_size": 3},
+}
 MAMBA_HYBRID = ["mamba", "attention", "ttt_linear", "gated_deltanet"]
 
 

@@ -71,7 +71,7 @@ def sliding_window_attention(
     o = F.scaled_dot_product_attention(
         rows_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed[:, None]
     ).transpose(1, 2)
-    out = grid.from_grid(o.unsqueeze(2), batch_size, seq_len).squeeze(2).to(q.dtype)
+    out = grid.from_grid(o.unsqueeze(2), batch_size, seq_len).to(q.dtype)
     counts = new_real.sum(1)
     index = counts[:, None] + torch.arange(width, device=q.device)[None, :]
     gather = index[:, :, None, None].expand(-1, -1, heads, head_dim)
