@@ -7,24 +7,16 @@ from __future__ import annotations
 import math
 
 import pytest
+import recurrent_mixer_checks as checks
 import torch
 import torch.nn.functional as F
 from conftest import perturb_
-from fla.models.utils import Cache
+from recurrent_mixer_checks import EXACT, max_err, randn
 
 from ttt_mixer.adapters.mixers import LonghornMixer, build_mixer, recurrent_state_size
 from ttt_mixer.adapters.mixers.longhorn import longhorn_scan, longhorn_scan_reference
 
-EXACT = 1e-12
 HIDDEN = 32
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 def make_mixer(seed: int = 0, **options) -> LonghornMixer:
@@ -106,31 +98,10 @@ def test_caching_is_exact_for_every_split_and_through_gradients() -> None:
     training mode a prefill + continuation gives the one pass's gradients."""
     mixer = make_mixer()
     x = randn(2, 12, HIDDEN, seed=8)
-    full_cache = Cache()
-    with torch.no_grad():
-        full = mixer(x, past_key_values=full_cache, use_cache=True)[0]
-        for chunks in ([1, 11], [4, 8], [3, 1, 4, 4], [1] * 12):
-            cache, outputs, start = Cache(), [], 0
-            for size in chunks:
-                outputs.append(mixer(x[:, start : start + size], past_key_values=cache, use_cache=True)[0])
-                start += size
-            assert max_err(torch.cat(outputs, 1), full) <= EXACT, chunks
-            for key in ("recurrent_state", "conv_state"):
-                assert max_err(cache[0][key], full_cache[0][key]) <= EXACT, (key, chunks)
-    assert full_cache[0]["conv_state"].shape == (2, mixer.d_inner, mixer.d_conv)
-    assert full_cache[0]["recurrent_state"].shape == (2, mixer.d_inner, mixer.d_state)
-
-    mixer.train()
-    inputs = x.clone().requires_grad_()
-    weights = randn(2, 12, HIDDEN, seed=9)
-    params = [inputs, *mixer.parameters()]
-    grads = torch.autograd.grad((mixer(inputs)[0] * weights).sum(), params)
-    cache = Cache()
-    first = mixer(inputs[:, :5], past_key_values=cache, use_cache=True)[0]
-    second = mixer(inputs[:, 5:], past_key_values=cache, use_cache=True)[0]
-    split = torch.autograd.grad((torch.cat([first, second], 1) * weights).sum(), params)
-    for name, g, g_split in zip(["input", *dict(mixer.named_parameters())], grads, split, strict=True):
-        assert max_err(g, g_split) <= 1e-10, name
+    _, entry = checks.assert_cached_splits_match(mixer, x, ([1, 11], [4, 8], [3, 1, 4, 4], [1] * 12))
+    assert entry["conv_state"].shape == (2, mixer.d_inner, mixer.d_conv)
+    assert entry["recurrent_state"].shape == (2, mixer.d_inner, mixer.d_state)
+    checks.assert_split_gradients_match(mixer, x, randn(2, 12, HIDDEN, seed=9), split_at=5)
 
 
 def test_padding_is_skipped_in_prefill_and_decoding() -> None:
@@ -142,17 +113,7 @@ def test_padding_is_skipped_in_prefill_and_decoding() -> None:
     mask[0, :2] = 0
     mask[0, 6] = 0
     mask[1, 7] = 0
-    cache = Cache()
-    with torch.no_grad():
-        outputs = [
-            mixer(x[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)[0]
-            for a, b in ((0, 6), (6, 7), (7, 10))
-        ]
-        padded = torch.cat(outputs, 1)
-        for row in range(2):
-            real = mask[row].bool()
-            assert max_err(padded[row, real], mixer(x[row : row + 1, real])[0][0]) <= EXACT, row
-            assert padded[row, ~real].abs().max() == 0
+    checks.assert_padding_skipped(mixer, x, mask, ((0, 6), (6, 7), (7, 10)))
 
 
 def test_defaults_follow_the_authors() -> None:

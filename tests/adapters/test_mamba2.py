@@ -8,10 +8,12 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import recurrent_mixer_checks as checks
 import torch
 import torch.nn.functional as F
 from conftest import perturb_
 from fla.models.utils import Cache
+from recurrent_mixer_checks import EXACT, max_err, randn
 from transformers import DynamicCache, Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, MambaRMSNormGated
 
@@ -19,16 +21,7 @@ from ttt_mixer.adapters.mixers import build_mixer, recurrent_state_size
 from ttt_mixer.adapters.mixers.mamba2 import MAMBA2_CACHE_ARGUMENT, CachedMamba2Mixer
 from ttt_mixer.adapters.mixers.selective_scan import ssd_scan, ssd_scan_reference
 
-EXACT = 1e-12
 HIDDEN = 32
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 def test_ssd_scan_equals_the_token_by_token_reference_for_every_chunk_size() -> None:
@@ -126,30 +119,10 @@ def test_mamba2_equals_its_recurrence_and_caches_exactly_in_float64() -> None:
     continuation in training mode gives the one pass's gradients."""
     mixer, _, _ = mixer_pair(torch.float64)
     x = randn(2, 12, HIDDEN, seed=11)
-    full_cache = Cache()
+    full, _ = checks.assert_cached_splits_match(mixer, x, ([1, 11], [5, 7], [2, 1, 6, 3], [1] * 12))
     with torch.no_grad():
-        full = mixer(x, past_key_values=full_cache, use_cache=True)[0]
         assert max_err(full, recurrence(mixer, x)) <= EXACT
-        for chunks in ([1, 11], [5, 7], [2, 1, 6, 3], [1] * 12):
-            cache, outputs, start = Cache(), [], 0
-            for size in chunks:
-                outputs.append(mixer(x[:, start : start + size], past_key_values=cache, use_cache=True)[0])
-                start += size
-            assert max_err(torch.cat(outputs, 1), full) <= EXACT, chunks
-            for key in ("recurrent_state", "conv_state"):
-                assert max_err(cache[0][key], full_cache[0][key]) <= EXACT, (key, chunks)
-
-    mixer.train()
-    inputs = x.clone().requires_grad_()
-    weights = randn(2, 12, HIDDEN, seed=12)
-    params = [inputs, *mixer.parameters()]
-    grads = torch.autograd.grad((mixer(inputs)[0] * weights).sum(), params)
-    cache = Cache()
-    first = mixer(inputs[:, :7], past_key_values=cache, use_cache=True)[0]
-    second = mixer(inputs[:, 7:], past_key_values=cache, use_cache=True)[0]
-    split = torch.autograd.grad((torch.cat([first, second], 1) * weights).sum(), params)
-    for name, g, g_split in zip(["input", *dict(mixer.named_parameters())], grads, split, strict=True):
-        assert max_err(g, g_split) <= 1e-10, name
+    checks.assert_split_gradients_match(mixer, x, randn(2, 12, HIDDEN, seed=12), split_at=7)
 
 
 def test_mamba2_skips_padding_anywhere() -> None:
@@ -158,17 +131,7 @@ def test_mamba2_skips_padding_anywhere() -> None:
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, [0, 1, 5, 6]] = 0
     mask[1, 9] = 0
-    cache = Cache()
-    with torch.no_grad():
-        outputs = [
-            mixer(x[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)[0]
-            for a, b in ((0, 5), (5, 8), (8, 10))
-        ]
-        padded = torch.cat(outputs, 1)
-        for row in range(2):
-            real = mask[row].bool()
-            assert max_err(padded[row, real], mixer(x[row : row + 1, real])[0][0]) <= EXACT, row
-            assert padded[row, ~real].abs().max() == 0
+    checks.assert_padding_skipped(mixer, x, mask, ((0, 5), (5, 8), (8, 10)))
 
 
 def test_build_mamba2() -> None:
