@@ -26,9 +26,10 @@ from ttt_mixer.layers.checks import (
     padding_mask,
 )
 from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
-from ttt_mixer.modules.sliding_window import sliding_window_attention, token_positions
+from ttt_mixer.modules.sliding_window import WindowState, sliding_window_attention, token_positions
 from ttt_mixer.ops.ttt_family import FamilySpec, family_state_position, ttt_family_chunk, ttt_family_step
 from ttt_mixer.ops.ttt_family.inner import param_names, param_shapes
+from ttt_mixer.ops.ttt_family.state import State
 
 FAMILY_PRESETS = ("titans", "lact")
 # LaCT's published language models: chunks and window of 2048 tokens, base learning rate 1e-3 through
@@ -236,7 +237,18 @@ class TTTFamilyLayer(nn.Module):
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim))
 
-    def fast_weights(self, q, k, v, lr, momentum, forget, state, use_cache, cu_seqlens) -> tuple:
+    def fast_weights(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lr: torch.Tensor,
+        momentum: torch.Tensor,
+        forget: torch.Tensor | None,
+        state: State | None,
+        use_cache: bool,
+        cu_seqlens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, State | None]:
         """The family op over [B, T, H, d] inputs: the decode step when every sequence has one token."""
         one_each = q.shape[1] == 1 if cu_seqlens is None else bool((cu_seqlens.diff() <= 1).all())
         op = ttt_family_step if one_each else ttt_family_chunk
@@ -257,7 +269,14 @@ class TTTFamilyLayer(nn.Module):
             cu_seqlens=cu_seqlens,
         )
 
-    def titans_mix(self, x, state, windows, use_cache, cu_seqlens) -> tuple:
+    def titans_mix(
+        self,
+        x: torch.Tensor,
+        state: State | None,
+        windows: tuple[torch.Tensor, ...] | None,
+        use_cache: bool,
+        cu_seqlens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, State | None, tuple | None]:
         """q, k, v through a depthwise causal convolution and SiLU, q and k l2-normalised; the memory's
         output RMS-normed and gated by silu(x W_g)."""
         windows = windows if windows is not None else (None, None, None)
@@ -281,7 +300,14 @@ class TTTFamilyLayer(nn.Module):
         o = self.ttt_norm(o).flatten(-2) * F.silu(self.g_proj(x))
         return o, state, tuple(new_windows) if use_cache else None
 
-    def lact_mix(self, x, state, window, use_cache, cu_seqlens) -> tuple:
+    def lact_mix(
+        self,
+        x: torch.Tensor,
+        state: State | None,
+        window: WindowState | None,
+        use_cache: bool,
+        cu_seqlens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, State | None, tuple | None]:
         """Sliding-window attention on q, k, v with RoPE, plus the SwiGLU fast weights on SiLU'd,
         rescaled q, k (l2-normalised, RoPE'd) and v; the fast-weight output RMS-normed and scaled by
         silu(x W_s) per head, then added to the attention's."""
