@@ -220,6 +220,11 @@ GRADIENT_CASES = {
         1,
     ),
     "mid-mini-batch-state": ({"batch_size": 2, "seq_len": 10, "mini_batch_size": 4, "positions": (1, 3)}, 2),
+    # sequence 0 ends with a complete mini-batch where a segment would start: no checkpoint past the end
+    "ends-on-segment-boundary": (
+        {"batch_size": 2, "seq_len": 13, "mini_batch_size": 4, "positions": (3, 0)},
+        2,
+    ),
     "packed-mid-mini-batch-state": (
         {"batch_size": 3, "seq_len": 9, "mini_batch_size": 3, "lengths": (5, 0, 9), "positions": (2, 0, 1)},
         1,

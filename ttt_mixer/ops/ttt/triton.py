@@ -2,11 +2,12 @@
 state tuple of ``ttt_chunk`` and ``ttt_step`` (ttt_mixer.ops.ttt.chunk / step).
 
 What runs where:
-- Forward (``ttt_chunk_triton``): one fused Triton kernel (``triton_linear`` / ``triton_mlp``), one
-  program per (sequence, head), walking the sequence's mini-batches with the inner weights kept on
-  chip: the loss gradients, the dual-form outputs with the output LayerNorm and residual, and the
-  weight updates, for TTT-Linear and TTT-MLP, for rows or packed sequences (``cu_seqlens``), from a
-  state possibly in the middle of a mini-batch, with per-sequence positions.
+- Forward (``ttt_chunk_triton``): one fused Triton kernel (``triton_forward``, running the recurrence
+  of ``triton_linear`` or ``triton_mlp``), one program per (sequence, head), walking the sequence's
+  mini-batches with the inner weights kept on chip: the loss gradients, the dual-form outputs with
+  the output LayerNorm and residual, and the weight updates, for TTT-Linear and TTT-MLP, for rows or
+  packed sequences (``cu_seqlens``), from a state possibly in the middle of a mini-batch, with
+  per-sequence positions.
 - Decode (``ttt_step_triton``): the same fused kernel, launched once for a batch of sequences with
   one token (or none) each, at each sequence's own position. Reading one token at position i in the
   forward kernel is exactly the decode recurrence of docs/math.md section 6 (G_i at W; S += lr_i G_i;
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,7 @@ from ttt_mixer.ops.ttt.chunk import ttt_chunk
 from ttt_mixer.ops.ttt.inner import InnerModel, get_inner_model, token_scale
 from ttt_mixer.ops.ttt.state import State, pack_state, state_position, state_tensors
 from ttt_mixer.ops.ttt.state import initial_state as make_initial_state
+from ttt_mixer.ops.ttt.triton_forward import FORWARD_KERNELS
 from ttt_mixer.ops.ttt.triton_helpers import (
     DOT_PRECISION,
     INTERPRET,
@@ -58,9 +61,9 @@ from ttt_mixer.ops.ttt.triton_helpers import (
     Dims,
     Sequences,
     Shared,
+    StateBuffers,
     Tokens,
 )
-from ttt_mixer.ops.ttt.triton_linear import LINEAR_KERNEL, LINEAR_META
 from ttt_mixer.ops.ttt.triton_linear_backward import (
     LINEAR_BACKWARD_KERNEL,
     LINEAR_BACKWARD_META,
@@ -68,9 +71,23 @@ from ttt_mixer.ops.ttt.triton_linear_backward import (
     SharedGrads,
     TokenGrads,
 )
-from ttt_mixer.ops.ttt.triton_mlp import MLP_KERNEL, MLP_META
 
 __all__ = ["ttt_chunk_triton", "ttt_step_triton"]
+
+Tensors = Sequence[torch.Tensor]
+
+
+class _Saved(NamedTuple):
+    """What the forward saves for the backward: the tensors it read (q, k, v, lr, token_offset,
+    ln_weight, ln_bias, *params, *initial state floats) and its checkpoints of the weights."""
+
+    tensors: Tensors
+    checkpoints: Tensors
+
+
+# the gradients w.r.t. the tokens' (q, k, v, lr), the shared (token_offset, ln_weight, ln_bias) and the
+# initial state's floating tensors [N, H, ...]
+_Gradients = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -116,13 +133,9 @@ def ttt_chunk_triton(
     mini-batches at a time (memory: T / (b checkpoint_every) states plus one segment's activations).
     """
     check_checkpoint_every(checkpoint_every)
-    params, call = _prepare(
-        inner_model, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps,
-        checkpoint_every,
-    )  # fmt: skip
-    return _run(
-        call, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, output_final_state
-    )
+    inputs = (q, k, v, lr, token_offset, ln_weight, ln_bias, params)
+    tensors, call = _prepare(inner_model, inputs, initial_state, cu_seqlens, eps, checkpoint_every)
+    return _run(call, tensors, output_final_state)
 
 
 def ttt_step_triton(
@@ -143,37 +156,27 @@ def ttt_step_triton(
     """``ttt_step`` on the fused Triton kernel: one token per sequence (T = 1 for a batch of rows), or,
     packed, ``cu_seqlens`` whose sequences hold one token or none (a sequence without a token keeps
     its state). ln_weight and ln_bias must be tensors."""
-    params, call = _prepare(
-        inner_model, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps,
-        checkpoint_every=1,  # a step touches one mini-batch: the backward is a single segment
-    )  # fmt: skip
+    inputs = (q, k, v, lr, token_offset, ln_weight, ln_bias, params)
+    # a step touches one mini-batch: the backward is a single segment
+    tensors, call = _prepare(inner_model, inputs, initial_state, cu_seqlens, eps, checkpoint_every=1)
     check_decode_step(q, cu_seqlens)
-    return _run(
-        call, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, output_final_state
-    )
+    return _run(call, tensors, output_final_state)
 
 
 def _prepare(
     inner_model: str,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lr: torch.Tensor,
-    token_offset: torch.Tensor,
-    ln_weight: torch.Tensor | None,
-    ln_bias: torch.Tensor | None,
-    params: Sequence[torch.Tensor],
+    inputs: tuple,
     initial_state: State | None,
     cu_seqlens: torch.Tensor | None,
     eps: float,
     checkpoint_every: int,
-) -> tuple[list[torch.Tensor], _Call]:
-    """Validate the inputs and lay the sequences out (see ``_Call``)."""
+) -> tuple[Tensors, _Call]:
+    """Validate the inputs (q, k, v, lr, token_offset, ln_weight, ln_bias, params) and lay the
+    sequences out (see ``_Call``). Returns the tensors the kernels read, (q, k, v, lr, token_offset,
+    ln_weight, ln_bias, *params, *the initial state's floating tensors), and the call."""
+    q, token_offset, ln_weight, ln_bias, params = inputs[0], *inputs[4:7], list(inputs[7])
     inner = get_inner_model(inner_model)
-    params = list(params)
-    num_sequences = check_inputs(
-        inner, q, k, v, lr, token_offset, ln_weight, ln_bias, params, initial_state, cu_seqlens, eps
-    )
+    num_sequences = check_inputs(inner, *inputs[:7], params, initial_state, cu_seqlens, eps)
     check_triton_inputs(q, ln_weight, ln_bias, INTERPRET)
     B, T = q.shape[:2]
     device = q.device
@@ -185,8 +188,10 @@ def _prepare(
         seq_start, seq_len = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
     if initial_state is None:
         position = torch.zeros(num_sequences, device=device, dtype=torch.long)
+        state_floats = []
     else:
         position = state_position(initial_state).to(device=device, dtype=torch.long).contiguous()
+        state_floats = list(state_tensors(initial_state))
     call = _Call(
         inner=inner,
         seq_start=seq_start,
@@ -197,25 +202,11 @@ def _prepare(
         checkpoint_every=checkpoint_every,
         has_initial_state=initial_state is not None,
     )
-    return params, call
+    return (*inputs[:7], *params, *state_floats), call
 
 
-def _run(
-    call: _Call,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lr: torch.Tensor,
-    token_offset: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    params: list[torch.Tensor],
-    initial_state: State | None,
-    output_final_state: bool,
-) -> tuple[torch.Tensor, State | None]:
+def _run(call: _Call, tensors: Tensors, output_final_state: bool) -> tuple[torch.Tensor, State | None]:
     """The forward kernel, through the autograd function when a gradient is needed."""
-    state_floats = [] if initial_state is None else list(state_tensors(initial_state))
-    tensors = (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state_floats)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         o, *final = _TTTTriton.apply(call, *tensors)
     else:
@@ -251,17 +242,15 @@ def _forward(
         if num_checkpoints > 0
         else final[: call.num_params]  # placeholders, never written
     )
-    kernel, meta = (LINEAR_KERNEL, LINEAR_META) if call.inner.num_layers == 1 else (MLP_KERNEL, MLP_META)
+    kernel, meta = FORWARD_KERNELS[call.inner.num_layers]
     kernel[_grid(call, q)](
         tokens,
         o,
-        _shared(token_scale(token_offset.to(state[0].dtype)), ln_weight, ln_bias),
+        _shared(call, token_scale(token_offset.to(state[0].dtype)), ln_weight, ln_bias),
         _sequences(call),
-        tuple(state),
-        tuple(final),
-        tuple(checkpoints),
+        StateBuffers(tuple(state), tuple(final), tuple(checkpoints)),
         _dims(call, q),
-        call.eps,
+        NUM_LAYERS=call.inner.num_layers,
         STORE_CHECKPOINTS=num_checkpoints > 0,
         **_block_meta(call, q),
         **meta,
@@ -277,7 +266,7 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)
 
 
-def _initial_floats(call: _Call, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _initial_floats(call: _Call, tensors: Tensors) -> list[torch.Tensor]:
     """The initial state's floating tensors [N, H, ...] in the compute dtype, contiguous: the given
     state's, or the params broadcast to every sequence with zero accumulators."""
     compute = _compute_dtype(tensors[0])
@@ -290,12 +279,13 @@ def _initial_floats(call: _Call, tensors: Sequence[torch.Tensor]) -> list[torch.
     return [t.detach().to(compute).contiguous() for t in state_floats]
 
 
-def _tokens(tensors: Sequence[torch.Tensor]) -> Tokens:
+def _tokens(tensors: Tensors) -> Tokens:
     return Tokens(*(t.detach().contiguous() for t in tensors[:4]))
 
 
-def _shared(tau: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor) -> Shared:
-    return Shared(tau.detach().contiguous(), ln_weight.detach().contiguous(), ln_bias.detach().contiguous())
+def _shared(call: _Call, tau: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor) -> Shared:
+    tensors = (t.detach().contiguous() for t in (tau, ln_weight, ln_bias))
+    return Shared(*tensors, call.eps)
 
 
 def _sequences(call: _Call) -> Sequences:
@@ -344,32 +334,22 @@ class _TTTTriton(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_o: torch.Tensor, *grad_final: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        call: _Call = ctx.call
         saved = ctx.saved_tensors
-        tensors, checkpoints = saved[: ctx.num_inputs], saved[ctx.num_inputs :]
-        grads = _backward(call, tensors, checkpoints, grad_o, list(grad_final))
+        saved = _Saved(saved[: ctx.num_inputs], saved[ctx.num_inputs :])
+        grads = _backward(ctx.call, saved, [grad_o, *grad_final])
         grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[1:], strict=True)]
         return (None, *grads)
 
 
-def _backward(
-    call: _Call,
-    tensors: Sequence[torch.Tensor],
-    checkpoints: Sequence[torch.Tensor],
-    grad_o: torch.Tensor,
-    grad_final: list[torch.Tensor],
-) -> list[torch.Tensor | None]:
-    """Gradients w.r.t. (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state floats): by the
-    fused backward kernel for TTT-Linear, by segment recomputation in PyTorch for TTT-MLP."""
-    grad_final = [g.to(_compute_dtype(tensors[0])).contiguous() for g in grad_final]
-    if call.inner.num_layers == 1:
-        grad_tokens, grad_shared, grad_state = _fused_linear_backward(
-            call, tensors, checkpoints, grad_o, grad_final
-        )
-    else:
-        grad_tokens, grad_shared, grad_state = _recomputed_backward(
-            call, tensors, checkpoints, grad_o, grad_final
-        )
+def _backward(call: _Call, saved: _Saved, grads: Tensors) -> list[torch.Tensor | None]:
+    """Gradients w.r.t. (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state floats) from
+    those of (o, *final state floats): by the fused backward kernel for TTT-Linear, by segment
+    recomputation in PyTorch for TTT-MLP."""
+    tensors = saved.tensors
+    compute = _compute_dtype(tensors[0])
+    grads = [grads[0].contiguous(), *(g.to(compute).contiguous() for g in grads[1:])]
+    backward = _fused_linear_backward if call.inner.num_layers == 1 else _recomputed_backward
+    grad_tokens, grad_shared, grad_state = backward(call, saved, grads)
     q, k, v, lr, token_offset, ln_weight, ln_bias = tensors[:7]
     params, state_floats = tensors[7 : 7 + call.num_params], tensors[7 + call.num_params :]
     grad_tokens = [g.reshape(t.shape).to(t.dtype) for g, t in zip(grad_tokens, (q, k, v, lr), strict=True)]
@@ -388,16 +368,9 @@ def _backward(
     return [*grad_tokens, *grad_shared, *grad_params, *grad_initial]
 
 
-def _fused_linear_backward(
-    call: _Call,
-    tensors: Sequence[torch.Tensor],
-    checkpoints: Sequence[torch.Tensor],
-    grad_o: torch.Tensor,
-    grad_final: list[torch.Tensor],
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """TTT-Linear's gradients from the fused backward kernel (``triton_linear_backward``): w.r.t. the
-    tokens' (q, k, v, lr), the shared (token_offset, ln_weight, ln_bias) and the initial state's
-    floating tensors [N, H, ...]."""
+def _fused_linear_backward(call: _Call, saved: _Saved, grads: Tensors) -> _Gradients:
+    """TTT-Linear's gradients from the fused backward kernel (``triton_linear_backward``)."""
+    tensors, checkpoints = saved
     q, token_offset, ln_weight, ln_bias = tensors[0], *tensors[4:7]
     num_sequences, num_heads = _grid(call, q)
     initial = _initial_floats(call, tensors)
@@ -406,7 +379,7 @@ def _fused_linear_backward(
     with torch.enable_grad():
         tau = token_scale(offset)
     tokens = _tokens(tensors)
-    token_grads = TokenGrads(grad_o.contiguous(), *(torch.empty_like(t) for t in tokens))
+    token_grads = TokenGrads(grads[0], *(torch.empty_like(t) for t in tokens))
     shared_grads = SharedGrads(
         initial[0].new_empty(num_sequences, num_heads, call.mini_batch_size),
         torch.empty_like(initial[1]),
@@ -422,14 +395,13 @@ def _fused_linear_backward(
     LINEAR_BACKWARD_KERNEL[_grid(call, q)](
         tokens,
         token_grads,
-        _shared(tau, ln_weight, ln_bias),
+        _shared(call, tau, ln_weight, ln_bias),
         shared_grads,
         _sequences(call),
         states,
-        tuple(grad_final),
+        tuple(grads[1:]),
         tuple(grad_initial),
         _dims(call, q),
-        call.eps,
         **_block_meta(call, q),
         **LINEAR_BACKWARD_META,
     )
@@ -438,15 +410,11 @@ def _fused_linear_backward(
     return list(token_grads[1:]), grad_shared, grad_initial
 
 
-def _recomputed_backward(
-    call: _Call,
-    tensors: Sequence[torch.Tensor],
-    checkpoints: Sequence[torch.Tensor],
-    grad_o: torch.Tensor,
-    grad_final: list[torch.Tensor],
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def _recomputed_backward(call: _Call, saved: _Saved, grads: Tensors) -> _Gradients:
     """The gradients of ``_fused_linear_backward`` (the tokens' flattened to [B * T, ...]) by
     recomputing segments of checkpoint_every mini-batches with ``ttt_chunk``, last to first."""
+    tensors, checkpoints = saved
+    grad_o, grad_final = grads[0], grads[1:]
     q, k, v, lr, token_offset, ln_weight, ln_bias = tensors[:7]
     params = tensors[7 : 7 + call.num_params]
     B, T, H, d = q.shape

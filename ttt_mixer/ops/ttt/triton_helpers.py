@@ -1,6 +1,8 @@
-"""Pieces shared by the Triton kernels of the TTT forward pass (docs/math.md sections 4-7): TTT-Linear's
-(``triton_linear``) and TTT-MLP's (``triton_mlp``), one program per (sequence, head), and the
-argument groups both kernels take (``Tokens``, ``Shared``, ``Sequences``, ``Dims``).
+"""Pieces shared by the Triton kernels of TTT (docs/math.md sections 4-7 and 13): the forward kernel
+(``triton_forward``, running TTT-Linear's recurrence of ``triton_linear`` or TTT-MLP's of
+``triton_mlp``) and TTT-Linear's backward kernel (``triton_linear_backward``), one program per
+(sequence, head), and the argument groups they take (``Tokens``, ``Shared``, ``Sequences``,
+``StateBuffers``, ``Dims``).
 
 A program walks its sequence's mini-batches in order. Mini-batches are aligned to the sequence's own
 first token and continue from its state's position p (mini-batch m covers token offsets
@@ -17,7 +19,7 @@ in the middle of a mini-batch): every later one starts after a complete mini-bat
 read and apply the accumulators only in the first (``MiniBatch.first``), inside the same loop.
 
 Optionally (``STORE_CHECKPOINTS``) the weights at the start of every ``checkpoint_every``-th
-mini-batch are stored for the backward pass (``ttt_mixer.ops.ttt.triton``); at such a boundary the
+mini-batch are stored for the backward pass (``triton_linear_backward``, ``ttt_mixer.ops.ttt.triton``); at such a boundary the
 accumulators are zero and the position is 0, so the weights are the whole state.
 
 Block sizes: ``tl.dot`` needs every dim >= 16 on a GPU, so BLOCK_T = max(16, next_pow2(b)) and
@@ -52,10 +54,8 @@ DOT_PRECISION = {
 
 # Kernel arguments -----------------------------------------------------------------------------------
 #
-# Both forward kernels take (tokens, o, shared, sequences, state_in, state_out, checkpoints, dims, eps)
-# and their meta-parameters. The state groups are tuples of pointers in the
-# state tuple's order, [N, H, ...] each: state_in / state_out (W_1, b_1, [W_2, b_2,] S_W_1, S_b_1,
-# [S_W_2, S_b_2]) and checkpoints (W_1, b_1, [W_2, b_2]) [num_checkpoints, N, H, ...].
+# The forward kernel (``triton_forward``) takes (tokens, o, shared, sequences, buffers, dims) and its
+# meta-parameters; the backward kernel (``triton_linear_backward``) the same groups and its own.
 
 
 class Tokens(NamedTuple):
@@ -68,11 +68,12 @@ class Tokens(NamedTuple):
 
 
 class Shared(NamedTuple):
-    """What every program reads: the token scale tau [b] and the inner LayerNorm [H, d]."""
+    """What every program reads: the token scale tau [b] and the inner LayerNorm [H, d] with its eps."""
 
     tau: torch.Tensor
     ln_weight: torch.Tensor
     ln_bias: torch.Tensor
+    eps: float
 
 
 class Sequences(NamedTuple):
@@ -94,6 +95,16 @@ class Dims(NamedTuple):
     checkpoint_every: int
 
 
+class StateBuffers(NamedTuple):
+    """Where the forward reads and writes the state: tuples of pointers in the state tuple's order,
+    initial (read) and final (written) (W_1, b_1, [W_2, b_2,] S_W_1, S_b_1, [S_W_2, S_b_2]) [N, H, ...],
+    and checkpoints (W_1, b_1, [W_2, b_2]) [num_checkpoints, N, H, ...], written when stored."""
+
+    initial: tuple
+    final: tuple
+    checkpoints: tuple
+
+
 # What a program reads and derives ----------------------------------------------------------------------
 
 
@@ -108,6 +119,7 @@ class Program(NamedTuple):
     num_minibatches: tl.tensor  # mini-batches its tokens touch, at least 1
     ln_weight: tl.tensor  # [BLOCK_D] the head's inner LayerNorm
     ln_bias: tl.tensor  # [BLOCK_D]
+    eps: tl.tensor  # the inner LayerNorm's
     tau_rows: tl.tensor  # [BLOCK_T] the token scale tau_i
     tau_last: tl.tensor  # tau_b
 
@@ -164,6 +176,7 @@ def program_setup(
             COMPUTE
         ),
         ln_bias=tl.load(shared.ln_bias + head * dims.head_dim + cols, mask=col_valid, other=0.0).to(COMPUTE),
+        eps=shared.eps,
         tau_rows=tl.load(shared.tau + cells, mask=cells < b, other=0.0).to(COMPUTE),
         tau_last=tl.load(shared.tau + b - 1).to(COMPUTE),
     )
@@ -262,22 +275,22 @@ def normalize_backward(grad, z_hat, rstd, col_valid, head_dim):
 
 
 @triton.jit
-def ln_fused_l2_parts(z, target, program, dims, eps, BLOCK_D: tl.constexpr):
+def ln_fused_l2_parts(z, target, program, dims, BLOCK_D: tl.constexpr):
     """The pieces of the LayerNorm-L2 gradient (docs/math.md section 1): normalize(z) = zh, 1 / std = r
     and the error e = ln_weight zh + ln_bias - target."""
     col_valid = tl.arange(0, BLOCK_D) < dims.head_dim
-    z_hat, rstd = normalize(z, col_valid, dims.head_dim, eps)
+    z_hat, rstd = normalize(z, col_valid, dims.head_dim, program.eps)
     error = program.ln_weight[None, :] * z_hat + program.ln_bias[None, :] - target
     return z_hat, rstd, error
 
 
 @triton.jit
-def ln_fused_l2_grad(z, target, program, minibatch, dims, eps, BLOCK_D: tl.constexpr):
+def ln_fused_l2_grad(z, target, program, minibatch, dims, BLOCK_D: tl.constexpr):
     """d/dz of 1/2 ||LN(z) - target||^2 (reference_ln_fused_l2_grad of naive.py) with the head's
     LayerNorm, zero outside the real tokens and columns so that padding never reaches the
     accumulators."""
     col_valid = tl.arange(0, BLOCK_D) < dims.head_dim
-    z_hat, rstd, error = ln_fused_l2_parts(z, target, program, dims, eps, BLOCK_D)
+    z_hat, rstd, error = ln_fused_l2_parts(z, target, program, dims, BLOCK_D)
     grad = normalize_backward(error * program.ln_weight[None, :], z_hat, rstd, col_valid, dims.head_dim)
     return tl.where(minibatch.real[:, None], grad, 0.0)
 
@@ -310,10 +323,10 @@ def ln_fused_l2_grad_backward(grad_of_grad, grad, z_hat, rstd, error, program, d
 
 
 @triton.jit
-def store_output(o_ptr, minibatch, z, program, dims, eps, BLOCK_D: tl.constexpr):
+def store_output(o_ptr, minibatch, z, program, dims, BLOCK_D: tl.constexpr):
     """o = q + LN(z) for the real tokens, in the output's dtype."""
     col_valid = tl.arange(0, BLOCK_D) < dims.head_dim
-    z_hat, _ = normalize(z, col_valid, dims.head_dim, eps)
+    z_hat, _ = normalize(z, col_valid, dims.head_dim, program.eps)
     o = minibatch.q + program.ln_weight[None, :] * z_hat + program.ln_bias[None, :]
     tl.store(o_ptr + minibatch.tile, o, mask=minibatch.mask)
 
@@ -374,13 +387,14 @@ def apply_update(weight, sums_end, program, minibatch):
 
 
 @triton.jit
-def store_checkpoint(ckpt_ptr, tile, weight, minibatch, checkpoint_every):
+def store_checkpoint(ckpt_ptr, tile, weight, program, minibatch, checkpoint_every):
     """After mini-batch m, keep the weights that start mini-batch m + 1 when m + 1 is a multiple of
-    checkpoint_every, in slot (m + 1) / checkpoint_every - 1."""
+    checkpoint_every and the sequence has a mini-batch m + 1, in slot (m + 1) / checkpoint_every - 1
+    (after a sequence's last mini-batch that slot may lie past the buffer's end)."""
     next_minibatch = minibatch.index + 1
     # slot_stride is int64; the slot may be a compile-time constant (Triton specializes ints equal to 1)
     slot = next_minibatch // checkpoint_every - 1
-    due = minibatch.complete & (next_minibatch % checkpoint_every == 0)
+    due = (next_minibatch % checkpoint_every == 0) & (next_minibatch < program.num_minibatches)
     tl.store(ckpt_ptr + slot * tile.slot_stride + tile.offsets, weight, mask=mask_if(tile.mask, due))
 
 

@@ -1,6 +1,7 @@
-"""The Triton forward kernel of TTT-Linear, one program per (sequence, head): W, b, S_W, S_b stay in
-registers across all mini-batches (see ``triton_helpers`` for the mini-batch recurrence it runs and
-the argument groups it takes)."""
+"""TTT-Linear's mini-batch recurrence for the Triton kernels, one program per (sequence, head): W, b,
+S_W, S_b stay in registers across all mini-batches (see ``triton_helpers`` for the recurrence and
+the argument groups). ``linear_forward`` is the forward kernel's program (``triton_forward``); the
+pieces it is built of also serve the backward kernel (``triton_linear_backward``)."""
 
 from __future__ import annotations
 
@@ -14,24 +15,53 @@ from ttt_mixer.ops.ttt.triton_helpers import (
     ln_fused_l2_grad,
     load_minibatch,
     matrix_tile,
-    program_setup,
     store_checkpoint,
     store_output,
-    tuned,
     vector_tile,
 )
 
-LINEAR_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 2)]
+
+@triton.jit
+def linear_tiles(program, dims, BLOCK_D: tl.constexpr):
+    """Where the program's W [d, d] and b [d] lie in [N, H, ...] state tensors."""
+    cols = tl.arange(0, BLOCK_D)
+    return (
+        matrix_tile(program.state_row, cols, cols, dims.head_dim, dims.head_dim),
+        vector_tile(program.state_row, cols, dims.head_dim),
+    )
 
 
 @triton.jit
-def linear_loss_grad(
-    minibatch, program, weight, bias, dims, eps, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr
-):
+def load_linear_state(pointers, tiles):
+    """(W, b, S_W, S_b), or their gradients, from the program's part of four [N, H, ...] tensors."""
+    w_tile, b_tile = tiles
+    w_ptr, b_ptr, sw_ptr, sb_ptr = pointers
+    return (
+        tl.load(w_ptr + w_tile.offsets, mask=w_tile.mask, other=0.0),
+        tl.load(b_ptr + b_tile.offsets, mask=b_tile.mask, other=0.0),
+        tl.load(sw_ptr + w_tile.offsets, mask=w_tile.mask, other=0.0),
+        tl.load(sb_ptr + b_tile.offsets, mask=b_tile.mask, other=0.0),
+    )
+
+
+@triton.jit
+def store_linear_state(pointers, tiles, state):
+    """The inverse of ``load_linear_state``."""
+    w_tile, b_tile = tiles
+    w_ptr, b_ptr, sw_ptr, sb_ptr = pointers
+    weight, bias, sum_w, sum_b = state
+    tl.store(w_ptr + w_tile.offsets, weight, mask=w_tile.mask)
+    tl.store(b_ptr + b_tile.offsets, bias, mask=b_tile.mask)
+    tl.store(sw_ptr + w_tile.offsets, sum_w, mask=w_tile.mask)
+    tl.store(sb_ptr + b_tile.offsets, sum_b, mask=b_tile.mask)
+
+
+@triton.jit
+def linear_loss_grad(minibatch, program, weight, bias, dims, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """The loss gradient g = dl/dZ of every key of the mini-batch at the weights (W, b)."""
     k = minibatch.k
     z_key = tl.dot(k, weight, input_precision=PRECISION) + bias[None, :]
-    return ln_fused_l2_grad(z_key, minibatch.v - k, program, minibatch, dims, eps, BLOCK_D)
+    return ln_fused_l2_grad(z_key, minibatch.v - k, program, minibatch, dims, BLOCK_D)
 
 
 @triton.jit
@@ -63,62 +93,28 @@ def linear_query_forward(minibatch, program, state, grad, PRECISION: tl.constexp
 
 
 @triton.jit
-def _linear_minibatch(
-    minibatch, program, state, o_ptr, dims, eps, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr
-):
+def _linear_minibatch(minibatch, program, state, o_ptr, dims, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One mini-batch of TTT-Linear: writes its outputs and returns the state (W, b, S_W, S_b) after it,
     from the state in registers before it."""
-    grad = linear_loss_grad(minibatch, program, state[0], state[1], dims, eps, BLOCK_D, PRECISION)
+    grad = linear_loss_grad(minibatch, program, state[0], state[1], dims, BLOCK_D, PRECISION)
     z_query, _ = linear_query_forward(minibatch, program, state, grad, PRECISION)
-    store_output(o_ptr, minibatch, z_query, program, dims, eps, BLOCK_D)
+    store_output(o_ptr, minibatch, z_query, program, dims, BLOCK_D)
     return linear_advance(minibatch, program, state, grad, PRECISION)
 
 
 @triton.jit
-def ttt_linear_forward_kernel(
-    tokens,
-    o,
-    shared,
-    sequences,
-    state_in,
-    state_out,
-    checkpoints,
-    dims,
-    eps,
-    STORE_CHECKPOINTS: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    PRECISION: tl.constexpr,
+def linear_forward(
+    tokens, o, program, buffers, dims, STORE_CHECKPOINTS, BLOCK_T, BLOCK_D, COMPUTE, PRECISION
 ):
-    """TTT-Linear over every mini-batch of one (sequence, head); state_in / state_out hold pointers to
-    (W, b, S_W, S_b), checkpoints to (W, b) (see ``triton_helpers``)."""
-    program = program_setup(shared, sequences, dims, BLOCK_T, BLOCK_D, COMPUTE)
-    cols = tl.arange(0, BLOCK_D)
-    w_tile = matrix_tile(program.state_row, cols, cols, dims.head_dim, dims.head_dim)
-    b_tile = vector_tile(program.state_row, cols, dims.head_dim)
-    w_ckpt, b_ckpt = checkpoints
-
-    w_in, b_in, sw_in, sb_in = state_in
-    state = (
-        tl.load(w_in + w_tile.offsets, mask=w_tile.mask, other=0.0),
-        tl.load(b_in + b_tile.offsets, mask=b_tile.mask, other=0.0),
-        tl.load(sw_in + w_tile.offsets, mask=w_tile.mask, other=0.0),
-        tl.load(sb_in + b_tile.offsets, mask=b_tile.mask, other=0.0),
-    )
+    """TTT-Linear over every mini-batch of the program's sequence and head; the buffers' states hold
+    (W, b, S_W, S_b), the checkpoints (W, b)."""
+    tiles = linear_tiles(program, dims, BLOCK_D)
+    w_ckpt, b_ckpt = buffers.checkpoints
+    state = load_linear_state(buffers.initial, tiles)
     for index in range(program.num_minibatches):
         minibatch = load_minibatch(tokens, program, index, dims, BLOCK_T, BLOCK_D, COMPUTE)
-        state = _linear_minibatch(minibatch, program, state, o, dims, eps, BLOCK_D, PRECISION)
+        state = _linear_minibatch(minibatch, program, state, o, dims, BLOCK_D, PRECISION)
         if STORE_CHECKPOINTS:
-            store_checkpoint(w_ckpt, w_tile, state[0], minibatch, dims.checkpoint_every)
-            store_checkpoint(b_ckpt, b_tile, state[1], minibatch, dims.checkpoint_every)
-
-    w_out, b_out, sw_out, sb_out = state_out
-    weight, bias, sum_w, sum_b = state
-    tl.store(w_out + w_tile.offsets, weight, mask=w_tile.mask)
-    tl.store(b_out + b_tile.offsets, bias, mask=b_tile.mask)
-    tl.store(sw_out + w_tile.offsets, sum_w, mask=w_tile.mask)
-    tl.store(sb_out + b_tile.offsets, sum_b, mask=b_tile.mask)
-
-
-LINEAR_KERNEL, LINEAR_META = tuned(ttt_linear_forward_kernel, LINEAR_CONFIGS)
+            store_checkpoint(w_ckpt, tiles[0], state[0], program, minibatch, dims.checkpoint_every)
+            store_checkpoint(b_ckpt, tiles[1], state[1], program, minibatch, dims.checkpoint_every)
+    store_linear_state(buffers.final, tiles, state)

@@ -36,14 +36,19 @@ from ttt_mixer.ops.ttt.triton_helpers import (
     ln_fused_l2_parts,
     load_minibatch,
     mask_if,
-    matrix_tile,
     normalize,
     normalize_backward,
     program_setup,
     tuned,
     vector_tile,
 )
-from ttt_mixer.ops.ttt.triton_linear import linear_advance, linear_loss_grad
+from ttt_mixer.ops.ttt.triton_linear import (
+    linear_advance,
+    linear_loss_grad,
+    linear_tiles,
+    load_linear_state,
+    store_linear_state,
+)
 
 LINEAR_BACKWARD_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8)]
 
@@ -79,28 +84,22 @@ class BackwardStates(NamedTuple):
 
 
 @triton.jit
-def _load(ptr, tile, slot, condition):
-    """A tile of checkpoint-like slot ``slot`` where the scalar condition holds, else zeros."""
+def _slot_load(ptr, tile, slot, condition):
+    """The tile in slot ``slot`` of a checkpoint-like [slots, N, H, ...] tensor where the scalar
+    condition holds, else zeros."""
     return tl.load(
         ptr + slot * tile.slot_stride + tile.offsets, mask=mask_if(tile.mask, condition), other=0.0
     )
 
 
 @triton.jit
-def _replay_segment(
-    tokens,
-    program,
-    states,
-    tiles,
-    first,
-    end,
-    dims,
-    eps,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _slot_store(ptr, tile, slot, value):
+    """The inverse of ``_slot_load``."""
+    tl.store(ptr + slot * tile.slot_stride + tile.offsets, value, mask=tile.mask)
+
+
+@triton.jit
+def _replay_segment(tokens, program, states, tiles, first, end, dims, BLOCK_T, BLOCK_D, COMPUTE, PRECISION):
     """Run the forward's state recurrence over mini-batches first .. end - 1, storing the weights that
     start each one in the scratch slot index - first."""
     w_tile, b_tile = tiles
@@ -111,20 +110,16 @@ def _replay_segment(
     slot = tl.maximum(first // dims.checkpoint_every - 1, 0)
     # the first segment starts from the initial state, every other one from a checkpoint (S = 0)
     state = (
-        _load(w_in, w_tile, 0, at_start) + _load(w_ckpt, w_tile, slot, first > 0),
-        _load(b_in, b_tile, 0, at_start) + _load(b_ckpt, b_tile, slot, first > 0),
-        _load(sw_in, w_tile, 0, at_start),
-        _load(sb_in, b_tile, 0, at_start),
+        _slot_load(w_in, w_tile, 0, at_start) + _slot_load(w_ckpt, w_tile, slot, first > 0),
+        _slot_load(b_in, b_tile, 0, at_start) + _slot_load(b_ckpt, b_tile, slot, first > 0),
+        _slot_load(sw_in, w_tile, 0, at_start),
+        _slot_load(sb_in, b_tile, 0, at_start),
     )
     for index in range(first, end):
-        tl.store(
-            w_scratch + (index - first) * w_tile.slot_stride + w_tile.offsets, state[0], mask=w_tile.mask
-        )
-        tl.store(
-            b_scratch + (index - first) * b_tile.slot_stride + b_tile.offsets, state[1], mask=b_tile.mask
-        )
+        _slot_store(w_scratch, w_tile, index - first, state[0])
+        _slot_store(b_scratch, b_tile, index - first, state[1])
         minibatch = load_minibatch(tokens, program, index, dims, BLOCK_T, BLOCK_D, COMPUTE)
-        grad = linear_loss_grad(minibatch, program, state[0], state[1], dims, eps, BLOCK_D, PRECISION)
+        grad = linear_loss_grad(minibatch, program, state[0], state[1], dims, BLOCK_D, PRECISION)
         state = linear_advance(minibatch, program, state, grad, PRECISION)
 
 
@@ -151,17 +146,7 @@ def _update_backward(minibatch, program, k, grad, sums, grad_end, PRECISION: tl.
 
 @triton.jit
 def _linear_minibatch_backward(
-    minibatch,
-    program,
-    weights,
-    sums,
-    grad_end,
-    token_grads,
-    dims,
-    eps,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    minibatch, program, weights, sums, grad_end, token_grads, dims, BLOCK_T, BLOCK_D, PRECISION
 ):
     """One mini-batch of TTT-Linear backward: from its start weights (W, b), its start sums (S_W, S_b;
     zero unless it is the call's first) and the gradient of the state after it, writes the gradients
@@ -175,7 +160,7 @@ def _linear_minibatch_backward(
 
     # recompute the forward of the mini-batch
     z_key = tl.dot(k, weight, input_precision=PRECISION) + bias[None, :]
-    z_hat_key, rstd_key, error = ln_fused_l2_parts(z_key, minibatch.v - k, program, dims, eps, BLOCK_D)
+    z_hat_key, rstd_key, error = ln_fused_l2_parts(z_key, minibatch.v - k, program, dims, BLOCK_D)
     grad = normalize_backward(
         error * program.ln_weight[None, :], z_hat_key, rstd_key, col_valid, dims.head_dim
     )
@@ -183,7 +168,7 @@ def _linear_minibatch_backward(
     z_query = dual_form_partial(q, weight, sum_w, program, minibatch, PRECISION)
     query_key = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     z_query = dual_form_finish(z_query, query_key, grad, bias, sum_b, program, minibatch, PRECISION)
-    z_hat_query, rstd_query = normalize(z_query, col_valid, dims.head_dim, eps)
+    z_hat_query, rstd_query = normalize(z_query, col_valid, dims.head_dim, program.eps)
 
     # o = q + LN(Zbar)
     d_o = tl.load(token_grads.o + minibatch.tile, mask=minibatch.mask, other=0.0).to(z_query.dtype)
@@ -251,7 +236,6 @@ def ttt_linear_backward_kernel(
     grad_final,
     grad_initial,
     dims,
-    eps,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -261,21 +245,13 @@ def ttt_linear_backward_kernel(
     the gradients of the final state (W, b, S_W, S_b), grad_initial to those of the initial state,
     written (see the module docstring for the rest)."""
     program = program_setup(shared, sequences, dims, BLOCK_T, BLOCK_D, COMPUTE)
-    cols = tl.arange(0, BLOCK_D)
-    cells = tl.arange(0, BLOCK_T)
-    w_tile = matrix_tile(program.state_row, cols, cols, dims.head_dim, dims.head_dim)
-    b_tile = vector_tile(program.state_row, cols, dims.head_dim)
-    tau_tile = vector_tile(program.state_row, cells, dims.mini_batch_size)
+    tiles = linear_tiles(program, dims, BLOCK_D)
+    w_tile, b_tile = tiles
+    tau_tile = vector_tile(program.state_row, tl.arange(0, BLOCK_T), dims.mini_batch_size)
     w_scratch, b_scratch = states.scratch
     sw_in, sb_in = states.initial[2], states.initial[3]
 
-    dw_out, db_out, dsw_out, dsb_out = grad_final
-    grad_state = (
-        tl.load(dw_out + w_tile.offsets, mask=w_tile.mask, other=0.0),
-        tl.load(db_out + b_tile.offsets, mask=b_tile.mask, other=0.0),
-        tl.load(dsw_out + w_tile.offsets, mask=w_tile.mask, other=0.0),
-        tl.load(dsb_out + b_tile.offsets, mask=b_tile.mask, other=0.0),
-    )
+    grad_state = load_linear_state(grad_final, tiles)
     d_tau = tl.zeros([BLOCK_T], dtype=COMPUTE)
     d_ln_weight = tl.zeros([BLOCK_D], dtype=COMPUTE)
     d_ln_bias = tl.zeros([BLOCK_D], dtype=COMPUTE)
@@ -285,35 +261,32 @@ def ttt_linear_backward_kernel(
         first = (num_segments - 1 - segment_from_end) * every
         end = tl.minimum(first + every, program.num_minibatches)
         _replay_segment(
-            tokens, program, states, (w_tile, b_tile), first, end, dims, eps, BLOCK_T, BLOCK_D, COMPUTE,
-            PRECISION,
-        )  # fmt: skip
+            tokens, program, states, tiles, first, end, dims, BLOCK_T, BLOCK_D, COMPUTE, PRECISION
+        )
         # the mini-batches below read what other threads of this program just wrote
         tl.debug_barrier()
         for index_from_end in range(end - first):
             index = end - 1 - index_from_end
             minibatch = load_minibatch(tokens, program, index, dims, BLOCK_T, BLOCK_D, COMPUTE)
             weights = (
-                _load(w_scratch, w_tile, index - first, True),
-                _load(b_scratch, b_tile, index - first, True),
+                _slot_load(w_scratch, w_tile, index - first, True),
+                _slot_load(b_scratch, b_tile, index - first, True),
             )
-            sums = (_load(sw_in, w_tile, 0, minibatch.first), _load(sb_in, b_tile, 0, minibatch.first))
+            # zero without being read after the first mini-batch of a call
+            sums = (
+                _slot_load(sw_in, w_tile, 0, minibatch.first),
+                _slot_load(sb_in, b_tile, 0, minibatch.first),
+            )
             grad_state, d_tau_mb, d_ln_weight_mb, d_ln_bias_mb = _linear_minibatch_backward(
-                minibatch, program, weights, sums, grad_state, token_grads, dims, eps, BLOCK_T, BLOCK_D,
-                PRECISION,
-            )  # fmt: skip
+                minibatch, program, weights, sums, grad_state, token_grads, dims, BLOCK_T, BLOCK_D, PRECISION
+            )
             d_tau += d_tau_mb
             d_ln_weight += d_ln_weight_mb
             d_ln_bias += d_ln_bias_mb
         # the next segment's replay overwrites the scratch
         tl.debug_barrier()
 
-    dw_in, db_in, dsw_in, dsb_in = grad_initial
-    d_weight, d_bias, d_sum_w, d_sum_b = grad_state
-    tl.store(dw_in + w_tile.offsets, d_weight, mask=w_tile.mask)
-    tl.store(db_in + b_tile.offsets, d_bias, mask=b_tile.mask)
-    tl.store(dsw_in + w_tile.offsets, d_sum_w, mask=w_tile.mask)
-    tl.store(dsb_in + b_tile.offsets, d_sum_b, mask=b_tile.mask)
+    store_linear_state(grad_initial, tiles, grad_state)
     tl.store(shared_grads.tau + tau_tile.offsets, d_tau, mask=tau_tile.mask)
     tl.store(shared_grads.ln_weight + b_tile.offsets, d_ln_weight, mask=b_tile.mask)
     tl.store(shared_grads.ln_bias + b_tile.offsets, d_ln_bias, mask=b_tile.mask)

@@ -1,5 +1,5 @@
-"""The Triton forward kernel of TTT-MLP, one program per (sequence, head) (see ``triton_helpers`` for
-the mini-batch recurrence it runs and the argument groups it takes).
+"""TTT-MLP's mini-batch recurrence for the Triton forward kernel (``triton_forward``), one program per
+(sequence, head) (see ``triton_helpers`` for the recurrence and the argument groups).
 
 TTT-MLP tiles the hidden dimension (4d) by ``BLOCK_H`` and keeps the weights in the output state
 buffers (L2-resident), streaming tiles through registers twice per mini-batch: once for the forward of
@@ -23,15 +23,10 @@ from ttt_mixer.ops.ttt.triton_helpers import (
     mask_if,
     mask_unless,
     matrix_tile,
-    program_setup,
     store_checkpoint,
     store_output,
-    tuned,
     vector_tile,
 )
-
-# wider hidden tiles spill registers at d = 64 (and take long to compile)
-MLP_CONFIGS = [triton.Config({"BLOCK_H": h}, num_warps=w) for h in (32, 16) for w in (4, 8)]
 
 
 @triton.jit
@@ -70,31 +65,22 @@ def _write_update(
     tl.store(weight_ptr + tile.offsets, weight, mask=tile.mask)
     tl.store(sums_ptr + tile.offsets, sums_end, mask=mask_unless(tile.mask, minibatch.complete))
     if STORE_CHECKPOINTS:
-        store_checkpoint(ckpt_ptr, tile, weight, minibatch, checkpoint_every)
+        store_checkpoint(ckpt_ptr, tile, weight, program, minibatch, checkpoint_every)
 
 
 @triton.jit
 def _mlp_minibatch(
-    minibatch,
-    program,
-    src,
-    dst,
-    checkpoints,
-    o_ptr,
-    dims,
-    eps,
-    STORE_CHECKPOINTS: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    minibatch, program, buffers, o_ptr, dims, STORE_CHECKPOINTS, BLOCK_T, BLOCK_D, BLOCK_H, COMPUTE, PRECISION
 ):
-    """One mini-batch of TTT-MLP: reads the state from src, writes it to dst (the same buffers after
-    the first mini-batch of a call), one hidden tile at a time."""
+    """One mini-batch of TTT-MLP, one hidden tile at a time: reads the state from the final buffers
+    (the initial ones for the first mini-batch of a call, which moves the state across) and writes it
+    there."""
+    src = buffers.final
+    if minibatch.first:
+        src = buffers.initial
     w1_src, b1_src, w2_src, b2_src, sw1_src, sb1_src, sw2_src, sb2_src = src
-    w1_dst, b1_dst, w2_dst, b2_dst, sw1_dst, sb1_dst, sw2_dst, sb2_dst = dst
-    w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt = checkpoints
+    w1_dst, b1_dst, w2_dst, b2_dst, sw1_dst, sb1_dst, sw2_dst, sb2_dst = buffers.final
+    w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt = buffers.checkpoints
     q, k, lr = minibatch.q, minibatch.k, minibatch.lr
     b2_tile = vector_tile(program.state_row, tl.arange(0, BLOCK_D), dims.head_dim)
 
@@ -106,7 +92,7 @@ def _mlp_minibatch(
         hidden_key, _ = gelu_tanh(tl.dot(k, w1, input_precision=PRECISION) + b1[None, :])
         z_key += tl.dot(hidden_key, w2, input_precision=PRECISION)
     b2 = tl.load(b2_src + b2_tile.offsets, mask=b2_tile.mask, other=0.0)
-    grad2 = ln_fused_l2_grad(z_key + b2[None, :], minibatch.v - k, program, minibatch, dims, eps, BLOCK_D)
+    grad2 = ln_fused_l2_grad(z_key + b2[None, :], minibatch.v - k, program, minibatch, dims, BLOCK_D)
     grad2_lr = grad2 * lr[:, None]
 
     # pass 2, per hidden tile: the hidden gradient, the dual form of layer 1, its share of layer 2's
@@ -148,7 +134,7 @@ def _mlp_minibatch(
 
     sb2 = tl.load(sb2_src + b2_tile.offsets, mask=mask_if(b2_tile.mask, minibatch.first), other=0.0)
     z_query = dual_form_finish(z_query, hidden_query_key, grad2, b2, sb2, program, minibatch, PRECISION)
-    store_output(o_ptr, minibatch, z_query, program, dims, eps, BLOCK_D)
+    store_output(o_ptr, minibatch, z_query, program, dims, BLOCK_D)
     _write_update(
         (b2_dst, sb2_dst, b2_ckpt), b2_tile, b2, sb2 + tl.sum(grad2_lr, axis=0), program, minibatch,
         dims.checkpoint_every, STORE_CHECKPOINTS,
@@ -158,36 +144,14 @@ def _mlp_minibatch(
 
 
 @triton.jit
-def ttt_mlp_forward_kernel(
-    tokens,
-    o,
-    shared,
-    sequences,
-    state_in,
-    state_out,
-    checkpoints,
-    dims,
-    eps,
-    STORE_CHECKPOINTS: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    PRECISION: tl.constexpr,
+def mlp_forward(
+    tokens, o, program, buffers, dims, STORE_CHECKPOINTS, BLOCK_T, BLOCK_D, BLOCK_H, COMPUTE, PRECISION
 ):
-    """TTT-MLP over every mini-batch of one (sequence, head); state_in / state_out hold pointers to
-    (W1, b1, W2, b2, S_W1, S_b1, S_W2, S_b2), checkpoints to (W1, b1, W2, b2) (see ``triton_helpers``)."""
-    program = program_setup(shared, sequences, dims, BLOCK_T, BLOCK_D, COMPUTE)
+    """TTT-MLP over every mini-batch of the program's sequence and head; the buffers' states hold
+    (W1, b1, W2, b2, S_W1, S_b1, S_W2, S_b2), the checkpoints (W1, b1, W2, b2)."""
     for index in range(program.num_minibatches):
         minibatch = load_minibatch(tokens, program, index, dims, BLOCK_T, BLOCK_D, COMPUTE)
-        # the first mini-batch moves the state from the input to the output buffers
-        src = state_out
-        if minibatch.first:
-            src = state_in
         _mlp_minibatch(
-            minibatch, program, src, state_out, checkpoints, o, dims, eps,
-            STORE_CHECKPOINTS, BLOCK_T, BLOCK_D, BLOCK_H, COMPUTE, PRECISION,
+            minibatch, program, buffers, o, dims, STORE_CHECKPOINTS, BLOCK_T, BLOCK_D, BLOCK_H, COMPUTE,
+            PRECISION,
         )  # fmt: skip
-
-
-MLP_KERNEL, MLP_META = tuned(ttt_mlp_forward_kernel, MLP_CONFIGS)
