@@ -264,7 +264,7 @@ def test_gradients_match_primal(inner_model: str, case: tuple[dict, int]) -> Non
 
 def test_linear_gradients_float64_match_primal() -> None:
     """TTT-Linear's fused backward in float64 agrees with the primal form to rounding: the hand-derived
-    gradients (docs/math.md section 13) are exact, packed, from mid-mini-batch states, across
+    gradients (docs/math.md section 14) are exact, packed, from mid-mini-batch states, across
     segments."""
     shape, checkpoint_every = GRADIENT_CASES["packed-mid-mini-batch-state"]
     inputs, state, cu_seqlens = make_case("linear", **shape, dtype=torch.float64, seed=14)

@@ -24,7 +24,7 @@ What runs where:
   mid-mini-batch); the gradient of that state becomes the gradient of ``initial_state`` or, without
   one, of ``params``. TTT-Linear runs all of it in one fused Triton kernel per (sequence, head)
   (``triton_linear_backward``; the hand-derived backward of the dual form is in docs/math.md section
-  13). TTT-MLP recomputes each segment in PyTorch with the differentiable ``ttt_chunk`` (all the
+  14). TTT-MLP recomputes each segment in PyTorch with the differentiable ``ttt_chunk`` (all the
   sequences active in the segment packed into one call). Gradients are exact for every case the
   forward supports (rows, packed sequences, empty sequences, mid-mini-batch states).
 

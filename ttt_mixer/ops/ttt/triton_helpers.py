@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernels of TTT (docs/math.md sections 4-7 and 13): the forward kernel
+"""Pieces shared by the Triton kernels of TTT (docs/math.md sections 4-7 and 14): the forward kernel
 (``triton_forward``, running TTT-Linear's recurrence of ``triton_linear`` or TTT-MLP's of
 ``triton_mlp``) and TTT-Linear's backward kernel (``triton_linear_backward``), one program per
 (sequence, head), and the argument groups they take (``Tokens``, ``Shared``, ``Sequences``,
@@ -300,7 +300,7 @@ def ln_fused_l2_grad_backward(grad_of_grad, grad, z_hat, rstd, error, program, d
     """Back-propagates grad_of_grad, the outer gradient w.r.t. grad = ``ln_fused_l2_grad(z, target)``
     (zero on empty cells), from the parts of ``ln_fused_l2_parts``: returns the outer gradients w.r.t.
     z and target [BLOCK_T, BLOCK_D], and w.r.t. ln_weight and ln_bias summed over the rows [BLOCK_D]
-    (derivation: docs/math.md section 13)."""
+    (derivation: docs/math.md section 14)."""
     col_valid = tl.arange(0, BLOCK_D) < dims.head_dim
     head_dim = dims.head_dim
     ln_weight = program.ln_weight[None, :]

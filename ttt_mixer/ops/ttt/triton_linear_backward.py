@@ -1,5 +1,5 @@
 """The fused Triton backward kernel of TTT-Linear, one program per (sequence, head) (the derivation of
-every gradient: docs/math.md section 13).
+every gradient: docs/math.md section 14).
 
 A program walks its sequence's segments of ``checkpoint_every`` mini-batches from last to first. For
 each segment it first replays the forward from the segment's start weights (the initial state for the
