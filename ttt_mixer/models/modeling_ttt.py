@@ -27,6 +27,7 @@ from ttt_mixer.layers.checks import padding_mask
 from ttt_mixer.models.causal_lm import (
     CausalLMGenerationMixin,
     RemoteCodeMixin,
+    auto_classes,
     cache_argument,
     decoder_inputs,
     decoder_output,
@@ -129,11 +130,7 @@ class TTTBlock(GradientCheckpointingLayer):
 
 class TTTPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     remote_module = "ttt_mixer.models"
-    remote_classes = {
-        "AutoConfig": "TTTConfig",
-        "AutoModel": "TTTModel",
-        "AutoModelForCausalLM": "TTTForCausalLM",
-    }
+    remote_classes = auto_classes("TTT")
     config_class = TTTConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -151,6 +148,9 @@ class TTTPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
 
 
 class TTTModel(TTTPreTrainedModel):
+    # what transformers' get_input_embeddings and set_input_embeddings read and write
+    _input_embed_layer = "embeddings"
+
     def __init__(self, config: TTTConfig) -> None:
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -158,12 +158,6 @@ class TTTModel(TTTPreTrainedModel):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embeddings = value
 
     def forward(
         self,
@@ -234,12 +228,7 @@ class TTTModel(TTTPreTrainedModel):
 
 class TTTForCausalLM(CausalLMGenerationMixin, TTTPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
-
-    def __init__(self, config: TTTConfig) -> None:
-        super().__init__(config)
-        self.model = TTTModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    decoder_class = TTTModel
 
     def forward(
         self,
