@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from ttt_mixer.eval_tasks import recall
 
 CORE_MIXERS = ("attention", "based", "mamba", "ttt_linear", "ttt_mlp")
-# the CPU default's 10-minute budget leaves out Mamba-2 and Longhorn (``--mixers`` adds them)
+# the CPU default's 10-minute budget leaves out Mamba-2, Longhorn and the TTT family's Titans and
+# LaCT (``--mixers`` adds them)
 CPU_MIXERS = (*CORE_MIXERS, "gla", "gated_deltanet")
-ALL_MIXERS = (*CPU_MIXERS, "mamba2", "longhorn")
+ALL_MIXERS = (*CPU_MIXERS, "mamba2", "longhorn", "titans", "lact")
 MAX_KV_PAIRS = len(recall.MQAR_KEYS)
 
 
@@ -105,6 +106,15 @@ class Preset:
 # (fla layers call it use_short_conv; TTT calls its form share_qk)
 TTT_SHORT_CONV = {"share_qk": True}
 SHORT_CONV = {"use_short_conv": True}
+# LaCT's chunks and window are 2048 tokens, far beyond MQAR's lengths: scaled down so that its fast
+# weights update within a training sequence and its window covers half of it
+LACT_SHORT = {"mini_batch_size": 16, "window_size": 16}
+MIXER_OPTIONS = {
+    "ttt_linear": TTT_SHORT_CONV,
+    "ttt_mlp": TTT_SHORT_CONV,
+    "gla": SHORT_CONV,
+    "lact": LACT_SHORT,
+}
 
 CPU = Preset(
     name="cpu",
@@ -125,11 +135,13 @@ CPU = Preset(
         "ttt_mlp": 1e-2,
         "gla": 1e-2,
         "gated_deltanet": 3e-3,
-        # not yet swept: Mamba's rate
+        # not yet swept: Mamba's rate, and TTT-Linear's for the TTT family
         "mamba2": 3e-3,
         "longhorn": 3e-3,
+        "titans": 3e-3,
+        "lact": 3e-3,
     },
-    mixer_options={"ttt_linear": TTT_SHORT_CONV, "ttt_mlp": TTT_SHORT_CONV, "gla": SHORT_CONV},
+    mixer_options=MIXER_OPTIONS,
 )
 
 ZOOLOGY_GPU = Preset(
@@ -144,7 +156,7 @@ ZOOLOGY_GPU = Preset(
     batch_size={64: 256, 128: 128, 256: 64, 512: 32},  # Zoology's batch size per length
     learning_rates=(1e-4, 4.6e-4, 2.2e-3, 1e-2),  # np.logspace(-4, -2, 4), rounded
     eval_samples=100,
-    mixer_options={"ttt_linear": TTT_SHORT_CONV, "ttt_mlp": TTT_SHORT_CONV, "gla": SHORT_CONV},
+    mixer_options=MIXER_OPTIONS,
 )
 
 PRESETS = {preset.name: preset for preset in (CPU, ZOOLOGY_GPU)}
