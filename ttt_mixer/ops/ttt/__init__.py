@@ -3,8 +3,9 @@
 - ``naive``: the token-by-token primal form ``ttt_primal``, the ground truth, and the reference closed
   forms the fast paths are held to;
 - ``chunk``: the chunked dual form ``ttt_chunk`` in PyTorch; ``step``: the decode step ``ttt_step``;
-- ``triton``: ``ttt_chunk_triton`` and ``ttt_step_triton`` on the kernels of ``triton_linear`` and
-  ``triton_mlp`` (shared pieces in ``triton_helpers``);
+- ``triton``: ``ttt_chunk_triton`` and ``ttt_step_triton`` on the forward kernel of ``triton_forward``
+  (its per-mini-batch recurrences in ``triton_linear`` and ``triton_mlp``), TTT-Linear's fused backward
+  kernel of ``triton_linear_backward``, and the pieces they share in ``triton_helpers``;
 - ``inner``: the inner model and the math the fast paths share; ``state``: the state tuple's layout;
   ``checks``: the input checks of every op; ``grid``: sequences laid out in whole mini-batches.
 """
