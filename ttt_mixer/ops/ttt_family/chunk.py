@@ -26,15 +26,7 @@ from ttt_mixer.ops.ttt_family.inner import (
     plain_product,
 )
 from ttt_mixer.ops.ttt_family.spec import FamilySpec
-from ttt_mixer.ops.ttt_family.state import (
-    State,
-    family_state_gate_sums,
-    family_state_momenta,
-    family_state_position,
-    family_state_updates,
-    family_state_weights,
-    pack_family_state,
-)
+from ttt_mixer.ops.ttt_family.state import State, pack_family_state, unpack_family_state
 from ttt_mixer.ops.ttt_family.step import per_matrix_lr, token_scales
 
 # the sources of the dual coefficients: the start weights W, the carried update D and momentum S,
@@ -168,9 +160,7 @@ def ttt_family_chunk(
         gate_sums = weights[0].new_zeros(N, H, 2) if spec.has_gate_sums else None
     else:
         state = tuple(t.to(dtype) if t.is_floating_point() else t for t in initial_state)
-        position = family_state_position(state)
-        weights, updates = family_state_weights(spec, state), family_state_updates(spec, state)
-        momenta, gate_sums = family_state_momenta(spec, state), family_state_gate_sums(spec, state)
+        position, weights, updates, momenta, gate_sums = unpack_family_state(spec, state)
 
     grid = MiniBatchGrid(B, T, cu_seqlens, position, b, device=q.device)
     M = grid.num_minibatches
@@ -232,16 +222,9 @@ def ttt_family_chunk(
         ]
         if gate_sums is not None:
             gate_sums = gate_sums + torch.stack([eta[:, m].sum(-1), alpha[:, m].sum(-1)], dim=-1)
-        if bool(grid.complete[:, m].any()):
-            finished, finished_momenta = finish_minibatch(
-                spec, weights, updates, momenta, gate_sums, tau[-1], targets
-            )
-            weights = [torch.where(done, f, w) for f, w in zip(finished, weights, strict=True)]
-            if momenta is not None:
-                momenta = [torch.where(done, f, s) for f, s in zip(finished_momenta, momenta, strict=True)]
-            updates = [torch.where(done, 0.0, u) for u in updates]
-            if gate_sums is not None:
-                gate_sums = torch.where(done[..., 0], 0.0, gate_sums)
+        weights, updates, momenta, gate_sums = finish_minibatch(
+            spec, done, weights, updates, momenta, gate_sums, tau[-1], targets
+        )
 
     z = torch.stack(outputs, dim=1).unflatten(0, (N, H)).movedim(1, 3)  # [N, M, b, H, d]
     qg = grid.to_grid(q.to(dtype))

@@ -152,33 +152,44 @@ def column_norms(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def finish_minibatch(
     spec: FamilySpec,
+    done: torch.Tensor,
     weights: list[torch.Tensor],
     updates: list[torch.Tensor],
     momenta: list[torch.Tensor] | None,
     gate_sums: torch.Tensor | None,
     tau_last: torch.Tensor,
     target_norms: list[torch.Tensor] | None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """The end of a mini-batch in the apply-then-update order: the update U = tau_b * D (D = -sum_j
-    lr_j G_j), then momentum S <- mean(eta) S + U, U = S; Muon U <- NS(U); forgetting
-    W <- (1 - mean(alpha)) W + U (else W + U); weight normalisation. gate_sums [..., 2] hold
-    sum(eta), sum(alpha) over the mini-batch's b tokens; matrices are [..., d_in, d_out]."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor | None]:
+    """The end of a mini-batch in the apply-then-update order, on the rows where it ends (``done``: a
+    boolean mask [..., 1, 1] against the matrices [..., d_in, d_out]): the update U = tau_b * D
+    (D = -sum_j lr_j G_j), then momentum S <- mean(eta) S + U, U = S; Muon U <- NS(U); forgetting
+    W <- (1 - mean(alpha)) W + U (else W + U); weight normalisation. gate_sums [..., 2] hold sum(eta),
+    sum(alpha) over the mini-batch's b tokens. Those rows start the next mini-batch with no update and
+    no gate sums. Returns (weights, updates, momenta, gate_sums)."""
+    # Muon's normalisation has no gradient at a zero update: finish only where a mini-batch ends
+    if not bool(done.any()):
+        return weights, updates, momenta, gate_sums
     steps = [tau_last * u for u in updates]
     b = spec.mini_batch_size
     if spec.momentum:
         mean_eta = (gate_sums[..., 0] / b)[..., None, None]
-        momenta = [mean_eta * s + u for s, u in zip(momenta, steps, strict=True)]
-        steps = momenta
+        new_momenta = [mean_eta * s + u for s, u in zip(momenta, steps, strict=True)]
+        momenta = [torch.where(done, f, s) for f, s in zip(new_momenta, momenta, strict=True)]
+        steps = new_momenta
     if spec.muon:
         steps = [newton_schulz(u) for u in steps]
     if spec.forgetting:
         keep = (1.0 - gate_sums[..., 1] / b)[..., None, None]
-        weights = [keep * w + u for w, u in zip(weights, steps, strict=True)]
+        finished = [keep * w + u for w, u in zip(weights, steps, strict=True)]
     else:
-        weights = [w + u for w, u in zip(weights, steps, strict=True)]
+        finished = [w + u for w, u in zip(weights, steps, strict=True)]
     if spec.weight_norm:
-        weights = [
+        finished = [
             w / (w.norm(dim=-2, keepdim=True) + WEIGHT_NORM_EPS) * target
-            for w, target in zip(weights, target_norms, strict=True)
+            for w, target in zip(finished, target_norms, strict=True)
         ]
-    return weights, momenta
+    weights = [torch.where(done, f, w) for f, w in zip(finished, weights, strict=True)]
+    updates = [torch.where(done, 0.0, u) for u in updates]
+    if gate_sums is not None:
+        gate_sums = torch.where(done[..., 0], 0.0, gate_sums)
+    return weights, updates, momenta, gate_sums

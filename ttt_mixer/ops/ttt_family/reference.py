@@ -36,17 +36,8 @@ def reference_inner_function(
     return x + F.layer_norm(z, z.shape[-1:], eps=eps) * ln_weight + ln_bias
 
 
-def reference_token_loss(
-    spec: FamilySpec,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    ln_weight: torch.Tensor | None,
-    ln_bias: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    """The inner loss of one token, summed over the heads (which share no weight)."""
-    prediction = reference_inner_function(spec, k, weights, ln_weight, ln_bias, eps)
+def reference_token_loss(spec: FamilySpec, prediction: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The inner loss of one token's prediction f(k), summed over the heads (which share no weight)."""
     if spec.loss == "dot_product":
         return -(prediction * v).sum()
     return 0.5 * (prediction - v).square().sum()
@@ -108,7 +99,8 @@ def ttt_family_reference(
             qt, kt, vt, lrt, eta, alpha = (None if x is None else x[t : t + 1] for x in flat)
             weights = family_state_weights(spec, state)
             leaves = [w[0].detach().requires_grad_() if not w.requires_grad else w[0] for w in weights]
-            loss = reference_token_loss(spec, kt[0][:, None], vt[0][:, None], leaves, lnw, lnb, eps)
+            prediction = reference_inner_function(spec, kt[0][:, None], leaves, lnw, lnb, eps)
+            loss = reference_token_loss(spec, prediction, vt[0][:, None])
             grads = torch.autograd.grad(loss, leaves, create_graph=True)
             read, state = read_and_update(
                 spec, tau, state, [g[None] for g in grads], lrt, eta, alpha, targets

@@ -52,6 +52,22 @@ def family_state_gate_sums(spec: FamilySpec, state: State) -> torch.Tensor | Non
     return state[-1] if spec.has_gate_sums else None
 
 
+def unpack_family_state(
+    spec: FamilySpec, state: State
+) -> tuple[
+    torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor | None
+]:
+    """The parts of a state, the inverse of ``pack_family_state``: (position, W, D, S or None, gate
+    sums or None)."""
+    return (
+        family_state_position(state),
+        family_state_weights(spec, state),
+        family_state_updates(spec, state),
+        family_state_momenta(spec, state),
+        family_state_gate_sums(spec, state),
+    )
+
+
 def pack_family_state(
     position: torch.Tensor,
     weights: Sequence[torch.Tensor],

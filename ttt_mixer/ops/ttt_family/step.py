@@ -21,13 +21,10 @@ from ttt_mixer.ops.ttt_family.inner import (
 from ttt_mixer.ops.ttt_family.spec import FamilySpec
 from ttt_mixer.ops.ttt_family.state import (
     State,
-    family_state_gate_sums,
-    family_state_momenta,
-    family_state_position,
-    family_state_updates,
     family_state_weights,
     initial_family_state,
     pack_family_state,
+    unpack_family_state,
 )
 
 
@@ -60,11 +57,7 @@ def read_and_update(
     D <- (1 - alpha) D - alpha W + S, the query reads W + tau_i D, and the mini-batch's last token
     makes that the next start. Apply-then-update: the query reads W, D <- D - lr G, and the mini-batch's
     last token applies ``finish_minibatch``."""
-    position = family_state_position(state)
-    weights = family_state_weights(spec, state)
-    updates = family_state_updates(spec, state)
-    momenta = family_state_momenta(spec, state)
-    gate_sums = family_state_gate_sums(spec, state)
+    position, weights, updates, momenta, gate_sums = unpack_family_state(spec, state)
     steps = [-lr[..., m, None, None] * g for m, g in enumerate(grads)]
     done = (position + 1 == spec.mini_batch_size)[:, None, None, None]
     if spec.order == "dual":
@@ -79,6 +72,7 @@ def read_and_update(
         tau_i = tau[position][:, None, None, None]
         read = [w + tau_i * u for w, u in zip(weights, updates, strict=True)]
         weights = [torch.where(done, r, w) for r, w in zip(read, weights, strict=True)]
+        updates = [torch.where(done, 0.0, u) for u in updates]
     else:
         read = weights
         updates = [u + s for u, s in zip(updates, steps, strict=True)]
@@ -86,17 +80,9 @@ def read_and_update(
             zero = torch.zeros_like(lr[..., 0])
             gates = [zero if gate is None else gate for gate in (eta, alpha)]
             gate_sums = gate_sums + torch.stack(gates, dim=-1)
-        # Muon's normalisation has no gradient at a zero update: finish only where a mini-batch ends
-        if bool(done.any()):
-            finished, finished_momenta = finish_minibatch(
-                spec, weights, updates, momenta, gate_sums, tau[-1], target_norms
-            )
-            weights = [torch.where(done, f, w) for f, w in zip(finished, weights, strict=True)]
-            if momenta is not None:
-                momenta = [torch.where(done, f, s) for f, s in zip(finished_momenta, momenta, strict=True)]
-        if gate_sums is not None:
-            gate_sums = torch.where(done[..., 0], 0.0, gate_sums)
-    updates = [torch.where(done, 0.0, u) for u in updates]
+        weights, updates, momenta, gate_sums = finish_minibatch(
+            spec, done, weights, updates, momenta, gate_sums, tau[-1], target_norms
+        )
     new_position = (position + 1) % spec.mini_batch_size
     return read, pack_family_state(new_position, weights, updates, momenta, gate_sums)
 
