@@ -103,6 +103,16 @@ def check_positive_float(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def check_heads_divide_width(options: dict[str, object], names: dict[str, str]) -> None:
+    """ValueError unless the options' ``hidden_size`` is a multiple of their ``num_heads``; ``names``
+    maps an option to the name its caller knows it by, for the message."""
+    if options["hidden_size"] % options["num_heads"]:
+        raise ValueError(
+            f"{names.get('hidden_size', 'hidden_size')} ({options['hidden_size']}) must be divisible by "
+            f"{names.get('num_heads', 'num_heads')} ({options['num_heads']})"
+        )
+
+
 def check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")

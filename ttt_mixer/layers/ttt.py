@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
-from fla.models.utils import Cache
 from torch import nn
 
+from ttt_mixer.layers.base import PackedMixerLayer, one_token_each
 from ttt_mixer.layers.checks import (
     check_backend,
     check_bool,
-    check_cache_batch,
-    check_hidden_states,
+    check_heads_divide_width,
     check_int,
     check_positive_float,
-    padding_mask,
     resolve_backend,
 )
 from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
@@ -45,14 +42,10 @@ def check_layer_options(options: dict[str, object], names: dict[str, str] | None
             check_bool(name, value)
         elif option in ("rope_theta", "norm_eps") or (option == "base_lr" and value is not None):
             check_positive_float(name, value)
-    if options["hidden_size"] % options["num_heads"]:
-        raise ValueError(
-            f"{names.get('hidden_size', 'hidden_size')} ({options['hidden_size']}) must be divisible by "
-            f"{names.get('num_heads', 'num_heads')} ({options['num_heads']})"
-        )
+    check_heads_divide_width(options, names)
 
 
-class TTTLayer(nn.Module):
+class TTTLayer(PackedMixerLayer):
     """Test-Time Training layer (Sun et al. 2024): TTT-Linear or TTT-MLP.
 
     Args:
@@ -165,38 +158,17 @@ class TTTLayer(nn.Module):
             f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, use_rope={self.use_rope}"
         )
 
-    def forward(
+    def mix(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        output_attentions: bool | None = False,
-        **kwargs,
-    ) -> tuple[torch.Tensor, None, Cache | None]:
-        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values). ``cu_seqlens`` in kwargs
-        marks packed sequences (batch size 1); ``cache_offset`` in kwargs is the number of positions
-        this call adds to the cache's length (default T: a model that packs a padded batch before its
-        layers passes the padded length); other fla keyword arguments are accepted and unused."""
-        batch_size, q_len = check_hidden_states(
-            type(self).__name__, hidden_states, self.hidden_size, self.q_proj.weight.dtype
-        )
-        attention_mask = None if padding_mask(attention_mask, batch_size, q_len) is None else attention_mask
-        if attention_mask is not None and kwargs.get("cu_seqlens") is not None:
-            raise ValueError("give either cu_seqlens (packed input) or a padding attention_mask, not both")
-
-        last_state = get_layer_cache(self, past_key_values)
-        hidden_states, indices, cu_seqlens = unpad_hidden_states(
-            hidden_states, kwargs.get("cu_seqlens"), attention_mask, q_len
-        )
-        num_sequences = batch_size if cu_seqlens is None else cu_seqlens.numel() - 1
-        # the entry may exist without our states: a block-level sublayer can write it first
-        recurrent_state = last_state["recurrent_state"] if last_state is not None else None
-        conv_state = last_state["conv_state"] if last_state is not None else None
+        recurrent_state: tuple[torch.Tensor, ...] | None,
+        conv_state: tuple[torch.Tensor, torch.Tensor] | None,
+        use_cache: bool,
+        cu_seqlens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple | None]:
+        """The TTT mixer on unpadded hidden states [B, T, D] -> (o [B, T, D], the state, the
+        convolutions' windows when ``share_qk``)."""
         conv_q, conv_k = conv_state if self.share_qk and conv_state is not None else (None, None)
-        if recurrent_state is not None:
-            check_cache_batch(type(self).__name__, state_position(recurrent_state).shape[0], num_sequences)
-
         if self.share_qk:
             shared = self.q_proj(hidden_states)
             q, conv_q = self.q_conv1d(shared, conv_q, use_cache, cu_seqlens)
@@ -214,9 +186,8 @@ class TTTLayer(nn.Module):
             q = apply_interleaved_rotary(q, positions, self.rope_theta)
             k = apply_interleaved_rotary(k, positions, self.rope_theta)
 
-        one_token_each = q.shape[1] == 1 if cu_seqlens is None else bool((cu_seqlens.diff() <= 1).all())
         chunk_op, step_op = BACKENDS[resolve_backend(self.backend, q.device)]
-        o, recurrent_state = (step_op if one_token_each else chunk_op)(
+        o, recurrent_state = (step_op if one_token_each(q, cu_seqlens) else chunk_op)(
             self.inner.name,
             q,
             k,
@@ -227,23 +198,14 @@ class TTTLayer(nn.Module):
             self.ttt_norm_bias,
             self.inner_params(),
             initial_state=recurrent_state,
-            output_final_state=bool(use_cache),
+            output_final_state=use_cache,
             cu_seqlens=cu_seqlens,
             eps=self.norm_eps,
         )
-        update_layer_cache(
-            self,
-            past_key_values,
-            recurrent_state=recurrent_state,
-            conv_state=(conv_q, conv_k) if self.share_qk else None,
-            offset=q_len if kwargs.get("cache_offset") is None else kwargs["cache_offset"],
-        )
-
         o = self.post_norm(o.flatten(-2))
         if self.use_gate:
             o = F.gelu(self.g_proj(hidden_states), approximate="tanh") * o
-        o = self.o_proj(o)
-        return repad_hidden_states(o, indices, batch_size, q_len), None, past_key_values
+        return self.o_proj(o), recurrent_state, (conv_q, conv_k) if self.share_qk else None
 
 
 class TTTLinear(TTTLayer):

@@ -13,21 +13,18 @@ import math
 
 import torch
 import torch.nn.functional as F
-from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
-from fla.models.utils import Cache
 from torch import nn
 
+from ttt_mixer.layers.base import PackedMixerLayer, one_token_each
 from ttt_mixer.layers.checks import (
     check_bool,
-    check_cache_batch,
-    check_hidden_states,
+    check_heads_divide_width,
     check_int,
     check_positive_float,
-    padding_mask,
 )
 from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
 from ttt_mixer.modules.sliding_window import WindowState, sliding_window_attention, token_positions
-from ttt_mixer.ops.ttt_family import FamilySpec, family_state_position, ttt_family_chunk, ttt_family_step
+from ttt_mixer.ops.ttt_family import FamilySpec, ttt_family_chunk, ttt_family_step
 from ttt_mixer.ops.ttt_family.inner import param_names, param_shapes
 from ttt_mixer.ops.ttt_family.state import State
 
@@ -79,14 +76,10 @@ def check_family_layer_options(options: dict[str, object], names: dict[str, str]
             check_bool(name, value)
         elif option in ("rope_theta", "norm_eps") or (option == "base_lr" and value is not None):
             check_positive_float(name, value)
-    if options["hidden_size"] % options["num_heads"]:
-        raise ValueError(
-            f"{names.get('hidden_size', 'hidden_size')} ({options['hidden_size']}) must be divisible by "
-            f"{names.get('num_heads', 'num_heads')} ({options['num_heads']})"
-        )
+    check_heads_divide_width(options, names)
 
 
-class TTTFamilyLayer(nn.Module):
+class TTTFamilyLayer(PackedMixerLayer):
     """A TTT-family mixer with a preset's projections around the family op: ``"titans"`` (Behrouz et
     al. 2025, the neural memory as a layer) or ``"lact"`` (Zhang et al. 2025, large-chunk TTT with
     SwiGLU fast weights beside sliding-window attention).
@@ -195,44 +188,19 @@ class TTTFamilyLayer(nn.Module):
             f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, window_size={self.window_size}"
         )
 
-    def forward(
+    def mix(
         self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        output_attentions: bool | None = False,
-        **kwargs,
-    ) -> tuple[torch.Tensor, None, Cache | None]:
-        """hidden_states [B, T, D] -> (o [B, T, D], None, past_key_values); ``cu_seqlens`` and
-        ``cache_offset`` in kwargs as for ``TTTLayer``, other fla keyword arguments unused."""
-        batch_size, q_len = check_hidden_states(
-            type(self).__name__, hidden_states, self.hidden_size, self.q_proj.weight.dtype
-        )
-        attention_mask = None if padding_mask(attention_mask, batch_size, q_len) is None else attention_mask
-        if attention_mask is not None and kwargs.get("cu_seqlens") is not None:
-            raise ValueError("give either cu_seqlens (packed input) or a padding attention_mask, not both")
-        entry = get_layer_cache(self, past_key_values)
-        x, indices, cu_seqlens = unpad_hidden_states(
-            hidden_states, kwargs.get("cu_seqlens"), attention_mask, q_len
-        )
-        num_sequences = batch_size if cu_seqlens is None else cu_seqlens.numel() - 1
-        recurrent_state = entry["recurrent_state"] if entry is not None else None
-        window = entry["conv_state"] if entry is not None else None
-        if recurrent_state is not None:
-            check_cache_batch(
-                type(self).__name__, family_state_position(recurrent_state).shape[0], num_sequences
-            )
+        x: torch.Tensor,
+        state: State | None,
+        window: tuple | None,
+        use_cache: bool,
+        cu_seqlens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, State | None, tuple | None]:
+        """The preset's mixer on unpadded hidden states [B, T, D] -> (o [B, T, D], the family state,
+        the layer's window)."""
         mix = self.titans_mix if self.preset == "titans" else self.lact_mix
-        o, recurrent_state, window = mix(x, recurrent_state, window, bool(use_cache), cu_seqlens)
-        update_layer_cache(
-            self,
-            past_key_values,
-            recurrent_state=recurrent_state,
-            conv_state=window,
-            offset=q_len if kwargs.get("cache_offset") is None else kwargs["cache_offset"],
-        )
-        return repad_hidden_states(self.o_proj(o), indices, batch_size, q_len), None, past_key_values
+        o, state, window = mix(x, state, window, use_cache, cu_seqlens)
+        return self.o_proj(o), state, window
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim))
@@ -250,8 +218,7 @@ class TTTFamilyLayer(nn.Module):
         cu_seqlens: torch.Tensor | None,
     ) -> tuple[torch.Tensor, State | None]:
         """The family op over [B, T, H, d] inputs: the decode step when every sequence has one token."""
-        one_each = q.shape[1] == 1 if cu_seqlens is None else bool((cu_seqlens.diff() <= 1).all())
-        op = ttt_family_step if one_each else ttt_family_chunk
+        op = ttt_family_step if one_token_each(q, cu_seqlens) else ttt_family_chunk
         return op(
             self.spec,
             q,
