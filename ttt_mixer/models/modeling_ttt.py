@@ -65,33 +65,29 @@ class PreConv(nn.Module):
 
 def mixer_layer(config: TTTConfig, layer_idx: int) -> TTTLayer | TTTFamilyLayer:
     """The block's sequence mixer: TTT-Linear / TTT-MLP, or the family member ``config.ttt_preset``."""
+    shared_options = {
+        "hidden_size": config.hidden_size,
+        "num_heads": config.num_attention_heads,
+        "mini_batch_size": config.mini_batch_size,
+        "base_lr": config.ttt_base_lr,
+        "conv_size": config.conv_kernel,
+        "rope_theta": config.rope_theta,
+        "norm_eps": config.ttt_norm_eps,
+        "layer_idx": layer_idx,
+    }
     if config.ttt_preset is not None:
         return TTTFamilyLayer(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
             preset=config.ttt_preset,
-            mini_batch_size=config.mini_batch_size,
-            base_lr=config.ttt_base_lr,
-            conv_size=config.conv_kernel,
             window_size=config.window_size,
             use_muon=config.use_muon,
-            rope_theta=config.rope_theta,
-            norm_eps=config.ttt_norm_eps,
-            layer_idx=layer_idx,
+            **shared_options,
         )
     return TTTLayer(
-        hidden_size=config.hidden_size,
-        num_heads=config.num_attention_heads,
         inner_model=config.ttt_layer_type,
-        mini_batch_size=config.mini_batch_size,
-        base_lr=config.ttt_base_lr,
         share_qk=config.share_qk,
-        conv_size=config.conv_kernel,
         use_gate=config.use_gate,
         use_rope=config.use_rope,
-        rope_theta=config.rope_theta,
-        norm_eps=config.ttt_norm_eps,
-        layer_idx=layer_idx,
+        **shared_options,
     )
 
 
