@@ -205,8 +205,8 @@ def test_step_packed_matches_step(inner_model: str) -> None:
 # Gradients ------------------------------------------------------------------------------------------
 
 # name -> (make_case keyword arguments, checkpoint_every); checkpoint_every=1 recomputes one mini-batch
-# per backward segment, so these cross several segment boundaries (TTT-Linear's fused backward kernel
-# replays each segment in the kernel, TTT-MLP's backward in PyTorch)
+# per backward segment, so these cross several segment boundaries (the fused backward kernel of each
+# inner model replays each segment in the kernel)
 GRADIENT_CASES = {
     "rows": ({"batch_size": 2, "seq_len": 10, "mini_batch_size": 4}, 1),
     "one-segment": ({"batch_size": 2, "seq_len": 10, "mini_batch_size": 4}, 4),
@@ -262,12 +262,13 @@ def test_gradients_match_primal(inner_model: str, case: tuple[dict, int]) -> Non
     assert {name for name, g in grads.items() if g.abs().max() > 0} == read
 
 
-def test_linear_gradients_float64_match_primal() -> None:
-    """TTT-Linear's fused backward in float64 agrees with the primal form to rounding: the hand-derived
+@inner_models
+def test_gradients_float64_match_primal(inner_model: str) -> None:
+    """The fused backward in float64 agrees with the primal form to rounding: the hand-derived
     gradients (docs/math.md section 14) are exact, packed, from mid-mini-batch states, across
     segments."""
     shape, checkpoint_every = GRADIENT_CASES["packed-mid-mini-batch-state"]
-    inputs, state, cu_seqlens = make_case("linear", **shape, dtype=torch.float64, seed=14)
+    inputs, state, cu_seqlens = make_case(inner_model, **shape, dtype=torch.float64, seed=14)
     _, _, grads = gradients(ttt_chunk_triton, inputs, state, cu_seqlens, checkpoint_every=checkpoint_every)
     _, _, grads_ref = gradients(ttt_primal, inputs, state, cu_seqlens)
     assert all(g.dtype == torch.float64 for g in grads.values())

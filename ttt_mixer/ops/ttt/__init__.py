@@ -4,8 +4,10 @@
   forms the fast paths are held to;
 - ``chunk``: the chunked dual form ``ttt_chunk`` in PyTorch; ``step``: the decode step ``ttt_step``;
 - ``triton``: ``ttt_chunk_triton`` and ``ttt_step_triton`` on the forward kernel of ``triton_forward``
-  (its per-mini-batch recurrences in ``triton_linear`` and ``triton_mlp``), TTT-Linear's fused backward
-  kernel of ``triton_linear_backward``, and the pieces they share in ``triton_helpers``;
+  (its per-mini-batch recurrences in ``triton_linear`` and ``triton_mlp``), the fused backward kernels
+  of ``triton_linear_backward`` and ``triton_mlp_backward`` (its hidden tiles' in
+  ``triton_mlp_tile_backward``, what both share in ``triton_backward``), and the pieces every kernel
+  shares in ``triton_helpers``;
 - ``inner``: the inner model and the math the fast paths share; ``state``: the state tuple's layout;
   ``checks``: the input checks of every op; ``grid``: sequences laid out in whole mini-batches.
 """

@@ -22,11 +22,11 @@ What runs where:
   gradient reaching the segment's end state, which gives the gradient of its start state for the
   segment before. The first segment starts from the initial state (its position may be
   mid-mini-batch); the gradient of that state becomes the gradient of ``initial_state`` or, without
-  one, of ``params``. TTT-Linear runs all of it in one fused Triton kernel per (sequence, head)
-  (``triton_linear_backward``; the hand-derived backward of the dual form is in docs/math.md section
-  14). TTT-MLP recomputes each segment in PyTorch with the differentiable ``ttt_chunk`` (all the
-  sequences active in the segment packed into one call). Gradients are exact for every case the
-  forward supports (rows, packed sequences, empty sequences, mid-mini-batch states).
+  one, of ``params``. All of it runs in one fused Triton kernel per (sequence, head), for TTT-Linear
+  (``triton_linear_backward``) and TTT-MLP (``triton_mlp_backward``, which streams hidden tiles as
+  the forward does); the hand-derived backward of the dual form is in docs/math.md section 14.
+  Gradients are exact for every case the forward supports (rows, packed sequences, empty sequences,
+  mid-mini-batch states).
 
 The Triton path needs the inner LayerNorm (ln_weight, ln_bias not None). Everything accumulates in
 float32 (float64 for float64 inputs), the state is float32 (float64); inputs may be 16-bit.
@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 from torch.autograd.function import once_differentiable
 
@@ -49,10 +48,10 @@ from ttt_mixer.ops.ttt.checks import (
     check_inputs,
     check_triton_inputs,
 )
-from ttt_mixer.ops.ttt.chunk import ttt_chunk
 from ttt_mixer.ops.ttt.inner import InnerModel, get_inner_model, token_scale
 from ttt_mixer.ops.ttt.state import State, pack_state, state_position, state_tensors
 from ttt_mixer.ops.ttt.state import initial_state as make_initial_state
+from ttt_mixer.ops.ttt.triton_backward import BackwardStates, SharedGrads, TokenGrads
 from ttt_mixer.ops.ttt.triton_forward import FORWARD_KERNELS
 from ttt_mixer.ops.ttt.triton_helpers import (
     DOT_PRECISION,
@@ -64,15 +63,16 @@ from ttt_mixer.ops.ttt.triton_helpers import (
     StateBuffers,
     Tokens,
 )
-from ttt_mixer.ops.ttt.triton_linear_backward import (
-    LINEAR_BACKWARD_KERNEL,
-    LINEAR_BACKWARD_META,
-    BackwardStates,
-    SharedGrads,
-    TokenGrads,
-)
+from ttt_mixer.ops.ttt.triton_linear_backward import LINEAR_BACKWARD_KERNEL, LINEAR_BACKWARD_META
+from ttt_mixer.ops.ttt.triton_mlp_backward import MLP_BACKWARD_KERNEL, MLP_BACKWARD_META
 
 __all__ = ["ttt_chunk_triton", "ttt_step_triton"]
+
+# number of inner layers -> (backward kernel, meta-parameters to pass: none when autotuned)
+BACKWARD_KERNELS = {
+    1: (LINEAR_BACKWARD_KERNEL, LINEAR_BACKWARD_META),
+    2: (MLP_BACKWARD_KERNEL, MLP_BACKWARD_META),
+}
 
 Tensors = Sequence[torch.Tensor]
 
@@ -343,13 +343,11 @@ class _TTTTriton(torch.autograd.Function):
 
 def _backward(call: _Call, saved: _Saved, grads: Tensors) -> list[torch.Tensor | None]:
     """Gradients w.r.t. (q, k, v, lr, token_offset, ln_weight, ln_bias, *params, *state floats) from
-    those of (o, *final state floats): by the fused backward kernel for TTT-Linear, by segment
-    recomputation in PyTorch for TTT-MLP."""
+    those of (o, *final state floats), by the fused backward kernel of the inner model."""
     tensors = saved.tensors
     compute = _compute_dtype(tensors[0])
     grads = [grads[0].contiguous(), *(g.to(compute).contiguous() for g in grads[1:])]
-    backward = _fused_linear_backward if call.inner.num_layers == 1 else _recomputed_backward
-    grad_tokens, grad_shared, grad_state = backward(call, saved, grads)
+    grad_tokens, grad_shared, grad_state = _fused_backward(call, saved, grads)
     q, k, v, lr, token_offset, ln_weight, ln_bias = tensors[:7]
     params, state_floats = tensors[7 : 7 + call.num_params], tensors[7 + call.num_params :]
     grad_tokens = [g.reshape(t.shape).to(t.dtype) for g, t in zip(grad_tokens, (q, k, v, lr), strict=True)]
@@ -368,8 +366,9 @@ def _backward(call: _Call, saved: _Saved, grads: Tensors) -> list[torch.Tensor |
     return [*grad_tokens, *grad_shared, *grad_params, *grad_initial]
 
 
-def _fused_linear_backward(call: _Call, saved: _Saved, grads: Tensors) -> _Gradients:
-    """TTT-Linear's gradients from the fused backward kernel (``triton_linear_backward``)."""
+def _fused_backward(call: _Call, saved: _Saved, grads: Tensors) -> _Gradients:
+    """The gradients from the fused backward kernel (``triton_linear_backward`` or
+    ``triton_mlp_backward``), the tokens' flattened to [B * T, ...]."""
     tensors, checkpoints = saved
     q, token_offset, ln_weight, ln_bias = tensors[0], *tensors[4:7]
     num_sequences, num_heads = _grid(call, q)
@@ -382,17 +381,18 @@ def _fused_linear_backward(call: _Call, saved: _Saved, grads: Tensors) -> _Gradi
     token_grads = TokenGrads(grads[0], *(torch.empty_like(t) for t in tokens))
     shared_grads = SharedGrads(
         initial[0].new_empty(num_sequences, num_heads, call.mini_batch_size),
-        torch.empty_like(initial[1]),
-        torch.empty_like(initial[1]),
+        initial[0].new_empty(num_sequences, num_heads, q.shape[3]),
+        initial[0].new_empty(num_sequences, num_heads, q.shape[3]),
     )
     weights = initial[: call.num_params]
     states = BackwardStates(
         tuple(initial),
         tuple(checkpoints) if checkpoints else tuple(weights),  # placeholders when never read
-        tuple(w.new_empty(call.checkpoint_every, *w.shape) for w in weights),
+        _scratch(call, weights),
     )
     grad_initial = [torch.empty_like(t) for t in initial]
-    LINEAR_BACKWARD_KERNEL[_grid(call, q)](
+    kernel, meta = BACKWARD_KERNELS[call.inner.num_layers]
+    kernel[_grid(call, q)](
         tokens,
         token_grads,
         _shared(call, tau, ln_weight, ln_bias),
@@ -403,98 +403,19 @@ def _fused_linear_backward(call: _Call, saved: _Saved, grads: Tensors) -> _Gradi
         tuple(grad_initial),
         _dims(call, q),
         **_block_meta(call, q),
-        **LINEAR_BACKWARD_META,
+        **meta,
     )
     (grad_offset,) = torch.autograd.grad(tau, offset, shared_grads.tau.sum((0, 1)))
     grad_shared = [grad_offset, shared_grads.ln_weight.sum(0), shared_grads.ln_bias.sum(0)]
     return list(token_grads[1:]), grad_shared, grad_initial
 
 
-def _recomputed_backward(call: _Call, saved: _Saved, grads: Tensors) -> _Gradients:
-    """The gradients of ``_fused_linear_backward`` (the tokens' flattened to [B * T, ...]) by
-    recomputing segments of checkpoint_every mini-batches with ``ttt_chunk``, last to first."""
-    tensors, checkpoints = saved
-    grad_o, grad_final = grads[0], grads[1:]
-    q, k, v, lr, token_offset, ln_weight, ln_bias = tensors[:7]
-    params = tensors[7 : 7 + call.num_params]
-    B, T, H, d = q.shape
-    compute = _compute_dtype(q)
-    num_weights = call.num_params
-
-    # the recomputation runs in the compute dtype (16-bit inputs are cast exactly, as in the kernel)
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(compute).reshape(B * T, *t.shape[2:])
-
-    tokens = [flat(t) for t in (q, k, v, lr)]
-    shared = [t.detach().to(compute) for t in (token_offset, ln_weight, ln_bias)]
-    compute_params = [p.detach().to(compute) for p in params]
-    initial = _initial_floats(call, tensors)
-
-    grad_tokens = [torch.zeros_like(t) for t in tokens]
-    grad_shared = [torch.zeros_like(t) for t in shared]
-    # the gradient w.r.t. each sequence's state at the current segment boundary, starting at the end
-    grad_state = [g.clone() for g in grad_final]
-    grad_o_flat = grad_o.to(compute).reshape(B * T, H, d)
-
-    span = call.checkpoint_every * call.mini_batch_size  # grid cells per segment
-    for segment in reversed(range(_num_segments(call))):
-        # token offsets of each sequence inside the segment's cells
-        lo = (segment * span - call.position).clamp(min=0).minimum(call.seq_len)
-        hi = ((segment + 1) * span - call.position).clamp(min=0).minimum(call.seq_len)
-        active = torch.nonzero(hi > lo).squeeze(1)
-        counts = (hi - lo)[active]
-        total = int(counts.sum())
-        if total == 0:
-            continue
-        cu_seqlens = F.pad(counts.cumsum(0), (1, 0))
-        # flattened index of every token of the segment, sequence after sequence
-        index = (
-            torch.arange(total, device=counts.device)
-            - torch.repeat_interleave(cu_seqlens[:-1], counts)
-            + torch.repeat_interleave(call.seq_start[active] + lo[active], counts)
-        )
-        if segment == 0:
-            position = call.position[active]
-            start = [t[active] for t in initial]
-        else:
-            # a segment boundary follows a complete mini-batch: position 0, no accumulated gradient
-            position = torch.zeros_like(active)
-            start = [c[segment - 1, active] for c in checkpoints]
-            start += [torch.zeros_like(w) for w in start]
-
-        token_leaves = [t[index].unsqueeze(0).requires_grad_() for t in tokens]
-        shared_leaves = [t.clone().requires_grad_() for t in shared]
-        start_leaves = [t.detach().clone().requires_grad_() for t in start]
-        with torch.enable_grad():
-            o, end_state = ttt_chunk(
-                call.inner.name,
-                *token_leaves,
-                *shared_leaves,
-                compute_params,
-                initial_state=pack_state(position, start_leaves[:num_weights], start_leaves[num_weights:]),
-                output_final_state=True,
-                cu_seqlens=cu_seqlens,
-                eps=call.eps,
-            )
-            # an end state that does not depend on the inputs (all-zero accumulators) takes no gradient
-            ends = [
-                (t, g[active])
-                for t, g in zip(state_tensors(end_state), grad_state, strict=True)
-                if t.requires_grad
-            ]
-            leaves = token_leaves + shared_leaves + start_leaves
-            grads = torch.autograd.grad(
-                [o, *(t for t, _ in ends)],
-                leaves,
-                [grad_o_flat[index].unsqueeze(0), *(g for _, g in ends)],
-                allow_unused=True,
-            )
-        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]
-        for grad_token, g in zip(grad_tokens, grads[:4], strict=True):
-            grad_token[index] = g.squeeze(0)
-        for grad_total, g in zip(grad_shared, grads[4:7], strict=True):
-            grad_total += g
-        for grad_start, g in zip(grad_state, grads[7:], strict=True):
-            grad_start[active] = g
-
-    return grad_tokens, grad_shared, grad_state
+def _scratch(call: _Call, weights: Tensors) -> tuple[torch.Tensor, ...]:
+    """The backward kernel's scratch: the weights [checkpoint_every, N, H, ...] of one segment's
+    mini-batches, and for TTT-MLP the part of the keys' hidden gradient dZ1 [N, H, b, 4d] that one
+    pass leaves for the next."""
+    scratch = tuple(w.new_empty(call.checkpoint_every, *w.shape) for w in weights)
+    if call.inner.num_layers == 1:
+        return scratch
+    num_sequences, num_heads, hidden = weights[1].shape
+    return (*scratch, weights[1].new_empty(num_sequences, num_heads, call.mini_batch_size, hidden))

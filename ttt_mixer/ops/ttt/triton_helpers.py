@@ -1,7 +1,7 @@
 """Pieces shared by the Triton kernels of TTT (docs/math.md sections 4-7 and 14): the forward kernel
 (``triton_forward``, running TTT-Linear's recurrence of ``triton_linear`` or TTT-MLP's of
-``triton_mlp``) and TTT-Linear's backward kernel (``triton_linear_backward``), one program per
-(sequence, head), and the argument groups they take (``Tokens``, ``Shared``, ``Sequences``,
+``triton_mlp``) and the backward kernels (``triton_linear_backward``, ``triton_mlp_backward``), one
+program per (sequence, head), and the argument groups they take (``Tokens``, ``Shared``, ``Sequences``,
 ``StateBuffers``, ``Dims``).
 
 A program walks its sequence's mini-batches in order. Mini-batches are aligned to the sequence's own
@@ -19,7 +19,7 @@ in the middle of a mini-batch): every later one starts after a complete mini-bat
 read and apply the accumulators only in the first (``MiniBatch.first``), inside the same loop.
 
 Optionally (``STORE_CHECKPOINTS``) the weights at the start of every ``checkpoint_every``-th
-mini-batch are stored for the backward pass (``triton_linear_backward``, ``ttt_mixer.ops.ttt.triton``); at such a boundary the
+mini-batch are stored for the backward kernels (``triton_backward``); at such a boundary the
 accumulators are zero and the position is 0, so the weights are the whole state.
 
 Block sizes: ``tl.dot`` needs every dim >= 16 on a GPU, so BLOCK_T = max(16, next_pow2(b)) and
@@ -55,7 +55,7 @@ DOT_PRECISION = {
 # Kernel arguments -----------------------------------------------------------------------------------
 #
 # The forward kernel (``triton_forward``) takes (tokens, o, shared, sequences, buffers, dims) and its
-# meta-parameters; the backward kernel (``triton_linear_backward``) the same groups and its own.
+# meta-parameters; the backward kernels (``triton_backward``) the same groups and their own.
 
 
 class Tokens(NamedTuple):
@@ -240,16 +240,32 @@ def vector_tile(state_row, cols, num_cols):
 
 
 @triton.jit
-def gelu_tanh(x):
-    """gelu(x, approximate='tanh') and its derivative (reference_gelu_tanh_grad of naive.py)."""
+def _gelu_tanh_inner(x):
+    """tanh(u) at u = sqrt(2/pi) (x + 0.044715 x^3), the tanh that gelu_tanh and its derivatives share."""
     u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
     # tanh(u) from exp(-2|u|), which cannot overflow
     decay = tl.exp(-2.0 * tl.abs(u))
     tanh = (1.0 - decay) / (1.0 + decay)
-    tanh = tl.where(u < 0, -tanh, tanh)
+    return tl.where(u < 0, -tanh, tanh)
+
+
+@triton.jit
+def gelu_tanh(x):
+    """gelu(x, approximate='tanh') and its derivative (reference_gelu_tanh_grad of naive.py)."""
+    tanh = _gelu_tanh_inner(x)
     value = 0.5 * x * (1.0 + tanh)
     grad = 0.5 * (1.0 + tanh) + 0.5 * x * (1.0 - tanh * tanh) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
     return value, grad
+
+
+@triton.jit
+def gelu_tanh_second(x):
+    """The second derivative of gelu(x, approximate='tanh') (GeluTanhWithGrad's backward in inner.py):
+    with t = tanh(u), (1 - t^2) (u' + x/2 (u'' - 2 t u'^2))."""
+    tanh = _gelu_tanh_inner(x)
+    u_grad = SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+    u_second = SQRT_2_OVER_PI * 6 * 0.044715 * x
+    return (1.0 - tanh * tanh) * (u_grad + 0.5 * x * (u_second - 2.0 * tanh * u_grad * u_grad))
 
 
 @triton.jit
@@ -285,14 +301,22 @@ def ln_fused_l2_parts(z, target, program, dims, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def ln_fused_l2_grad_and_parts(z, target, program, minibatch, dims, BLOCK_D: tl.constexpr):
+    """``ln_fused_l2_grad`` and the parts of ``ln_fused_l2_parts`` it is computed from (the backward
+    kernels need both)."""
+    col_valid = tl.arange(0, BLOCK_D) < dims.head_dim
+    z_hat, rstd, error = ln_fused_l2_parts(z, target, program, dims, BLOCK_D)
+    grad = normalize_backward(error * program.ln_weight[None, :], z_hat, rstd, col_valid, dims.head_dim)
+    return tl.where(minibatch.real[:, None], grad, 0.0), z_hat, rstd, error
+
+
+@triton.jit
 def ln_fused_l2_grad(z, target, program, minibatch, dims, BLOCK_D: tl.constexpr):
     """d/dz of 1/2 ||LN(z) - target||^2 (reference_ln_fused_l2_grad of naive.py) with the head's
     LayerNorm, zero outside the real tokens and columns so that padding never reaches the
     accumulators."""
-    col_valid = tl.arange(0, BLOCK_D) < dims.head_dim
-    z_hat, rstd, error = ln_fused_l2_parts(z, target, program, dims, BLOCK_D)
-    grad = normalize_backward(error * program.ln_weight[None, :], z_hat, rstd, col_valid, dims.head_dim)
-    return tl.where(minibatch.real[:, None], grad, 0.0)
+    grad, _, _, _ = ln_fused_l2_grad_and_parts(z, target, program, minibatch, dims, BLOCK_D)
+    return grad
 
 
 @triton.jit
@@ -398,11 +422,12 @@ def store_checkpoint(ckpt_ptr, tile, weight, program, minibatch, checkpoint_ever
     tl.store(ckpt_ptr + slot * tile.slot_stride + tile.offsets, weight, mask=mask_if(tile.mask, due))
 
 
-def tuned(kernel, configs: list[triton.Config]):
-    """The kernel autotuned over configs on a GPU, or the kernel and its first config's meta-parameters
-    in the interpreter (autotuning needs a GPU). Every run of a kernel recomputes its outputs from
-    inputs it never writes, so autotuning's repeated runs are harmless. The tuning key: the sizes,
-    and the dtypes through COMPUTE and PRECISION (argument groups carry no dtype for the autotuner)."""
+def tuned(kernel, configs: list[triton.Config], interpreter_meta: dict | None = None):
+    """The kernel autotuned over configs on a GPU, or the kernel and, in the interpreter (autotuning
+    needs a GPU), interpreter_meta or else its first config's meta-parameters. Every run of a kernel
+    recomputes its outputs from inputs it never writes, so autotuning's repeated runs are harmless.
+    The tuning key: the sizes, and the dtypes through COMPUTE and PRECISION (argument groups carry no
+    dtype for the autotuner)."""
     if INTERPRET:
-        return kernel, dict(configs[0].kwargs)
+        return kernel, dict(configs[0].kwargs if interpreter_meta is None else interpreter_meta)
     return triton.autotune(configs, key=["dims", "COMPUTE", "PRECISION"])(kernel), {}
