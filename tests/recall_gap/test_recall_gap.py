@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,40 @@ def test_two_processes_train_what_one_does(tmp_path: Path) -> None:
     ]
     (run_dir,) = (tmp_path / "two" / "runs").iterdir()
     assert json.loads((run_dir / "train.json").read_text())["final_loss"] is not None
+
+
+PARENT_KILLED_MID_RUN = """
+import multiprocessing, os
+from concurrent.futures import ProcessPoolExecutor
+from ttt_mixer.recall_gap.runner import _exit_with_parent
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(1, context, _exit_with_parent, (os.getpid(),))
+    print(pool.submit(os.getpid).result(), flush=True)
+    os._exit(0)  # as a kill would: no cleanup, the worker is left running
+"""
+
+
+def _process_ended(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:  # a zombie has ended too; nobody may reap it here
+        return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_worker_ends_itself_when_the_command_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_KILLED_MID_RUN)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=subprocess_env(), timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    worker = int(result.stdout.split()[-1])
+    deadline = time.monotonic() + 20
+    while not _process_ended(worker):
+        assert time.monotonic() < deadline, f"worker {worker} still runs 20 s after its parent was killed"
+        time.sleep(0.1)

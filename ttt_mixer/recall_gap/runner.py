@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -180,6 +181,21 @@ def _worker(
         )
 
 
+PARENT_POLL_SECONDS = 1.0
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initialiser: a daemon thread ends this worker once its parent is gone (killed, or
+    ended by a signal that skips cleanup), so that no orphan trains on alone."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 # seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
 RELATIVE_CPU_COST = {"attention": 1.0, "based": 1.3, "ttt_linear": 1.7, "gla": 1.9, "ttt_mlp": 4.5}
 RELATIVE_CPU_COST |= {"gated_deltanet": 5.0, "mamba": 2.0, "mamba2": 3.0, "longhorn": 2.0}
@@ -219,43 +235,64 @@ def _run_parallel(
     context = multiprocessing.get_context("spawn")
     rows: dict[int, Row] = {}
     bars = [Progress(spec.steps, f"{spec.name}: waiting") for spec in specs]
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures: dict[Future, int] = {}
-        # longest first, so that no slow run starts last while the other workers idle
-        for i in sorted(range(len(specs)), key=lambda i: -_estimated_cost(specs[i])):
-            spec = specs[i]
-            run_dir = out / RUNS_DIR / spec.name
-            (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
-            args = (spec, run_dir, preset.eval_shapes(spec.train_shape), settings, save_steps, threads)
-            futures[pool.submit(_worker, *args)] = i
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in done:
-                i = futures[future]
-                error = future.exception()
-                if error is not None:
-                    for other in pending:
-                        other.cancel()
-                    log = out / RUNS_DIR / specs[i].name / LOG_FILE
-                    # bad settings and diverged training keep their type: the command reports them in a line
-                    kind = (
-                        type(error)
-                        if isinstance(error, (ValueError, NonFiniteTrainingError))
-                        else RuntimeError
-                    )
-                    raise kind(f"run {specs[i].name} failed: {error}; its output is in {log}") from error
-                rows[i] = future.result()
-                bars[i].set(specs[i].steps, f"{specs[i].name}: done")
-            for i in (futures[f] for f in pending):
-                state = _read_progress(out / RUNS_DIR / specs[i].name / PROGRESS_FILE)
-                if "step" in state:
-                    bars[i].set(state["step"], f"{specs[i].name}: training")
-                elif state.get("phase") == "evaluating":
-                    bars[i].set(specs[i].steps, f"{specs[i].name}: evaluating")
+    pool = ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    )
+    try:
+        _collect(specs, out, preset, settings, save_steps, threads, pool, rows, bars)
+    except BaseException:
+        # a failed run or an interrupt ends the others now: the pool's shutdown would wait for them
+        for worker in multiprocessing.active_children():
+            worker.terminate()
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
     for bar in bars:
         bar.close()
     return [rows[i] for i in range(len(specs))]
+
+
+def _collect(
+    specs: Sequence[RunSpec],
+    out: Path,
+    preset: Preset,
+    settings: EvalSettings,
+    save_steps: int,
+    threads: int,
+    pool: ProcessPoolExecutor,
+    rows: dict[int, Row],
+    bars: list[Progress],
+) -> None:
+    """Submit every run to ``pool`` (longest first), fill ``rows`` as they finish and draw ``bars``."""
+    futures: dict[Future, int] = {}
+    # longest first, so that no slow run starts last while the other workers idle
+    for i in sorted(range(len(specs)), key=lambda i: -_estimated_cost(specs[i])):
+        spec = specs[i]
+        run_dir = out / RUNS_DIR / spec.name
+        (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
+        args = (spec, run_dir, preset.eval_shapes(spec.train_shape), settings, save_steps, threads)
+        futures[pool.submit(_worker, *args)] = i
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        for future in done:
+            i = futures[future]
+            error = future.exception()
+            if error is not None:
+                log = out / RUNS_DIR / specs[i].name / LOG_FILE
+                # bad settings and diverged training keep their type: the command reports them in a line
+                kind = (
+                    type(error) if isinstance(error, (ValueError, NonFiniteTrainingError)) else RuntimeError
+                )
+                raise kind(f"run {specs[i].name} failed: {error}; its output is in {log}") from error
+            rows[i] = future.result()
+            bars[i].set(specs[i].steps, f"{specs[i].name}: done")
+        for i in (futures[f] for f in pending):
+            state = _read_progress(out / RUNS_DIR / specs[i].name / PROGRESS_FILE)
+            if "step" in state:
+                bars[i].set(state["step"], f"{specs[i].name}: training")
+            elif state.get("phase") == "evaluating":
+                bars[i].set(specs[i].steps, f"{specs[i].name}: evaluating")
 
 
 def run_all(
