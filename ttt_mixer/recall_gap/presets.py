@@ -135,9 +135,9 @@ CPU = Preset(
         "ttt_mlp": 1e-2,
         "gla": 1e-2,
         "gated_deltanet": 3e-3,
-        # not yet swept: Mamba's rate, and TTT-Linear's for the TTT family
-        "mamba2": 3e-3,
-        "longhorn": 3e-3,
+        "mamba2": 1e-2,
+        "longhorn": 1e-2,
+        # not yet swept: TTT-Linear's rate
         "titans": 3e-3,
         "lact": 3e-3,
     },
