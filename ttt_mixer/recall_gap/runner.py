@@ -199,7 +199,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 # seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
 RELATIVE_CPU_COST = {"attention": 1.0, "based": 1.3, "ttt_linear": 1.7, "gla": 1.9, "ttt_mlp": 4.5}
 RELATIVE_CPU_COST |= {"gated_deltanet": 5.0, "mamba": 2.0, "mamba2": 2.7, "longhorn": 2.8}
-RELATIVE_CPU_COST |= {"titans": 3.0, "lact": 3.0}
+RELATIVE_CPU_COST |= {"titans": 8.0, "lact": 3.2}
 
 
 def distributed() -> bool:
