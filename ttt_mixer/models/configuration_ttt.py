@@ -62,7 +62,10 @@ class TTTConfig(PretrainedConfig):
 
     Field names follow the authors' TTTConfig (docs/conventions.md sections 1-3), so their configs load as they are;
     ``backbone`` picks the Transformer or Mamba block layout, whose flags (``pre_conv``, ``share_qk``,
-    ``use_gate``) can still be set one by one.
+    ``use_gate``) can still be set one by one. ``ttt_preset`` ("titans" or "lact"; None: the paper's
+    TTT of ``ttt_layer_type``) puts a member of the TTT family in every block (docs/math.md section 13);
+    ``window_size`` (LaCT's sliding-window attention) and ``use_muon`` (LaCT's orthogonalised update)
+    belong to it.
     """
 
     model_type = "ttt_mixer"
