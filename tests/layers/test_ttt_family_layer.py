@@ -117,8 +117,10 @@ def test_gradcheck_wrt_input(preset: str) -> None:
         ({"window_size": 1.5}, TypeError, "window_size"),
         ({"use_muon": 1}, TypeError, "use_muon"),
         ({"base_lr": -1.0}, ValueError, "base_lr"),
+        ({"preset": "titans", "window_size": 8}, ValueError, "window_size and use_muon belong to the preset"),
+        ({"preset": "titans", "use_muon": True}, ValueError, "window_size and use_muon belong to the preset"),
     ],
-    ids=["preset", "heads", "mini_batch", "window", "muon", "base_lr"],
+    ids=["preset", "heads", "mini_batch", "window", "muon", "base_lr", "titans-window", "titans-muon"],
 )
 def test_constructor_rejects_bad_options(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
@@ -131,6 +133,7 @@ def test_constructor_rejects_bad_options(kwargs: dict, error: type, match: str) 
         ({"ttt_preset": "rwkv"}, ValueError, "ttt_preset must be one of"),
         ({"ttt_preset": "lact", "window_size": 0}, ValueError, "window_size"),
         ({"use_muon": True}, ValueError, "belong to ttt_preset 'lact'"),
+        ({"ttt_preset": "titans", "window_size": 8}, ValueError, "window_size and use_muon belong"),
     ],
 )
 def test_config_rejects_bad_preset_fields(fields: dict, error: type, match: str) -> None:

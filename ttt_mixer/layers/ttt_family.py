@@ -66,6 +66,10 @@ def check_family_layer_options(options: dict[str, object], names: dict[str, str]
     preset = options.get("preset")
     if preset not in FAMILY_PRESETS:
         raise ValueError(f"{names.get('preset', 'preset')} must be one of {FAMILY_PRESETS}, got {preset!r}")
+    if preset != "lact" and (options.get("window_size") is not None or options.get("use_muon")):
+        # Titans has no attention branch and no Muon: the options would be silently ignored
+        window, muon = names.get("window_size", "window_size"), names.get("use_muon", "use_muon")
+        raise ValueError(f"{window} and {muon} belong to the preset 'lact', not {preset!r}")
     for option, value in options.items():
         name = names.get(option, option)
         if option in ("hidden_size", "num_heads", "conv_size") or (
