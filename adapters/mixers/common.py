@@ -196,11 +196,11 @@ class TorchPathMixin:
 
 class LinearAttentionTorchPath(TorchPathMixin):
     """``torch_forward`` of fla's gated linear-attention layers (GLA, Gated DeltaNet): q, k and v from
-    their projections (through their short convolutions where the layer has them), the layer's naive
+    their projections (through their short convolutions where the layer has them), the layer's
     recurrence from the cached state, the state and windows back into the cache, the output stage.
 
     The subclass defines ``recurrence_inputs(hidden_states, (q, k, v), mask)``, the positional inputs
-    of its ``naive_recurrence`` (fla's naive recurrent function: (o, final state)), and
+    of its ``recurrence`` (with the signature of fla's naive recurrent functions: (o, final state)), and
     ``output(o, hidden_states)``, the stage after the recurrence (norm, gate and o_proj)."""
 
     def torch_forward(
@@ -214,9 +214,9 @@ class LinearAttentionTorchPath(TorchPathMixin):
         else:
             projections = (self.q_proj, self.k_proj, self.v_proj)
             qkv = tuple(self.projection_activation(proj(hidden_states)) for proj in projections)
-        # fla caches the state as [B, H, V, K] (its state_v_first layout); the naive recurrences take
-        # and give [B, H, K, V]
-        o, final_state = self.naive_recurrence(
+        # fla caches the state as [B, H, V, K] (its state_v_first layout); the recurrences take and
+        # give [B, H, K, V]
+        o, final_state = self.recurrence(
             *self.recurrence_inputs(hidden_states, qkv, mask),
             initial_state=None if recurrent_state is None else recurrent_state.transpose(-1, -2),
             output_final_state=use_cache,

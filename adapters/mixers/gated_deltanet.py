@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from fla.layers.gated_deltanet import GatedDeltaNet
-from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
 from ttt_mixer.adapters.mixers.common import LinearAttentionTorchPath, rms_norm
+from ttt_mixer.adapters.mixers.delta_rule import chunk_gated_delta_rule
 from ttt_mixer.layers.checks import check_backend
 
 # fla's l2norm kernels (fla.modules.l2norm, and the recurrent kernel's in-kernel norm): x / sqrt(|x|^2 + eps)
@@ -26,12 +26,13 @@ class GatedDeltaNetMixer(LinearAttentionTorchPath, GatedDeltaNet):
     """fla's ``GatedDeltaNet`` (same arguments, parameters and cache layout) that runs anywhere.
 
     ``backend`` "triton" runs fla's own forward (its Triton kernels); "torch" computes the same in
-    PyTorch with fla's ``naive_recurrent_gated_delta_rule``: q and k l2-normalised, the decay
-    g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) (times 2 with ``allow_neg_eigval``);
-    None picks Triton for CUDA tensors and PyTorch otherwise (TTT_MIXER_BACKEND overrides).
-    Cache entry: ``recurrent_state`` [B, HV, V, K] float32 (fla's ``state_v_first`` layout) and, with
-    ``use_short_conv``, ``conv_state`` = (q, k, v) windows [B, D, conv_size]. Padded tokens change no
-    state (beta = 0, g = 0) and output 0. Unknown arguments are a TypeError (fla's own swallows them).
+    PyTorch (``chunk_gated_delta_rule``: fla's ``naive_recurrent_gated_delta_rule``, chunked): q and
+    k l2-normalised, the decay g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) (times 2 with
+    ``allow_neg_eigval``); None picks Triton for CUDA tensors and PyTorch otherwise
+    (TTT_MIXER_BACKEND overrides). Cache entry: ``recurrent_state`` [B, HV, V, K] in at least float32
+    (fla's ``state_v_first`` layout) and, with ``use_short_conv``, ``conv_state`` = (q, k, v) windows
+    [B, D, conv_size]. Padded tokens change no state (beta = 0, g = 0) and output 0. Unknown arguments
+    are a TypeError (fla's own swallows them).
     """
 
     def __init__(
@@ -83,7 +84,7 @@ class GatedDeltaNetMixer(LinearAttentionTorchPath, GatedDeltaNet):
     def recurrence_inputs(
         self, hidden_states: torch.Tensor, qkv: tuple[torch.Tensor, ...], mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, ...]:
-        """(q, k, v, beta, g) of ``naive_recurrent_gated_delta_rule`` (LinearAttentionTorchPath)."""
+        """(q, k, v, beta, g) of ``chunk_gated_delta_rule`` (LinearAttentionTorchPath)."""
         q, k, v = qkv
         q, k = (rearrange(x, "... (h d) -> ... h d", d=self.head_k_dim) for x in (q, k))
         v = rearrange(v, "... (h d) -> ... h d", d=self.head_v_dim)
@@ -101,11 +102,9 @@ class GatedDeltaNetMixer(LinearAttentionTorchPath, GatedDeltaNet):
             beta, g = torch.where(mask[..., None], beta, 0), torch.where(mask[..., None], g, 0)
         return q, k, v, beta, g
 
-    def naive_recurrence(
-        self, *inputs: torch.Tensor, **state: Any
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``naive_recurrent_gated_delta_rule`` with the layer's scale, 1 / sqrt(head_k_dim)."""
-        return naive_recurrent_gated_delta_rule(*inputs, scale=self.head_k_dim**-0.5, **state)
+    def recurrence(self, *inputs: torch.Tensor, **state: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``chunk_gated_delta_rule`` with the layer's scale, 1 / sqrt(head_k_dim)."""
+        return chunk_gated_delta_rule(*inputs, scale=self.head_k_dim**-0.5, **state)
 
     def output(self, o: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """The gated RMSNorm (or the plain one without ``use_gate``), then o_proj."""

@@ -24,7 +24,7 @@ class GLAMixer(LinearAttentionTorchPath, GatedLinearAttention):
     which would not continue from the other modes' states.
     """
 
-    naive_recurrence = staticmethod(naive_recurrent_gla)
+    recurrence = staticmethod(naive_recurrent_gla)
 
     def __init__(
         self,

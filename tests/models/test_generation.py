@@ -22,8 +22,8 @@ VOCAB = 40
 PROMPT_LEN = 7
 NEW_TOKENS = 5
 TOLERANCE = 1e-10
-# fla's reference Gated DeltaNet recurrence (naive_recurrent_gated_delta_rule) runs in float32 whatever
-# the input's dtype, so models holding it agree to float32 precision only
+# Gated DeltaNet l2-normalises q and k in float32 whatever the input's dtype (as fla's kernels do), so
+# models holding it agree to float32 precision only
 FLOAT32_STATE_TOLERANCE = 1e-6
 # generate hands out float32 logits (it casts them): the float64 truth rounded to float32, within one
 # float32 rounding
