@@ -197,9 +197,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 # seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
-RELATIVE_CPU_COST = {"attention": 1.0, "based": 1.3, "ttt_linear": 1.7, "gla": 1.9, "ttt_mlp": 4.5}
-RELATIVE_CPU_COST |= {"gated_deltanet": 5.0, "mamba": 2.0, "mamba2": 2.7, "longhorn": 2.8}
-RELATIVE_CPU_COST |= {"titans": 8.0, "lact": 3.2}
+RELATIVE_CPU_COST = {"attention": 1.0, "based": 1.4, "ttt_linear": 2.1, "gla": 3.2, "ttt_mlp": 3.5}
+RELATIVE_CPU_COST |= {"gated_deltanet": 2.2, "mamba": 3.6, "mamba2": 3.1, "longhorn": 3.5}
+RELATIVE_CPU_COST |= {"titans": 8.1, "lact": 3.2}
 
 
 def distributed() -> bool:
