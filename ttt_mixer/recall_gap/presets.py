@@ -128,14 +128,14 @@ CPU = Preset(
     batch_size=64,
     # the best of 1e-3, 3e-3 and 1e-2 at the training shape after 500 steps (docs/recall_gap.md)
     learning_rates={
-        "attention": 3e-3,
+        "attention": 1e-3,
         "based": 1e-3,
-        "mamba": 3e-3,
+        "mamba": 1e-2,
         "ttt_linear": 3e-3,
         "ttt_mlp": 1e-2,
-        "gla": 1e-2,
+        "gla": 3e-3,
         "gated_deltanet": 3e-3,
-        "mamba2": 1e-2,
+        "mamba2": 1e-3,
         "longhorn": 1e-2,
         # not yet swept: TTT-Linear's rate
         "titans": 3e-3,
