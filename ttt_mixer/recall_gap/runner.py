@@ -199,7 +199,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 # seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
 RELATIVE_CPU_COST = {"attention": 1.0, "based": 1.1, "ttt_linear": 1.6, "gla": 2.6, "ttt_mlp": 3.2}
 RELATIVE_CPU_COST |= {"gated_deltanet": 2.1, "mamba": 2.7, "mamba2": 2.4, "longhorn": 2.5}
-RELATIVE_CPU_COST |= {"titans": 8.1, "lact": 3.2}
+RELATIVE_CPU_COST |= {"titans": 7.6, "lact": 3.1}
 
 
 def distributed() -> bool:
