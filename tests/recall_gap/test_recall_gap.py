@@ -120,9 +120,10 @@ def test_every_mixer_trains_saves_reloads_and_is_evaluated_and_a_rerun_reuses_th
         ]
     )
     given = json.loads((tmp_path / "given" / TABLE_JSON).read_text())["rows"]
+    # a given checkpoint is named by its folder and its parent's (the run's name)
     assert [row["name"] for row in given] == [
-        "attention-d32-L16-kv2-lr0.003/model",
-        "based-d32-L16-kv2-lr0.001/model",
+        f"attention-d32-L16-kv2-lr{CPU.learning_rates['attention']:g}/model",
+        f"based-d32-L16-kv2-lr{CPU.learning_rates['based']:g}/model",
         "llama",
     ]
     assert [row["accuracy"] for row in given[:2]] == [row["accuracy"] for row in data["rows"][:2]]
