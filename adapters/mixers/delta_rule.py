@@ -74,9 +74,10 @@ def _chunk_step(
     decay = (G[..., :, None] - G[..., None, :]).masked_fill(~lower, float("-inf")).exp()
     strictly_lower = decay.tril(-1) * (k @ k.transpose(-1, -2)) * beta[..., :, None]
     eye = torch.eye(size, dtype=k.dtype, device=k.device)
-    rhs = beta[..., None] * (v - G.exp()[..., None] * (k @ state))
+    decay_from_start = G.exp()[..., None]  # what the chunk's initial state has decayed by at t
+    rhs = beta[..., None] * (v - decay_from_start * (k @ state))
     u = torch.linalg.solve_triangular(eye + strictly_lower, rhs, upper=False, unitriangular=True)
-    o = G.exp()[..., None] * (q @ state) + (decay * (q @ k.transpose(-1, -2))) @ u
+    o = decay_from_start * (q @ state) + (decay * (q @ k.transpose(-1, -2))) @ u
     last = G[..., -1:]
     state = last.exp()[..., None] * state + k.transpose(-1, -2) @ ((last - G).exp()[..., None] * u)
     return o, state
