@@ -9,16 +9,19 @@ Padding reaches each mixer as the 2-D mask, which every mixer honours exactly.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from fla.models.utils import Cache
 from torch import nn
 from transformers import LlamaPreTrainedModel, MambaPreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
 from ttt_mixer.adapters.mixers import build_mixer
@@ -42,7 +45,8 @@ def layer_mixer(config: MixerLlamaConfig | MixerMambaConfig, layer_idx: int, num
 
 class MixerPreTrainedMixin(RemoteCodeMixin):
     """Weight init and saving shared by both backbones: the backbone's init for its own modules,
-    then each mixer's own init where it has one (TTT's inner model, Mamba's S4D and dt init)."""
+    then each mixer's own init where it has one (TTT's inner model; transformers' Mamba and Mamba-2
+    mixers as transformers' own models initialise them)."""
 
     remote_module = "ttt_mixer.adapters"
     _is_stateful = True
@@ -51,8 +55,31 @@ class MixerPreTrainedMixin(RemoteCodeMixin):
         super()._init_weights(module)
         if isinstance(module, TTTLayer):
             module.reset_parameters()
-        elif isinstance(module, MambaMixer):
-            module.init_mamba_weights()
+        elif isinstance(module, (MambaMixer, Mamba2Mixer)):
+            self._init_transformers_mamba(module)
+
+    @torch.no_grad()
+    def _init_transformers_mamba(self, mixer: MambaMixer | Mamba2Mixer) -> None:
+        """What ``MambaPreTrainedModel`` and ``Mamba2PreTrainedModel`` do to their mixers, with the
+        mixer's own config: every Linear N(0, initializer_range) with zero bias (transformers' 0.1,
+        where the backbone's init may be Llama's 0.02: at 0.02 Mamba-2 did not leave the unigram
+        plateau of the CPU recall gap), the S4D A, D and dt init, Kaiming conv and out_proj, the
+        latter scaled by 1/sqrt(layers) under ``rescale_prenorm_residual``."""
+        config = mixer.config
+        for linear in (m for m in mixer.modules() if isinstance(m, nn.Linear)):
+            init.normal_(linear.weight, std=config.initializer_range)
+            if linear.bias is not None:
+                init.zeros_(linear.bias)
+        if isinstance(mixer, MambaMixer):
+            mixer.init_mamba_weights()
+        else:
+            mixer.init_mamba2_weights()
+        init.kaiming_uniform_(mixer.conv1d.weight, a=math.sqrt(5))
+        if mixer.conv1d.bias is not None:
+            init.zeros_(mixer.conv1d.bias)
+        init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
+        if config.rescale_prenorm_residual:
+            mixer.out_proj.weight /= math.sqrt(self.config.num_hidden_layers)
 
 
 class MixerDecoderMixin:

@@ -50,6 +50,7 @@ class CachedMamba2Mixer(ScanMixerMixin, Mamba2Mixer):
                 f"num_heads ({config.num_heads}) must be a multiple of n_groups ({config.n_groups})"
             )
         super().__init__(config, layer_idx)
+        self.config = config  # as MambaMixer keeps its own: the backbone initialises from it
         # as mamba_ssm and fla: no weight decay on A_log, D and dt_bias (recall_gap's trainer honours it)
         for parameter in (self.A_log, self.D, self.dt_bias):
             parameter._no_weight_decay = True

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import greedy_without_cache, perturb_, subprocess_env
 from transformers import (
     LlamaConfig,
@@ -32,7 +33,7 @@ from ttt_mixer.adapters import (
     parse_layers,
     swap_mixer,
 )
-from ttt_mixer.adapters.swap import rope_half_to_interleaved
+from ttt_mixer.adapters.swap import mixer_path, rope_half_to_interleaved
 
 VOCAB = 40
 # small enough that every mixer runs its CPU path in well under a second
@@ -218,6 +219,46 @@ def test_mamba_layers_reproduce_mamba() -> None:
         expected = base(ids, output_hidden_states=True).hidden_states[0]
         actual = model(ids, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "mixer", "options"),
+    [
+        ("llama", "mamba", {}),
+        ("llama", "mamba2", {}),
+        ("mamba", "mamba2", {}),
+        # in a Mamba backbone transformers' Mamba mixer reads the backbone's config unless given its own
+        ("mamba", "mamba", {"initializer_range": 0.1}),
+    ],
+)
+def test_transformers_mamba_mixers_are_initialised_as_transformers_does_in_either_backbone(
+    backbone: str, mixer: str, options: dict[str, Any]
+) -> None:
+    """In a backbone initialised N(0, 0.02): the mixer's Linear layers N(0, 0.1) (its config's
+    range), Kaiming-uniform out_proj, the S4D A = -(1, 2, ...) and dt = softplus(bias) within the
+    config's [time_step_min, time_step_max]."""
+    torch.manual_seed(0)
+    sizes = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "initializer_range": 0.02}
+    if backbone == "llama":
+        base = LlamaForCausalLM(LlamaConfig(**sizes, intermediate_size=64, num_attention_heads=4))
+    else:
+        base = MambaForCausalLM(MambaConfig(**sizes, state_size=8))
+    model = swap_mixer(base, mixer, "all", **options)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    for layer in range(2):
+        module = model.get_submodule(mixer_path(model).format(layer))
+        assert module.config.initializer_range == 0.1
+        assert module.in_proj.weight.std().item() == pytest.approx(0.1, rel=0.1)
+        bound = module.out_proj.weight.shape[1] ** -0.5  # Kaiming uniform with a = sqrt(5)
+        assert module.out_proj.weight.abs().max().item() <= bound
+        assert module.out_proj.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.1)
+        if mixer == "mamba":
+            A, dt = torch.exp(module.A_log), F.softplus(module.dt_proj.bias)
+            torch.testing.assert_close(A, torch.arange(1.0, A.shape[1] + 1).expand_as(A))
+        else:
+            A, dt = torch.exp(module.A_log), F.softplus(module.dt_bias)
+            torch.testing.assert_close(A, torch.arange(1.0, A.shape[0] + 1))
+        assert module.config.time_step_min <= dt.min() and dt.max() <= module.config.time_step_max * 1.001
 
 
 LLAMA_HYBRID = ["attention", "ttt_linear", "mamba", "gla", "based", "gated_deltanet", "ttt_mlp"]

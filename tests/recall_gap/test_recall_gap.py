@@ -5,6 +5,7 @@ model that did not learn are reported as errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,9 +28,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from ttt_mixer.adapters import MIXER_NAMES
+from ttt_mixer.adapters import MIXER_NAMES, MixerLlamaForCausalLM, MixerMambaForCausalLM
 from ttt_mixer.recall_gap import main
 from ttt_mixer.recall_gap.data import VOCAB, mqar_tokenizer
+from ttt_mixer.recall_gap.evaluate import StateSize, state_size
 from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, MQARShape
 from ttt_mixer.recall_gap.report import PLOT_PNG, TABLE_JSON, TABLE_MD
 from ttt_mixer.recall_gap.train import (
@@ -165,6 +167,28 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path: Path
         torch.testing.assert_close(x, y, msg=name)
     assert resumed.final_loss == pytest.approx(straight.final_loss)
     assert build_model(spec).config.mixers == ["ttt_linear", "ttt_linear"]
+
+
+@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+def test_a_run_builds_its_backbone_with_the_mixer_in_every_layer(backbone: str) -> None:
+    """Llama's block has a SwiGLU MLP after the mixer, Mamba's none; both are initialised N(0, 0.02);
+    an attention mixer's state is its KV cache in either."""
+    spec = RunSpec("attention", 32, 2, 2, MQARShape(16, 2), 1, 2, 1e-3, 0, 32, backbone=backbone)
+    model = build_model(spec)
+    assert type(model) is {"llama": MixerLlamaForCausalLM, "mamba": MixerMambaForCausalLM}[backbone]
+    assert model.config.mixers == ["attention", "attention"]
+    assert any(".mlp." in name for name, _ in model.named_parameters()) == (backbone == "llama")
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    # keys and values: 2 x width numbers per token and layer
+    assert state_size(model, 16) == StateSize(2 * (2 * 32 * 16), grows=True, at_length=16)
+
+
+def test_a_backbone_not_offered_is_an_error_that_names_the_choices() -> None:
+    message = re.escape("backbone must be one of ['llama', 'mamba'], got 'gpt2'")
+    with pytest.raises(ValueError, match=message):
+        RunSpec("attention", 32, 2, 2, MQARShape(16, 2), 1, 2, 1e-3, 0, 32, backbone="gpt2")
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(CPU, backbone="gpt2")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""``ttt-mixer recall-gap``: train the mixers of a preset (``presets``) in one Llama backbone on
+"""``ttt-mixer recall-gap``: train the mixers of a preset (``presets``) in one backbone on
 MQAR, evaluate each through lm-eval at the training length and at 2x and 4x it, and report the recall
 gap as tables and a plot.
 
@@ -22,7 +22,7 @@ from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, PRESETS, MQARShape, Pr
 
 # the help lists the mixers from the registry the runs use, so it cannot drift from the code
 DESCRIPTION = (
-    f"Train sequence mixers in one Llama backbone on MQAR (the default: {', '.join(CPU.mixers)}; "
+    f"Train sequence mixers in one backbone on MQAR (the default: {', '.join(CPU.mixers)}; "
     f"--mixers takes any of {', '.join(ALL_MIXERS)}), evaluate each through lm-eval at the training "
     "length and at 2x and 4x it, and report the recall gap as tables and a plot."
 )

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttt_mixer.adapters import MixerLlamaConfig, recurrent_state_size
+from ttt_mixer.adapters import MixerLlamaConfig, MixerMambaConfig, recurrent_state_size
 from ttt_mixer.adapters.swap import mixer_path
 from ttt_mixer.eval_tasks import tasks_path
 from ttt_mixer.recall_gap.presets import MQARShape
@@ -49,7 +49,8 @@ class Evaluation:
 
 def _kv_cache_size(config: Any, length: int) -> int | None:
     """Keys and values of every attention layer over ``length`` tokens."""
-    heads = getattr(config, "num_attention_heads", None)
+    # a Mamba backbone's config names the heads of its attention mixers num_heads
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
     if heads is None or not hasattr(config, "hidden_size"):
         return None
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -58,10 +59,10 @@ def _kv_cache_size(config: Any, length: int) -> int | None:
 
 
 def state_size(model: nn.Module, length: int) -> StateSize:
-    """The summed per-layer state of a ttt-mixer backbone (``swap_mixer``), or of a plain Llama (its
+    """The summed per-layer state of a ttt-mixer backbone (``swap_mixer``'s Llama or Mamba), or of a plain Llama (its
     KV cache at ``length`` tokens); unknown (None) for other architectures."""
     config = model.config
-    if isinstance(config, MixerLlamaConfig):
+    if isinstance(config, (MixerLlamaConfig, MixerMambaConfig)):
         sizes = [
             recurrent_state_size(model.get_submodule(mixer_path(model).format(i)))
             for i in range(config.num_hidden_layers)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ttt_mixer.recall_gap import launch
-from ttt_mixer.recall_gap.presets import Preset
+from ttt_mixer.recall_gap.presets import BACKBONES, Preset
 from ttt_mixer.recall_gap.report import Row, best_rows, markdown_table, plot, write_tables
 from ttt_mixer.recall_gap.runner import EvalSettings, distributed, evaluate_checkpoints, plan, run_all
 
@@ -49,7 +49,7 @@ def _summary(preset: Preset, checkpoints: Sequence[str] | None, seconds: float) 
     widths = ", ".join(str(w) for w in preset.widths)
     batch = preset.batch_size if isinstance(preset.batch_size, int) else "Zoology's per-length number of"
     return (
-        f"Preset `{preset.name}`: Llama backbone of {preset.num_layers} layers (width {widths}, "
+        f"Preset `{preset.name}`: {BACKBONES[preset.backbone]} of {preset.num_layers} layers (width {widths}, "
         f"{preset.num_heads} head(s)), the mixer swapped into every layer; {preset.steps} steps of "
         f"{batch} sequences of MQAR {shapes} per mixer; evaluated through lm-eval "
         f"(ttt_mqar, acc: the gold value is the likeliest of the sequence's values; chance 1/kv) on "

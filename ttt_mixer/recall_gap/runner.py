@@ -64,6 +64,7 @@ def plan(preset: Preset, seed: int) -> list[RunSpec]:
                             seed=seed,
                             max_length=max(s.seq_len for s in preset.eval_shapes(shape)),
                             mixer_options=dict(preset.mixer_options.get(mixer, {})),
+                            backbone=preset.backbone,
                         )
                     )
     return specs
@@ -197,8 +198,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 # seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
-RELATIVE_CPU_COST = {"attention": 1.0, "based": 1.1, "ttt_linear": 1.6, "gla": 2.6, "ttt_mlp": 3.2}
-RELATIVE_CPU_COST |= {"gated_deltanet": 2.1, "mamba": 2.7, "mamba2": 2.4, "longhorn": 2.5}
+RELATIVE_CPU_COST = {"attention": 1.0, "based": 1.1, "ttt_linear": 1.8, "gla": 3.4, "ttt_mlp": 3.9}
+RELATIVE_CPU_COST |= {"gated_deltanet": 2.4, "mamba": 2.9, "mamba2": 2.7, "longhorn": 2.5}
 RELATIVE_CPU_COST |= {"titans": 7.6, "lact": 3.1}
 
 

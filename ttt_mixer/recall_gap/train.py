@@ -1,4 +1,4 @@
-"""One training run: a Llama backbone with one mixer in every layer, trained on MQAR through
+"""One training run: a Llama or Mamba backbone with one mixer in every layer, trained on MQAR through
 transformers' ``Trainer`` (so ``accelerate launch`` spreads it over several GPUs), checkpointed as it
 goes and resumed from its last checkpoint when run again, then saved as a Hugging Face checkpoint
 with its tokenizer."""
@@ -18,6 +18,8 @@ from accelerate import PartialState
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
     PreTrainedModel,
     Trainer,
     TrainerCallback,
@@ -30,7 +32,7 @@ from ttt_mixer.adapters import swap_mixer
 from ttt_mixer.adapters.distill import NonFiniteTrainingError
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, mqar_tokenizer
-from ttt_mixer.recall_gap.presets import MQARShape
+from ttt_mixer.recall_gap.presets import BACKBONES, MQARShape
 
 MODEL_DIR, TRAINER_DIR, TRAIN_RESULT = "model", "trainer", "train.json"
 
@@ -64,8 +66,13 @@ class RunSpec:
     batch_size: int
     learning_rate: float
     seed: int
-    max_length: int  # the longest sequence it is evaluated on (the config's max_position_embeddings)
+    max_length: int  # the longest sequence it is evaluated on (the Llama config's max_position_embeddings)
     mixer_options: Mapping[str, Any] = field(default_factory=dict)
+    backbone: str = "llama"  # one of presets.BACKBONES
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
 
     @property
     def name(self) -> str:
@@ -80,23 +87,34 @@ class RunSpec:
 
 
 def build_model(spec: RunSpec) -> PreTrainedModel:
-    """The seeded backbone (embedding, RMSNorms, SwiGLU MLPs of width 4x, untied head) with
-    ``spec.mixer`` in every layer."""
-    config = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=spec.width,
-        intermediate_size=4 * spec.width,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=spec.max_length,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
+    """The seeded backbone with ``spec.mixer`` in every layer (see ``presets.BACKBONES``): token
+    embedding, RMSNorms and an untied head, with SwiGLU MLPs of width 4x ("llama") or without MLPs
+    ("mamba"); weights N(0, 0.02), the range of Llama and fla (transformers' Mamba mixers keep
+    transformers' own init, ``swap_mixer``)."""
+    shared = {
+        "vocab_size": len(VOCAB),
+        "hidden_size": spec.width,
+        "num_hidden_layers": spec.num_layers,
+        "initializer_range": 0.02,
+        "pad_token_id": PAD_ID,
+        "eos_token_id": EOS_ID,
+        "bos_token_id": None,
+        "tie_word_embeddings": False,
+    }
     torch.manual_seed(spec.seed)
-    return swap_mixer(LlamaForCausalLM(config), spec.mixer, layers="all", **spec.mixer_options)
+    if spec.backbone == "mamba":
+        # num_heads: the heads of the mixers that have them (swap_mixer's Mamba backbone reads it)
+        base = MambaForCausalLM(MambaConfig(**shared, num_heads=spec.num_heads))
+    else:
+        config = LlamaConfig(
+            **shared,
+            intermediate_size=4 * spec.width,
+            num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_heads,
+            max_position_embeddings=spec.max_length,
+        )
+        base = LlamaForCausalLM(config)
+    return swap_mixer(base, spec.mixer, layers="all", **spec.mixer_options)
 
 
 class TrainingClock(TrainerCallback, ExportableState):
