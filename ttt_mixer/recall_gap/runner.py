@@ -200,7 +200,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 # seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
 RELATIVE_CPU_COST = {"attention": 1.0, "based": 1.1, "ttt_linear": 1.8, "gla": 3.4, "ttt_mlp": 3.9}
 RELATIVE_CPU_COST |= {"gated_deltanet": 2.4, "mamba": 2.9, "mamba2": 2.7, "longhorn": 2.5}
-RELATIVE_CPU_COST |= {"titans": 7.6, "lact": 3.1}
+RELATIVE_CPU_COST |= {"titans": 7.9, "lact": 3.5}
 
 
 def distributed() -> bool:

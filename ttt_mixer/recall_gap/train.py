@@ -194,7 +194,7 @@ def _training_arguments(
         learning_rate=spec.learning_rate,
         # AdamW's beta2 of the Mamba, fla and Llama training recipes: with the default 0.999 the
         # second moments remember the large gradients of the first steps for hundreds more, which
-        # kept Gated DeltaNet on the unigram plateau through the CPU preset's 500 steps
+        # kept Gated DeltaNet on the unigram plateau through 500 steps of the CPU preset's first recipe
         adam_beta2=0.95,
         weight_decay=0.1,
         lr_scheduler_type="cosine",
