@@ -38,6 +38,14 @@ BACKBONES = {
     # Mamba's block, which Zoology also gives its Mamba
     "mamba": "Mamba backbone (each layer: the mixer alone, no MLP)",
 }
+
+
+def check_backbone(backbone: str) -> None:
+    """A ValueError naming the choices unless ``backbone`` is one of ``BACKBONES``."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {backbone!r}")
+
+
 CORE_MIXERS = ("attention", "based", "mamba", "ttt_linear", "ttt_mlp")
 CPU_MIXERS = (*CORE_MIXERS, "gla", "gated_deltanet", "mamba2", "longhorn")
 # the CPU default's 10-minute budget leaves out the TTT family's Titans and LaCT (``--mixers`` adds
@@ -90,8 +98,7 @@ class Preset:
     backbone: str = "llama"  # one of BACKBONES
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        check_backbone(self.backbone)
 
     def batch_size_for(self, seq_len: int) -> int:
         if isinstance(self.batch_size, int):

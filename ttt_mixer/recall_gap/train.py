@@ -32,7 +32,7 @@ from ttt_mixer.adapters import swap_mixer
 from ttt_mixer.adapters.distill import NonFiniteTrainingError
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, mqar_tokenizer
-from ttt_mixer.recall_gap.presets import BACKBONES, MQARShape
+from ttt_mixer.recall_gap.presets import MQARShape, check_backbone
 
 MODEL_DIR, TRAINER_DIR, TRAIN_RESULT = "model", "trainer", "train.json"
 
@@ -71,8 +71,7 @@ class RunSpec:
     backbone: str = "llama"  # one of presets.BACKBONES
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        check_backbone(self.backbone)
 
     @property
     def name(self) -> str:
