@@ -1,5 +1,5 @@
 """Based (Arora et al. 2024): linear attention with a second-order Taylor feature map, normalised;
-fla's layer with a recurrent state, a padding mask and a PyTorch path."""
+fla's layer with a recurrent state, a padding mask, an optional short convolution and a PyTorch path."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ from einops import rearrange
 from fla.layers.based import BasedLinearAttention
 from fla.layers.utils import update_layer_cache
 from fla.models.utils import Cache
+from fla.modules import ShortConvolution
+from fla.ops.based import parallel_based
+from fla.ops.linear_attn import chunk_linear_attn, fused_chunk_linear_attn
 
 from ttt_mixer.adapters.mixers.common import (
     at_least_float32,
     cached_states,
     check_inputs,
+    conv_projections,
     reject_cu_seqlens,
     zero_padding,
 )
@@ -55,8 +59,14 @@ class BasedMixer(BasedLinearAttention):
     o_t = phi(q_t) . S_t / (phi(q_t) . z_t + eps) with S_t = sum_{s<=t} phi(k_s) v_s^T and
     z_t = sum_{s<=t} phi(k_s); eps is what the layer's fla kernel adds (``mode`` "parallel": 1e-6,
     else 1e-10). Cache entry: ``recurrent_state`` = (S [B, H, F, dv], z [B, H, F]) in at least float32, F = 1 + f +
-    f(f+1)/2. Padded tokens add nothing to S and z and output 0. ``backend`` "triton" runs fla's own
-    forward where it can (no padding, no cache: fla's layer keeps no state), else the PyTorch path.
+    f(f+1)/2, and with ``use_short_conv`` ``conv_state`` = (q, k, v) windows [B, D, conv_size]. Padded
+    tokens add nothing to S and z and output 0. ``backend`` "triton" runs fla's kernel of ``mode``
+    where it can (no padding, no cache: fla's kernels here keep no state), else the PyTorch path.
+
+    ``use_short_conv`` (off by default, as in fla's layer) puts fla's short convolution with SiLU on
+    q, k and v, as fla's GLA and DeltaNet layers have it: the Based architecture pairs its linear
+    attention with short convolutions (Zoology's Based layers mix a BaseConv into every layer), which
+    let a layer bind a key to the token after it.
     """
 
     def __init__(
@@ -69,6 +79,9 @@ class BasedMixer(BasedLinearAttention):
         eps: float = 1e-12,
         causal: bool = True,
         mode: str = "parallel",
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
         layer_idx: int | None = None,
         backend: str | None = None,
     ) -> None:
@@ -93,6 +106,13 @@ class BasedMixer(BasedLinearAttention):
         self.layer_idx = layer_idx
         self.backend = backend
         self.kernel_eps = KERNEL_EPS[mode]
+        self.use_short_conv = use_short_conv
+        if use_short_conv:
+            key_size, value_size = num_heads * self.head_k_dim, num_heads * self.head_v_dim
+            self.q_conv1d, self.k_conv1d, self.v_conv1d = (
+                ShortConvolution(size, conv_size, bias=conv_bias, activation="silu")
+                for size in (key_size, key_size, value_size)
+            )
 
     def forward(
         self,
@@ -108,19 +128,36 @@ class BasedMixer(BasedLinearAttention):
         mask = check_inputs(self, hidden_states, attention_mask)
         reject_cu_seqlens(self, kwargs)
         batch_size, q_len, _ = hidden_states.shape
-        state, _ = cached_states(self, past_key_values, batch_size)
+        state, conv_state = cached_states(self, past_key_values, batch_size)
+        if self.use_short_conv:
+            (q, k, v), conv_state = conv_projections(self, hidden_states, mask, conv_state, bool(use_cache))
+        else:
+            q, k, v = (proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = (rearrange(x, "... (h d) -> ... h d", d=self.head_k_dim) for x in (q, k))
+        v = rearrange(v, "... (h d) -> ... h d", d=self.head_v_dim)
         stateless = mask is None and state is None and not use_cache and past_key_values is None
         if stateless and resolve_backend(self.backend, hidden_states.device) == "triton":
-            return super().forward(hidden_states), None, past_key_values
-
-        q = rearrange(self.q_proj(hidden_states), "... (h d) -> ... h d", d=self.head_k_dim)
-        k = rearrange(self.k_proj(hidden_states), "... (h d) -> ... h d", d=self.head_k_dim)
-        v = rearrange(self.v_proj(hidden_states), "... (h d) -> ... h d", d=self.head_v_dim)
-        v = at_least_float32(v)
-        o, state = self.linear_attention(q, k, v, mask, state)
-        update_layer_cache(self, past_key_values, recurrent_state=state if use_cache else None, offset=q_len)
+            o = self.fla_attention(q, k, v)
+        else:
+            o, state = self.linear_attention(q, k, at_least_float32(v), mask, state)
+            update_layer_cache(
+                self,
+                past_key_values,
+                recurrent_state=state if use_cache else None,
+                conv_state=conv_state if use_cache and self.use_short_conv else None,
+                offset=q_len,
+            )
         o = self.o_proj(rearrange(o, "... h d -> ... (h d)").to(hidden_states.dtype))
         return zero_padding(o, mask), None, past_key_values
+
+    def fla_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """fla's causal kernel of ``mode`` (Triton), as fla's layer calls it: q, k [B, T, H, f],
+        v [B, T, H, dv] -> o [B, T, H, dv]."""
+        if self.mode == "parallel":
+            return parallel_based(q=q, k=k, v=v, scale=self.head_k_dim**-0.5, use_norm=True)
+        attention = chunk_linear_attn if self.mode == "chunk" else fused_chunk_linear_attn
+        o, _ = attention(q=self.feature_map(q), k=self.feature_map(k), v=v, scale=1, normalize=True)
+        return o
 
     def linear_attention(
         self,

@@ -48,6 +48,7 @@ CASES = {
     "attention": ("attention", {"num_key_value_heads": 2}),
     "mamba": ("mamba", {"state_size": 8}),
     "based": ("based", {"feature_dim": 8}),
+    "based_conv": ("based", {"feature_dim": 8, "use_short_conv": True, "conv_bias": True}),
     "gla": ("gla", {}),
     "gla_conv_mqa": (
         "gla",
@@ -197,6 +198,35 @@ def test_based_matches_fla() -> None:
         assert max_err(out, triton_out) <= TOL
         mixer.backend = "triton"  # the stateless pass goes to fla's kernel
         assert max_err(run(mixer, x), triton_out) == 0
+
+
+def test_based_short_conv_matches_written_out_math() -> None:
+    """BasedMixer with ``use_short_conv`` == in float64: q, k, v through their causal convolutions
+    and SiLU, then o_t = sum_{s<=t} w_ts v_s / (sum_{s<=t} w_ts + eps) with w_ts = 1 + a + a^2 / 2,
+    a = q_t.k_s / sqrt(f); its conv windows are the projections' last conv_size inputs."""
+    mixer = make_mixer("based_conv")
+    m = copy.deepcopy(mixer).double()
+    x = randn(2, 14, HIDDEN).double()
+    q, k, v = (
+        causal_conv(conv, proj(x)).unflatten(-1, (m.num_heads, -1))
+        for conv, proj in ((m.q_conv1d, m.q_proj), (m.k_conv1d, m.k_proj), (m.v_conv1d, m.v_proj))
+    )
+    a = torch.einsum("bthf,bshf->bhts", q, k) / math.sqrt(m.head_k_dim)
+    weights = (1 + a + a.square() / 2).tril()
+    o = torch.einsum("bhts,bshd->bthd", weights, v) / (
+        weights.sum(-1).transpose(1, 2)[..., None] + m.kernel_eps
+    )
+    expected = m.o_proj(o.flatten(-2))
+
+    cache = Cache()
+    out = run(mixer, x.float(), past_key_values=cache, use_cache=True)
+    assert max_err(out, expected) <= TOL
+    windows = cache[0]["conv_state"]
+    assert windows[2].shape == (2, HIDDEN, 4)
+    assert max_err(windows[2], mixer.v_proj(x.float())[:, -4:].transpose(1, 2)) <= 1e-6
+    if INTERPRETER or x.is_cuda:
+        mixer.backend = "triton"  # the stateless pass: the convolutions, then fla's parallel_based
+        assert max_err(run(mixer, x.float()), expected) <= TOL
 
 
 def gla_reference(mixer: GLAMixer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
