@@ -11,9 +11,10 @@ Llama block's MLP after the mixer, Mamba-2 stayed on the unigram plateau, and so
 batches; docs/recall_gap.md), 2 layers of width 64 and one head (a single 64-wide attention
 head, as Zoology's attention baseline), 2000 steps of 16 sequences of 32 symbols with 4 key-value
 pairs (small steps run faster per sequence on this CPU than steps of 64, and Mamba-2 needs the
-updates: 0.81 after 1500 of them; docs/recall_gap.md). Evaluation at the training length and at 2x and 4x it, once with the training's 4
-pairs (length alone) and once with the pairs scaled with the length (8 at 64, 16 at 128: the same
-density, more to remember), which is where states of a fixed size fall behind.
+updates: 0.81 after 1500 of them; docs/recall_gap.md). Evaluation at the training length and at
+2x and 4x it, once with the training's 4 pairs (length alone) and once with the pairs scaled with
+the length (8 at 64, 16 at 128: the same density, more to remember), which is where states of a
+fixed size fall behind.
 
 Learning rates, per mixer: the best of a sweep at the training shape; the measured sweep is in
 docs/recall_gap.md.
