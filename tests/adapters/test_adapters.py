@@ -40,6 +40,7 @@ VOCAB = 40
 MIXER_OPTIONS = {
     "ttt_linear": {"mini_batch_size": 4},
     "ttt_mlp": {"mini_batch_size": 4},
+    "based": {"use_short_conv": True},  # the recall-gap preset's Based (the plain one: test_adapter_mixers)
     "titans": {"mini_batch_size": 4},
     "lact": {"mini_batch_size": 4, "window_size": 3},
 }

@@ -198,8 +198,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 # seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
-RELATIVE_CPU_COST = {"attention": 1.0, "based": 1.1, "ttt_linear": 1.8, "gla": 3.4, "ttt_mlp": 3.9}
-RELATIVE_CPU_COST |= {"gated_deltanet": 2.4, "mamba": 2.9, "mamba2": 2.7, "longhorn": 2.5}
+RELATIVE_CPU_COST = {"attention": 1.0, "based": 2.4, "ttt_linear": 2.5, "gla": 4.7, "ttt_mlp": 4.7}
+RELATIVE_CPU_COST |= {"gated_deltanet": 3.4, "mamba": 4.6, "mamba2": 4.1, "longhorn": 3.6}
 RELATIVE_CPU_COST |= {"titans": 7.9, "lact": 3.5}
 
 
