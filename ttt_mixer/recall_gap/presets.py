@@ -50,7 +50,7 @@ def check_backbone(backbone: str) -> None:
 CORE_MIXERS = ("attention", "based", "mamba", "ttt_linear", "ttt_mlp")
 CPU_MIXERS = (*CORE_MIXERS, "gla", "gated_deltanet", "mamba2", "longhorn")
 # the CPU default's 10-minute budget leaves out the TTT family's Titans and LaCT (``--mixers`` adds
-# them): Titans alone trains about 8x slower than attention on this CPU
+# them): Titans alone trains about 9x slower than attention on this CPU
 ALL_MIXERS = (*CPU_MIXERS, "titans", "lact")
 MAX_KV_PAIRS = len(recall.MQAR_KEYS)
 
