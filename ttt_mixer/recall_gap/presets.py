@@ -126,7 +126,7 @@ class Preset:
 # (Zoology's finding). Mamba, Mamba-2, Longhorn and Gated DeltaNet have theirs by default; TTT, GLA
 # and Based get theirs here (for TTT its Mamba-backbone form; Based's, as in Zoology's Based layers,
 # which mix a short convolution into every layer): without it TTT and GLA learned nothing in the CPU
-# budget, and Based reached 0.41 instead of 0.98 (docs/recall_gap.md).
+# budget, and Based reached 0.41 (1.00 with it; docs/recall_gap.md).
 # (fla layers call it use_short_conv; TTT calls its form share_qk)
 TTT_SHORT_CONV = {"share_qk": True}
 SHORT_CONV = {"use_short_conv": True}
