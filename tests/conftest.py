@@ -33,6 +33,16 @@ BACKBONES = ("transformer", "mamba")
 # (ttt_layer_type, backbone) of the four tiny language models
 MODEL_CASES = [(inner, backbone) for inner in INNER_MODELS for backbone in BACKBONES]
 MODEL_CASE_IDS = [f"{inner}-{backbone}" for inner, backbone in MODEL_CASES]
+# swap_mixer options of the tiny models that swap mixers in (adapters, generation): small enough that
+# every mixer runs its CPU path in well under a second; Based as the recall-gap preset has it (the
+# plain one is tests/adapters/test_adapter_mixers.py's)
+TINY_MIXER_OPTIONS = {
+    "ttt_linear": {"mini_batch_size": 4},
+    "ttt_mlp": {"mini_batch_size": 4},
+    "based": {"use_short_conv": True},
+    "titans": {"mini_batch_size": 4},
+    "lact": {"mini_batch_size": 4, "window_size": 3},
+}
 
 TINY_CONFIG = {
     "vocab_size": 50,

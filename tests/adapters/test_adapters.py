@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import greedy_without_cache, perturb_, subprocess_env
+from conftest import TINY_MIXER_OPTIONS, greedy_without_cache, perturb_, subprocess_env
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -36,14 +36,6 @@ from ttt_mixer.adapters import (
 from ttt_mixer.adapters.swap import mixer_path, rope_half_to_interleaved
 
 VOCAB = 40
-# small enough that every mixer runs its CPU path in well under a second
-MIXER_OPTIONS = {
-    "ttt_linear": {"mini_batch_size": 4},
-    "ttt_mlp": {"mini_batch_size": 4},
-    "based": {"use_short_conv": True},  # the recall-gap preset's Based (the plain one: test_adapter_mixers)
-    "titans": {"mini_batch_size": 4},
-    "lact": {"mini_batch_size": 4, "window_size": 3},
-}
 
 
 def tiny_attention_model(model_class: type, config_class: type, seed: int, **fields: Any) -> PreTrainedModel:
@@ -108,7 +100,7 @@ def random_ids(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
 
 def swap(model, mixer: str, layers="all", **kwargs):
     torch.manual_seed(1)
-    return swap_mixer(model, mixer, layers, **kwargs, **MIXER_OPTIONS.get(mixer, {})).eval()
+    return swap_mixer(model, mixer, layers, **kwargs, **TINY_MIXER_OPTIONS.get(mixer, {})).eval()
 
 
 def hybrid(base, mixers: list[str]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODEL_CASE_IDS, MODEL_CASES, make_model, perturb_
+from conftest import MODEL_CASE_IDS, MODEL_CASES, TINY_MIXER_OPTIONS, make_model, perturb_
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM, PreTrainedModel
 
 from ttt_mixer.adapters import MIXER_NAMES, swap_mixer
@@ -28,13 +28,6 @@ FLOAT32_STATE_TOLERANCE = 1e-6
 # generate hands out float32 logits (it casts them): the float64 truth rounded to float32, within one
 # float32 rounding
 FLOAT32_ROUNDING = {"rtol": 2**-23, "atol": 0.0}
-MIXER_OPTIONS = {
-    "ttt_linear": {"mini_batch_size": 4},
-    "ttt_mlp": {"mini_batch_size": 4},
-    "based": {"use_short_conv": True},  # the recall-gap preset's Based (the plain one: test_adapter_mixers)
-    "titans": {"mini_batch_size": 4},
-    "lact": {"mini_batch_size": 4, "window_size": 3},
-}
 MAMBA_HYBRID = ["mamba", "attention", "ttt_linear", "gated_deltanet"]
 
 
@@ -52,7 +45,7 @@ def mixer_llama(mixer: str) -> PreTrainedModel:
         bos_token_id=1,
         eos_token_id=None,
     )
-    model = swap_mixer(LlamaForCausalLM(config), mixer, [1], **MIXER_OPTIONS.get(mixer, {}))
+    model = swap_mixer(LlamaForCausalLM(config), mixer, [1], **TINY_MIXER_OPTIONS.get(mixer, {}))
     return perturb_(model, seed=5, scale=0.05).double().eval()
 
 
@@ -69,7 +62,7 @@ def mixer_mamba_hybrid() -> PreTrainedModel:
     )
     model = MambaForCausalLM(config)
     for i, mixer in enumerate(MAMBA_HYBRID):
-        model = swap_mixer(model, mixer, [i], **MIXER_OPTIONS.get(mixer, {}))
+        model = swap_mixer(model, mixer, [i], **TINY_MIXER_OPTIONS.get(mixer, {}))
     return perturb_(model, seed=5, scale=0.05).double().eval()
 
 
