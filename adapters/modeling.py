@@ -24,7 +24,7 @@ from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
-from ttt_mixer.adapters.mixers import build_mixer
+from ttt_mixer.adapters.mixers import LonghornMixer, build_mixer
 from ttt_mixer.layers import TTTLayer
 from ttt_mixer.models.causal_lm import (
     CausalLMGenerationMixin,
@@ -45,15 +45,16 @@ def layer_mixer(config: MixerLlamaConfig | MixerMambaConfig, layer_idx: int, num
 
 class MixerPreTrainedMixin(RemoteCodeMixin):
     """Weight init and saving shared by both backbones: the backbone's init for its own modules,
-    then each mixer's own init where it has one (TTT's inner model; transformers' Mamba and Mamba-2
-    mixers as transformers' own models initialise them)."""
+    then each mixer's own init where it has one (TTT's inner model; Longhorn's rate bias and its
+    ``initializer_range``; transformers' Mamba and Mamba-2 mixers as transformers' own models
+    initialise them)."""
 
     remote_module = "ttt_mixer.adapters"
     _is_stateful = True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, TTTLayer):
+        if isinstance(module, (TTTLayer, LonghornMixer)):
             module.reset_parameters()
         elif isinstance(module, (MambaMixer, Mamba2Mixer)):
             self._init_transformers_mamba(module)

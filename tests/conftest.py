@@ -34,12 +34,14 @@ BACKBONES = ("transformer", "mamba")
 MODEL_CASES = [(inner, backbone) for inner in INNER_MODELS for backbone in BACKBONES]
 MODEL_CASE_IDS = [f"{inner}-{backbone}" for inner, backbone in MODEL_CASES]
 # swap_mixer options of the tiny models that swap mixers in (adapters, generation): small enough that
-# every mixer runs its CPU path in well under a second; Based as the recall-gap preset has it (the
-# plain one is tests/adapters/test_adapter_mixers.py's)
+# every mixer runs its CPU path in well under a second; Based and Longhorn with the recall-gap preset's
+# options (the plain ones are tests/adapters/test_adapter_mixers.py's; Mamba keeps none, as the Mamba
+# backbone's own layers hold it without)
 TINY_MIXER_OPTIONS = {
     "ttt_linear": {"mini_batch_size": 4},
     "ttt_mlp": {"mini_batch_size": 4},
     "based": {"use_short_conv": True},
+    "longhorn": {"initializer_range": 0.1, "dt_bias_init": -3.0, "dt_rank": 8},
     "titans": {"mini_batch_size": 4},
     "lact": {"mini_batch_size": 4, "window_size": 3},
 }

@@ -43,7 +43,7 @@ from torch import nn
 
 from ttt_mixer.adapters.mixers.common import ScanMixerMixin, at_least_float32
 from ttt_mixer.adapters.mixers.selective_scan import online_scan
-from ttt_mixer.layers.checks import check_int
+from ttt_mixer.layers.checks import check_finite_float, check_int, check_positive_float
 
 
 def longhorn_delta(dt: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -113,6 +113,8 @@ class LonghornMixer(ScanMixerMixin, nn.Module):
         dt_rank: int | str = "auto",
         conv_bias: bool = True,
         bias: bool = False,
+        initializer_range: float | None = None,
+        dt_bias_init: float = 0.0,
         layer_idx: int | None = None,
     ) -> None:
         super().__init__()
@@ -121,6 +123,11 @@ class LonghornMixer(ScanMixerMixin, nn.Module):
         check_int("expand", expand)
         if dt_rank != "auto":
             check_int("dt_rank", dt_rank)
+        if initializer_range is not None:
+            check_positive_float("initializer_range", initializer_range)
+        check_finite_float("dt_bias_init", dt_bias_init)
+        self.initializer_range = initializer_range
+        self.dt_bias_init = dt_bias_init
         self.hidden_size = hidden_size
         self.d_state = d_state
         self.d_conv = d_conv
@@ -138,8 +145,19 @@ class LonghornMixer(ScanMixerMixin, nn.Module):
         self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=bias)
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.D._no_weight_decay = True
-        with torch.no_grad():
-            self.dt_head.bias.zero_()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The rate head's bias to ``dt_bias_init`` (the authors': 0, a rate of 1/2), and with
+        ``initializer_range`` the in, x and out projections to N(0, initializer_range); without it
+        they keep their init (PyTorch's, or a backbone's when a model initialises its layers). The
+        rate head's weight keeps its init either way, so every channel's rate starts near
+        sigmoid(dt_bias_init)."""
+        self.dt_head.bias.fill_(self.dt_bias_init)
+        if self.initializer_range is not None:
+            for linear in (self.in_proj, self.x_proj, self.out_proj):
+                linear.weight.normal_(0.0, self.initializer_range)
 
     def scan_forward(
         self,

@@ -4,6 +4,7 @@ fast PyTorch scan (``selective_scan``), its states kept in fla's Cache."""
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from ttt_mixer.adapters.mixers.common import ScanMixerMixin
 from ttt_mixer.adapters.mixers.selective_scan import selective_scan
+from ttt_mixer.layers.checks import check_positive_float
 
 # transformers 5.2x renamed MambaMixer.forward's ``cache_params`` to ``cache``
 MAMBA_CACHE_ARGUMENT = (
@@ -110,12 +112,25 @@ class CachedMambaMixer(ScanMixerMixin, MambaMixer):
     are ignored.
     """
 
-    def __init__(self, config: MambaConfig, layer_idx: int = 0) -> None:
+    def __init__(self, config: MambaConfig, layer_idx: int = 0, A_init: float | None = None) -> None:
+        """``A_init``: every entry of A starts at -A_init (Mamba-2's single head starts at -1) instead
+        of the S4D-real -(1, ..., state_size) of transformers and mamba_ssm (None, the default)."""
+        if A_init is not None:
+            check_positive_float("A_init", A_init)
+        # MambaMixer's constructor initialises through init_mamba_weights, which reads A_init
+        self.A_init = A_init
         super().__init__(config, layer_idx)
         # Mamba's own recipe (mamba_ssm) keeps weight decay off A_log and D; fla marks its A_log and
         # dt_bias the same way, and ttt_mixer.recall_gap's trainer honours the mark
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
+
+    @torch.no_grad()
+    def init_mamba_weights(self) -> None:
+        """transformers' init of A, D and dt, with A set to -A_init throughout when that is given."""
+        super().init_mamba_weights()
+        if self.A_init is not None:
+            self.A_log.fill_(math.log(self.A_init))
 
     def scan_forward(
         self,

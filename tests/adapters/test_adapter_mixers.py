@@ -19,10 +19,11 @@ from fla.layers.gla import GatedLinearAttention
 from fla.models.utils import Cache
 from fla.modules.feature_map import TaylorFeatureMap
 from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
-from transformers import DynamicCache, LlamaConfig, MambaConfig
+from transformers import DynamicCache, LlamaConfig, MambaConfig, MambaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
+from ttt_mixer.adapters import swap_mixer
 from ttt_mixer.adapters.mixers import (
     MIXER_NAMES,
     BasedMixer,
@@ -511,6 +512,27 @@ def test_build_mixer_errors_and_configs() -> None:
     assert build_mixer("mamba", HIDDEN, HEADS, 5, llama, conv_kernel=2).conv_kernel_size == 2
     assert isinstance(build_mixer("gated_deltanet", HIDDEN, HEADS, 0), GatedDeltaNet)
     assert isinstance(build_mixer("based", HIDDEN, HEADS, 0), BasedMixer)
+
+
+def test_mamba_A_init() -> None:
+    """``A_init`` starts every A at -A_init, in the mixer alone and in a model (whose init runs the
+    mixer's again after the backbone's); without it A is transformers' S4D-real -(1, ..., N). Bad
+    values name the option."""
+    alone = build_mixer("mamba", HIDDEN, HEADS, 0, A_init=1.0, state_size=4)
+    assert torch.equal(alone.A_log, torch.zeros(2 * HIDDEN, 4))
+    torch.manual_seed(0)
+    base = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=2, state_size=4))
+    for A_init, expected in [(2.0, torch.full((4,), 2.0)), (None, torch.arange(1.0, 5.0))]:
+        options = {} if A_init is None else {"A_init": A_init}
+        mixers = [
+            m for m in swap_mixer(base, "mamba", **options).modules() if isinstance(m, CachedMambaMixer)
+        ]
+        assert len(mixers) == 2
+        for mixer in mixers:
+            assert torch.allclose(mixer.A_log.exp(), expected.expand(2 * HIDDEN, -1))
+    for value, error in [(0.0, ValueError), (-1.0, ValueError), ("1", TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="A_init"):
+            build_mixer("mamba", HIDDEN, HEADS, 0, A_init=value)
 
 
 def test_recurrent_state_size() -> None:

@@ -32,7 +32,7 @@ from ttt_mixer.adapters import MIXER_NAMES, MixerLlamaForCausalLM, MixerMambaFor
 from ttt_mixer.recall_gap import main
 from ttt_mixer.recall_gap.data import VOCAB, mqar_tokenizer
 from ttt_mixer.recall_gap.evaluate import StateSize, state_size
-from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, MQARShape
+from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, ZOOLOGY_GPU, MQARShape
 from ttt_mixer.recall_gap.report import PLOT_PNG, TABLE_JSON, TABLE_MD
 from ttt_mixer.recall_gap.train import (
     MODEL_DIR,
@@ -61,6 +61,25 @@ def test_the_presets_cover_every_mixer_and_evaluate_at_1x_2x_4x_the_training_len
     lengths = {shape.seq_len for shape in CPU.eval_shapes(train)}
     assert lengths == {train.seq_len, 2 * train.seq_len, 4 * train.seq_len}
     assert MQARShape(4 * train.seq_len, 4 * train.num_kv_pairs) in CPU.eval_shapes(train)
+
+
+def test_the_cpu_preset_starts_mamba_and_longhorn_as_docs_say() -> None:
+    """In the CPU preset's model Mamba's decays start at -1 with a full-rank dt projection, and
+    Longhorn's rates near sigmoid(-3) with its projections at N(0, 0.1), over the backbone's init
+    (docs/recall_gap.md); the GPU preset keeps the authors' starts."""
+    (shape,) = CPU.train_shapes
+
+    def mixers(mixer: str, options: dict) -> list[torch.nn.Module]:
+        spec = RunSpec(mixer, 64, CPU.num_layers, 1, shape, 1, 1, 1e-3, 0, 128, options, CPU.backbone)
+        return [layer.mixer for layer in build_model(spec).backbone.layers]
+
+    for mamba in mixers("mamba", CPU.mixer_options["mamba"]):
+        assert torch.equal(mamba.A_log, torch.zeros_like(mamba.A_log)) and mamba.time_step_rank == 64
+    for longhorn in mixers("longhorn", CPU.mixer_options["longhorn"]):
+        assert torch.equal(longhorn.dt_head.bias, torch.full_like(longhorn.dt_head.bias, -3.0))
+        assert abs(longhorn.x_proj.weight.std().item() - 0.1) < 0.01
+    assert "longhorn" not in ZOOLOGY_GPU.mixer_options
+    assert "A_init" not in ZOOLOGY_GPU.mixer_options["mamba"]
 
 
 @pytest.mark.slow

@@ -97,10 +97,18 @@ def check_int(name: str, value: object, minimum: int = 1) -> None:
 
 def check_positive_float(name: str, value: object) -> None:
     """TypeError unless ``value`` is a real number (not a bool), ValueError unless finite and > 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a finite number > 0, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value <= 0:
+    check_finite_float(name, value, "a finite number > 0")
+    if value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_finite_float(name: str, value: object, expected: str = "a finite number") -> None:
+    """TypeError unless ``value`` is a real number (not a bool), ValueError unless finite; the
+    messages say ``value`` must be ``expected``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def check_heads_divide_width(options: dict[str, object], names: dict[str, str]) -> None:

@@ -89,7 +89,8 @@ def build_model(spec: RunSpec) -> PreTrainedModel:
     """The seeded backbone with ``spec.mixer`` in every layer (see ``presets.BACKBONES``): token
     embedding, RMSNorms and an untied head, with SwiGLU MLPs of width 4x ("llama") or without MLPs
     ("mamba"); weights N(0, 0.02), the range of Llama and fla (transformers' Mamba mixers keep
-    transformers' own init, ``swap_mixer``)."""
+    transformers' own init, and Longhorn its ``initializer_range`` when its options give one,
+    ``swap_mixer``)."""
     shared = {
         "vocab_size": len(VOCAB),
         "hidden_size": spec.width,
