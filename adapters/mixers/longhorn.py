@@ -24,6 +24,8 @@ Not pinned down, and chosen here:
     their LM's init zeroes every Linear bias, so dt_head's bias starts at 0 (rate sigmoid(0) = 1/2);
     this module zeroes it too. The LM's rescaling of out_proj by 1/sqrt(n_layer) is a model-level
     step left to the backbone, whose own init (Llama's, in ``swap_mixer``'s models) applies anyway.
+    ``initializer_range`` and ``dt_bias_init`` change that start (the recall-gap CPU preset's:
+    N(0, 0.1) projections and rates near sigmoid(-3); docs/recall_gap.md).
   * Precision: their scan runs in float32 and casts back; here in at least float32 (float64 stays
     float64).
   * Final state and decoding: their reference captures the "last" state at index d_state - 1 instead
