@@ -86,7 +86,8 @@ def _mamba(
     hidden_size: int, num_heads: int, layer_idx: int, backbone_config: Any, options: dict[str, Any]
 ) -> CachedMambaMixer:
     options = dict(options)
-    A_init = options.pop("A_init", None)  # the mixer's, not a MambaConfig field
+    # the mixer's, not MambaConfig fields
+    inits = {name: options.pop(name) for name in ("A_init", "D_init") if name in options}
     if isinstance(backbone_config, MambaConfig):
         if backbone_config.hidden_size != hidden_size:
             raise ValueError(
@@ -102,7 +103,7 @@ def _mamba(
         raise ValueError(
             f"layer_idx {layer_idx} is outside the MambaConfig's {config.num_hidden_layers} layers"
         )
-    return CachedMambaMixer(config, layer_idx, A_init=A_init)
+    return CachedMambaMixer(config, layer_idx, **inits)
 
 
 Builder = Callable[[int, int, int, Any, dict[str, Any]], nn.Module]
@@ -154,8 +155,8 @@ def build_mixer(
     ``backbone_config`` when it is a LlamaConfig, else on a LlamaConfig of hidden_size and num_heads;
     mamba: ``CachedMambaMixer`` on ``backbone_config`` when it is a MambaConfig, else on a MambaConfig
     of hidden_size (num_heads unused); for these two ``options`` are config fields (e.g. rope_theta,
-    num_key_value_heads; state_size, expand, conv_kernel), and for mamba also ``A_init``
-    (``CachedMambaMixer``'s). longhorn: ``LonghornMixer`` (the authors'
+    num_key_value_heads; state_size, expand, conv_kernel), and for mamba also ``A_init`` and
+    ``D_init`` (``CachedMambaMixer``'s). longhorn: ``LonghornMixer`` (the authors'
     defaults; num_heads unused) with ``options`` as constructor arguments; mamba2: ``CachedMamba2Mixer``
     on a Mamba2Config of hidden_size, num_heads heads and 1 group, ``options`` its fields (e.g.
     state_size, expand, head_dim); titans / lact: ``TTTFamilyLayer`` with that preset, ``options`` its

@@ -24,8 +24,9 @@ Not pinned down, and chosen here:
     their LM's init zeroes every Linear bias, so dt_head's bias starts at 0 (rate sigmoid(0) = 1/2);
     this module zeroes it too. The LM's rescaling of out_proj by 1/sqrt(n_layer) is a model-level
     step left to the backbone, whose own init (Llama's, in ``swap_mixer``'s models) applies anyway.
-    ``initializer_range`` and ``dt_bias_init`` change that start (the recall-gap CPU preset's:
-    N(0, 0.1) projections and rates near sigmoid(-3); docs/recall_gap.md).
+    ``initializer_range``, ``dt_bias_init`` and ``D_init`` change that start (the recall-gap CPU
+    preset's: N(0, 0.1) projections, rates near sigmoid(-3) and the skip D at 0 instead of 1;
+    docs/recall_gap.md).
   * Precision: their scan runs in float32 and casts back; here in at least float32 (float64 stays
     float64).
   * Final state and decoding: their reference captures the "last" state at index d_state - 1 instead
@@ -117,6 +118,7 @@ class LonghornMixer(ScanMixerMixin, nn.Module):
         bias: bool = False,
         initializer_range: float | None = None,
         dt_bias_init: float = 0.0,
+        D_init: float = 1.0,
         layer_idx: int | None = None,
     ) -> None:
         super().__init__()
@@ -128,8 +130,10 @@ class LonghornMixer(ScanMixerMixin, nn.Module):
         if initializer_range is not None:
             check_positive_float("initializer_range", initializer_range)
         check_finite_float("dt_bias_init", dt_bias_init)
+        check_finite_float("D_init", D_init)
         self.initializer_range = initializer_range
         self.dt_bias_init = dt_bias_init
+        self.D_init = D_init
         self.hidden_size = hidden_size
         self.d_state = d_state
         self.d_conv = d_conv
@@ -145,18 +149,19 @@ class LonghornMixer(ScanMixerMixin, nn.Module):
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_head = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=bias)
-        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
         self.D._no_weight_decay = True
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The rate head's bias to ``dt_bias_init`` (the authors': 0, a rate of 1/2), and with
-        ``initializer_range`` the in, x and out projections to N(0, initializer_range); without it
-        they keep their init (PyTorch's, or a backbone's when a model initialises its layers). The
-        rate head's weight keeps its init either way, so every channel's rate starts near
-        sigmoid(dt_bias_init)."""
+        """The rate head's bias to ``dt_bias_init`` (the authors': 0, a rate of 1/2), the skip D to
+        ``D_init`` (the authors': 1), and with ``initializer_range`` the in, x and out projections
+        to N(0, initializer_range); without it they keep their init (PyTorch's, or a backbone's when
+        a model initialises its layers). The rate head's weight keeps its init either way, so every
+        channel's rate starts near sigmoid(dt_bias_init)."""
         self.dt_head.bias.fill_(self.dt_bias_init)
+        self.D.fill_(self.D_init)
         if self.initializer_range is not None:
             for linear in (self.in_proj, self.x_proj, self.out_proj):
                 linear.weight.normal_(0.0, self.initializer_range)

@@ -14,7 +14,7 @@ from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from ttt_mixer.adapters.mixers.common import ScanMixerMixin
 from ttt_mixer.adapters.mixers.selective_scan import selective_scan
-from ttt_mixer.layers.checks import check_positive_float
+from ttt_mixer.layers.checks import check_finite_float, check_positive_float
 
 # transformers 5.2x renamed MambaMixer.forward's ``cache_params`` to ``cache``
 MAMBA_CACHE_ARGUMENT = (
@@ -112,13 +112,18 @@ class CachedMambaMixer(ScanMixerMixin, MambaMixer):
     are ignored.
     """
 
-    def __init__(self, config: MambaConfig, layer_idx: int = 0, A_init: float | None = None) -> None:
+    def __init__(
+        self, config: MambaConfig, layer_idx: int = 0, A_init: float | None = None, D_init: float = 1.0
+    ) -> None:
         """``A_init``: every entry of A starts at -A_init (Mamba-2's single head starts at -1) instead
-        of the S4D-real -(1, ..., state_size) of transformers and mamba_ssm (None, the default)."""
+        of the S4D-real -(1, ..., state_size) of transformers and mamba_ssm (None, the default).
+        ``D_init``: the skip D starts at D_init everywhere (transformers' and mamba_ssm's 1, the
+        default; 0 starts the mixer with its scan alone)."""
         if A_init is not None:
             check_positive_float("A_init", A_init)
-        # MambaMixer's constructor initialises through init_mamba_weights, which reads A_init
-        self.A_init = A_init
+        check_finite_float("D_init", D_init)
+        # MambaMixer's constructor initialises through init_mamba_weights, which reads both
+        self.A_init, self.D_init = A_init, D_init
         super().__init__(config, layer_idx)
         # Mamba's own recipe (mamba_ssm) keeps weight decay off A_log and D; fla marks its A_log and
         # dt_bias the same way, and ttt_mixer.recall_gap's trainer honours the mark
@@ -127,10 +132,12 @@ class CachedMambaMixer(ScanMixerMixin, MambaMixer):
 
     @torch.no_grad()
     def init_mamba_weights(self) -> None:
-        """transformers' init of A, D and dt, with A set to -A_init throughout when that is given."""
+        """transformers' init of A, D and dt, with A set to -A_init throughout when that is given and D
+        to D_init."""
         super().init_mamba_weights()
         if self.A_init is not None:
             self.A_log.fill_(math.log(self.A_init))
+        self.D.fill_(self.D_init)
 
     def scan_forward(
         self,

@@ -514,25 +514,36 @@ def test_build_mixer_errors_and_configs() -> None:
     assert isinstance(build_mixer("based", HIDDEN, HEADS, 0), BasedMixer)
 
 
-def test_mamba_A_init() -> None:
-    """``A_init`` starts every A at -A_init, in the mixer alone and in a model (whose init runs the
-    mixer's again after the backbone's); without it A is transformers' S4D-real -(1, ..., N). Bad
-    values name the option."""
-    alone = build_mixer("mamba", HIDDEN, HEADS, 0, A_init=1.0, state_size=4)
+def test_mamba_A_init_and_D_init() -> None:
+    """``A_init`` starts every A at -A_init and ``D_init`` every D at D_init, in the mixer alone and in
+    a model (whose init runs the mixer's again after the backbone's); without them A is
+    transformers' S4D-real -(1, ..., N) and D is 1. Bad values name the option."""
+    alone = build_mixer("mamba", HIDDEN, HEADS, 0, A_init=1.0, D_init=0.0, state_size=4)
     assert torch.equal(alone.A_log, torch.zeros(2 * HIDDEN, 4))
+    assert torch.equal(alone.D, torch.zeros(2 * HIDDEN))
     torch.manual_seed(0)
     base = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=2, state_size=4))
-    for A_init, expected in [(2.0, torch.full((4,), 2.0)), (None, torch.arange(1.0, 5.0))]:
-        options = {} if A_init is None else {"A_init": A_init}
+    for options, A, D in [
+        ({"A_init": 2.0, "D_init": -0.5}, torch.full((4,), 2.0), -0.5),
+        ({}, torch.arange(1.0, 5.0), 1.0),
+    ]:
         mixers = [
             m for m in swap_mixer(base, "mamba", **options).modules() if isinstance(m, CachedMambaMixer)
         ]
         assert len(mixers) == 2
         for mixer in mixers:
-            assert torch.allclose(mixer.A_log.exp(), expected.expand(2 * HIDDEN, -1))
-    for value, error in [(0.0, ValueError), (-1.0, ValueError), ("1", TypeError), (True, TypeError)]:
-        with pytest.raises(error, match="A_init"):
-            build_mixer("mamba", HIDDEN, HEADS, 0, A_init=value)
+            assert torch.allclose(mixer.A_log.exp(), A.expand(2 * HIDDEN, -1))
+            assert torch.equal(mixer.D, torch.full((2 * HIDDEN,), D))
+    for name, value, error in [
+        ("A_init", 0.0, ValueError),
+        ("A_init", -1.0, ValueError),
+        ("A_init", "1", TypeError),
+        ("A_init", True, TypeError),
+        ("D_init", math.nan, ValueError),
+        ("D_init", "0", TypeError),
+    ]:
+        with pytest.raises(error, match=name):
+            build_mixer("mamba", HIDDEN, HEADS, 0, **{name: value})
 
 
 def test_recurrent_state_size() -> None:

@@ -144,11 +144,12 @@ def test_defaults_follow_the_authors() -> None:
 
 
 def test_init_options_hold_alone_and_in_a_model() -> None:
-    """``initializer_range`` and ``dt_bias_init`` set the in, x and out projections' spread and the
-    rate's bias, in the mixer alone and in a model, whose backbone init (N(0, 0.02) here) runs
-    first; without them the model's mixer keeps the backbone's spread. Bad values name the option."""
+    """``initializer_range``, ``dt_bias_init`` and ``D_init`` set the in, x and out projections'
+    spread, the rate's bias and the skip D, in the mixer alone and in a model, whose backbone init
+    (N(0, 0.02) here) runs first; without them the model's mixer keeps the backbone's spread, a zero
+    bias and D = 1. Bad values name the option."""
     torch.manual_seed(0)
-    options = {"initializer_range": 0.1, "dt_bias_init": -3.0}
+    options = {"initializer_range": 0.1, "dt_bias_init": -3.0, "D_init": 0.0}
     base = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, state_size=4))
 
     def mixers(model: torch.nn.Module) -> list[LonghornMixer]:
@@ -158,16 +159,20 @@ def test_init_options_hold_alone_and_in_a_model() -> None:
     assert len(in_models) == 2
     for mixer in [build_mixer("longhorn", 64, 1, 0, **options), *in_models]:
         assert torch.equal(mixer.dt_head.bias, torch.full((128,), -3.0))
+        assert torch.equal(mixer.D, torch.zeros(128))
         for linear in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
             assert abs(linear.weight.std().item() - 0.1) < 0.01
     for mixer in mixers(swap_mixer(base, "longhorn")):
         assert torch.equal(mixer.dt_head.bias, torch.zeros(128))
+        assert torch.equal(mixer.D, torch.ones(128))
         assert abs(mixer.in_proj.weight.std().item() - base.config.initializer_range) < 0.005
     for name, value, error in [
         ("initializer_range", 0.0, ValueError),
         ("initializer_range", "0.1", TypeError),
         ("dt_bias_init", math.inf, ValueError),
         ("dt_bias_init", True, TypeError),
+        ("D_init", -math.inf, ValueError),
+        ("D_init", None, TypeError),
     ]:
         with pytest.raises(error, match=name):
             build_mixer("longhorn", 64, 1, 0, **{name: value})
