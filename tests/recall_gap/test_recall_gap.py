@@ -33,7 +33,7 @@ from ttt_mixer.recall_gap import main
 from ttt_mixer.recall_gap.data import VOCAB, mqar_tokenizer
 from ttt_mixer.recall_gap.evaluate import StateSize, state_size
 from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, ZOOLOGY_GPU, MQARShape
-from ttt_mixer.recall_gap.report import PLOT_PNG, TABLE_JSON, TABLE_MD
+from ttt_mixer.recall_gap.report import PLOT_PNG, TABLE_JSON, TABLE_MD, Row, markdown_table
 from ttt_mixer.recall_gap.train import (
     MODEL_DIR,
     TRAINER_DIR,
@@ -65,8 +65,8 @@ def test_the_presets_cover_every_mixer_and_evaluate_at_1x_2x_4x_the_training_len
 
 def test_the_cpu_preset_starts_mamba_and_longhorn_as_docs_say() -> None:
     """In the CPU preset's model Mamba's decays start at -1 with a full-rank dt projection, and
-    Longhorn's rates near sigmoid(-3) with its projections at N(0, 0.1), over the backbone's init
-    (docs/recall_gap.md); the GPU preset keeps the authors' starts."""
+    Longhorn's rates near sigmoid(-3) with its projections at N(0, 0.1), over the backbone's init,
+    both with the skip D at 0 (docs/recall_gap.md); the GPU preset keeps the authors' starts."""
     (shape,) = CPU.train_shapes
 
     def mixers(mixer: str, options: dict) -> list[torch.nn.Module]:
@@ -75,11 +75,13 @@ def test_the_cpu_preset_starts_mamba_and_longhorn_as_docs_say() -> None:
 
     for mamba in mixers("mamba", CPU.mixer_options["mamba"]):
         assert torch.equal(mamba.A_log, torch.zeros_like(mamba.A_log)) and mamba.time_step_rank == 64
+        assert torch.equal(mamba.D, torch.zeros_like(mamba.D))
     for longhorn in mixers("longhorn", CPU.mixer_options["longhorn"]):
         assert torch.equal(longhorn.dt_head.bias, torch.full_like(longhorn.dt_head.bias, -3.0))
         assert abs(longhorn.x_proj.weight.std().item() - 0.1) < 0.01
+        assert torch.equal(longhorn.D, torch.zeros_like(longhorn.D))
     assert "longhorn" not in ZOOLOGY_GPU.mixer_options
-    assert "A_init" not in ZOOLOGY_GPU.mixer_options["mamba"]
+    assert not {"A_init", "D_init"} & set(ZOOLOGY_GPU.mixer_options["mamba"])
 
 
 @pytest.mark.slow
@@ -108,6 +110,10 @@ def test_every_mixer_trains_saves_reloads_and_is_evaluated_and_a_rerun_reuses_th
         assert set(lm_eval_results["results"]) == {"ttt_mqar_kv2", "ttt_mqar_kv4"}
         assert "Running loglikelihood requests" in (Path(row["checkpoint"]).parent / "log.txt").read_text()
     assert (out / PLOT_PNG).stat().st_size > 10_000
+    # three steps teach (almost) nothing: the rows below the bar are named as not learned
+    below = [row["name"] for row in data["rows"] if row["accuracy"]["L16-kv2"] < CPU.learned_accuracy]
+    assert data["learned_accuracy"] == CPU.learned_accuracy and data["not_learned"] == below
+    assert below and f"Not learned (below {CPU.learned_accuracy:g} at the training shape): " in markdown
 
     # a rerun trains and evaluates nothing again; with the default sanity check it fails, since
     # three steps teach attention nothing, and says so instead of printing the table
@@ -150,6 +156,29 @@ def test_every_mixer_trains_saves_reloads_and_is_evaluated_and_a_rerun_reuses_th
     assert [row["accuracy"] for row in given[:2]] == [row["accuracy"] for row in data["rows"][:2]]
     assert [row["train_seconds"] for row in given] == [None, None, None]
     assert given[2]["state_size"] == 2 * 2 * 32 * 16 and given[2]["state_grows_with_length"]
+
+
+def test_the_table_names_the_trained_rows_below_the_learned_bar_and_only_them() -> None:
+    shape, longer = MQARShape(32, 4), MQARShape(64, 4)
+
+    def row(name: str, accuracy: float, trained: bool = True) -> Row:
+        accuracies = {shape: accuracy, longer: 0.5}
+        if not trained:
+            return Row(name, f"/given/{name}", 10, StateSize(64), accuracies)
+        return Row(name, f"/runs/{name}", 10, StateSize(64), accuracies, name, 64, 1e-3, shape, 12.0)
+
+    learned, stalled, given = row("attention", 0.95), row("mamba", 0.289), row("ckpt", 0.1, trained=False)
+    table = markdown_table([learned, stalled, given], learned_accuracy=0.9)
+    trained, checkpoints = table.split("Evaluated checkpoints:")
+    note = [line for line in trained.splitlines() if line.startswith("Not learned")]
+    assert note == [
+        "Not learned (below 0.9 at the training shape): mamba (0.289). Their other columns measure an "
+        "undertrained model, not what the mixer can recall."
+    ]
+    # evaluated checkpoints have no training shape to judge them by; without a bar, no note
+    assert "Not learned" not in checkpoints
+    assert "Not learned" not in markdown_table([learned, stalled, given])
+    assert "Not learned" not in markdown_table([learned], learned_accuracy=0.9)
 
 
 class StopAt(TrainerCallback):

@@ -13,7 +13,7 @@ import torch
 
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.presets import BACKBONES, Preset
-from ttt_mixer.recall_gap.report import Row, best_rows, markdown_table, plot, write_tables
+from ttt_mixer.recall_gap.report import Row, best_rows, markdown_table, not_learned, plot, write_tables
 from ttt_mixer.recall_gap.runner import EvalSettings, distributed, evaluate_checkpoints, plan, run_all
 
 
@@ -91,15 +91,17 @@ def recall_gap(
         "seconds": time.perf_counter() - start,
         "status": "failed" if failures else "ok",
         "failures": failures,
+        "learned_accuracy": preset.learned_accuracy,
+        "not_learned": [row.name for row in not_learned(rows, preset.learned_accuracy)],
     }
-    written = [*write_tables(rows, all_rows, out, info), plot(rows, out)]
+    written = [*write_tables(rows, all_rows, out, info, preset.learned_accuracy), plot(rows, out)]
     if failures:
         raise RecallGapFailure(
             f"attention must reach {preset.min_attention_accuracy} MQAR accuracy at its training shape, "
             f"so training is broken and the table is not meaningful: {'; '.join(failures)}. "
             f"Files (for debugging): {', '.join(str(p) for p in written)}"
         )
-    print(markdown_table(rows))
+    print(markdown_table(rows, preset.learned_accuracy))
     print(info["summary"])
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return rows

@@ -96,10 +96,29 @@ def _shape_header(shape: MQARShape) -> str:
     return f"acc L={shape.seq_len} kv={shape.num_kv_pairs}"
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
+def not_learned(rows: Iterable[Row], learned_accuracy: float) -> list[Row]:
+    """Trained rows below ``learned_accuracy`` at their training shape: models that did not learn the
+    task they were trained on, whose other accuracies say nothing about what their mixer can recall."""
+    return [row for row in rows if row.train_shape and row.accuracy[row.train_shape] < learned_accuracy]
+
+
+def _not_learned_note(group: Sequence[Row], learned_accuracy: float | None) -> list[str]:
+    below = [] if learned_accuracy is None else not_learned(group, learned_accuracy)
+    if not below:
+        return []
+    names = ", ".join(f"{row.name} ({row.accuracy[row.train_shape]:.3f})" for row in below)
+    return [
+        "",
+        f"Not learned (below {learned_accuracy:g} at the training shape): {names}. Their other columns "
+        "measure an undertrained model, not what the mixer can recall.",
+    ]
+
+
+def markdown_table(rows: Sequence[Row], learned_accuracy: float | None = None) -> str:
     """One markdown table per training shape: mixer, width (when several), learning rate (of
     trained models), parameters, state size, accuracy per evaluated shape, training time (of
-    trained models)."""
+    trained models); under it, with ``learned_accuracy``, the trained rows below it at their
+    training shape (``not_learned``)."""
     parts = []
     for train_shape, group in _groups(rows).items():
         shapes = _column_order({shape for row in group for shape in row.accuracy}, train_shape)
@@ -121,15 +140,23 @@ def markdown_table(rows: Sequence[Row]) -> str:
             cells += [f"{row.accuracy[s]:.3f}" if s in row.accuracy else "" for s in shapes]
             cells += [_seconds_text(row.train_seconds)] if trained else []
             lines.append("| " + " | ".join(cells) + " |")
+        lines += _not_learned_note(group, learned_accuracy)
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
 
-def write_tables(rows: Sequence[Row], all_rows: Sequence[Row], out: Path, info: dict[str, Any]) -> list[Path]:
-    """``recall_gap.md`` (``rows``, with ``info['summary']`` above it) and ``recall_gap.json``
-    (``info``, ``rows`` and every run in ``all_rows``)."""
+def write_tables(
+    rows: Sequence[Row],
+    all_rows: Sequence[Row],
+    out: Path,
+    info: dict[str, Any],
+    learned_accuracy: float | None = None,
+) -> list[Path]:
+    """``recall_gap.md`` (``rows``, with ``info['summary']`` above it; see ``markdown_table``) and
+    ``recall_gap.json`` (``info``, ``rows`` and every run in ``all_rows``)."""
     md, js = out / TABLE_MD, out / TABLE_JSON
-    md.write_text(f"# MQAR recall gap\n\n{info.get('summary', '')}\n\n{markdown_table(rows)}")
+    table = markdown_table(rows, learned_accuracy)
+    md.write_text(f"# MQAR recall gap\n\n{info.get('summary', '')}\n\n{table}")
     data = {**info, "rows": [row.to_json() for row in rows], "runs": [row.to_json() for row in all_rows]}
     js.write_text(json.dumps(data, indent=2))
     return [md, js]
