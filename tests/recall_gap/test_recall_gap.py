@@ -64,9 +64,10 @@ def test_the_presets_cover_every_mixer_and_evaluate_at_1x_2x_4x_the_training_len
 
 
 def test_the_cpu_preset_starts_mamba_and_longhorn_as_docs_say() -> None:
-    """In the CPU preset's model Mamba's decays start at -1 with a full-rank dt projection, and
-    Longhorn's rates near sigmoid(-3) with its projections at N(0, 0.1), over the backbone's init,
-    both with the skip D at 0 (docs/recall_gap.md); the GPU preset keeps the authors' starts."""
+    """In the CPU preset's model Mamba's decays start at -1 with a full-rank dt projection and its
+    projections at N(0, 0.05), and Longhorn's rates near sigmoid(-3) with its projections at
+    N(0, 0.1), over the backbone's init, both with the skip D at 0 (docs/recall_gap.md); the GPU
+    preset keeps the authors' starts."""
     (shape,) = CPU.train_shapes
 
     def mixers(mixer: str, options: dict) -> list[torch.nn.Module]:
@@ -76,6 +77,7 @@ def test_the_cpu_preset_starts_mamba_and_longhorn_as_docs_say() -> None:
     for mamba in mixers("mamba", CPU.mixer_options["mamba"]):
         assert torch.equal(mamba.A_log, torch.zeros_like(mamba.A_log)) and mamba.time_step_rank == 64
         assert torch.equal(mamba.D, torch.zeros_like(mamba.D))
+        assert abs(mamba.x_proj.weight.std().item() - 0.05) < 0.005
     for longhorn in mixers("longhorn", CPU.mixer_options["longhorn"]):
         assert torch.equal(longhorn.dt_head.bias, torch.full_like(longhorn.dt_head.bias, -3.0))
         assert abs(longhorn.x_proj.weight.std().item() - 0.1) < 0.01
