@@ -171,7 +171,7 @@ CPU_MIXER_OPTIONS = {
 
 CPU = Preset(
     name="cpu",
-    description="2-core CPU, about 9 minutes: Mamba backbone, 2 layers of width 64, 2000 steps of 16 MQAR L32-kv4",
+    description="2-core CPU, about 9.5 minutes: Mamba backbone, 2 layers of width 64, 2000 steps of 16 MQAR L32-kv4",
     mixers=CPU_MIXERS,
     widths=(64,),
     num_layers=2,
