@@ -29,8 +29,8 @@ def attention_failures(rows: Sequence[Row], threshold: float) -> list[str]:
     return [
         f"{row.name} (width {row.width}, lr {row.learning_rate:g}) reached {row.accuracy[row.train_shape]:.3f} "
         f"at its training shape {row.train_shape.label}"
-        for row in rows
-        if row.mixer == "attention" and row.train_shape and row.accuracy[row.train_shape] < threshold
+        for row in not_learned(rows, threshold)
+        if row.mixer == "attention"
     ]
 
 
