@@ -24,12 +24,18 @@ INITS = ("random", "attention")
 # mixers that ``init="attention"`` can start from an attention layer's q/k/v/o projections
 ATTENTION_INIT_MIXERS = ("attention", "ttt_linear", "ttt_mlp")
 # config keys that do not carry over: those that name a class or a file rather than describe the
-# network, and Mistral's and Qwen2's attention windows, checked not to bind (``_check_full_attention``)
+# network, Mistral's and Qwen2's attention windows, checked not to bind (``_check_full_attention``),
+# and how the source's weights were stored: a GGUF load leaves {"quant_method": "gguf", "gguf_file":
+# ...} although its weights are dequantised, and the swapped model holds plain tensors; carried over,
+# reloading the swapped model would attach transformers' GGUF quantizer, and the reloaded model would
+# then refuse save_pretrained ("not serializable") and Trainer ("purely quantized models"). Every
+# other field a checkpoint carries (SmolLM2's is_llama_config, a GGUF load's unk_token_id, ...) is kept.
 _NOT_CARRIED_KEYS = (
     "model_type",
     "architectures",
     "auto_map",
     "transformers_version",
+    "quantization_config",
     "mixers",
     "mixer_options",
     "sliding_window",

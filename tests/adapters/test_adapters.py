@@ -28,7 +28,9 @@ from transformers import (
 
 from ttt_mixer.adapters import (
     MIXER_NAMES,
+    MixerLlamaConfig,
     MixerLlamaForCausalLM,
+    MixerMambaConfig,
     MixerMambaForCausalLM,
     parse_layers,
     swap_mixer,
@@ -201,6 +203,56 @@ def test_full_attention_mistral_and_qwen2_swap_like_llama(make_base, tmp_path: P
         assert not torch.allclose(hybrid_out.logits, base_out.logits, atol=1e-3)
         generated = hybrid_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
         assert torch.equal(generated, greedy_without_cache(hybrid_model, ids, 4, mask))
+
+
+# fields that published or GGUF-loaded checkpoints carry beyond their transformers config's own
+CHECKPOINT_FIELDS = {
+    "llama": {
+        "is_llama_config": True,
+        "rope_interleaved": False,
+        "_model_name_or_path": "SmolLM2",
+        "unk_token_id": 0,
+    },
+    "mamba": {"n_layer": 2, "d_model": 32, "fused_add_norm": True, "rms_norm": True, "ssm_cfg": {}},
+}
+GGUF_QUANTIZATION = {"quant_method": "gguf", "gguf_file": "model.gguf", "dequantize": False}
+
+
+@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+def test_checkpoint_fields_are_kept_through_swap_save_and_reload(backbone: str, tmp_path: Path) -> None:
+    """A checkpoint's own config fields stay in the swapped config, its saved config.json and the
+    reloaded config; a GGUF load's quantization_config does not (its weights are dequantised), so the
+    reloaded model gets no quantizer and can be saved again."""
+    base = tiny_llama() if backbone == "llama" else tiny_mamba()
+    base.config.update(CHECKPOINT_FIELDS[backbone] | {"quantization_config": GGUF_QUANTIZATION})
+    model = swap(base, "ttt_linear", [1])
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    model_class = MixerLlamaForCausalLM if backbone == "llama" else MixerMambaForCausalLM
+    reloaded = model_class.from_pretrained(tmp_path)
+    for name, value in CHECKPOINT_FIELDS[backbone].items():
+        assert getattr(model.config, name) == saved[name] == getattr(reloaded.config, name) == value, name
+    assert "quantization_config" not in saved
+    assert getattr(reloaded, "hf_quantizer", None) is None
+    reloaded.save_pretrained(tmp_path / "again")
+
+
+@pytest.mark.parametrize(
+    ("config_class", "field", "meant"),
+    [
+        (MixerLlamaConfig, "mixer", "mixers"),
+        (MixerLlamaConfig, "mixer_option", "mixer_options"),
+        (MixerLlamaConfig, "qkvbias", "qkv_bias"),
+        (MixerMambaConfig, "num_head", "num_heads"),
+        (MixerMambaConfig, "mixers_options", "mixer_options"),
+    ],
+)
+def test_misspelt_own_fields_are_refused(config_class: type, field: str, meant: str) -> None:
+    """Our own fields are what a user types: a near-miss of one is a TypeError naming it, while a
+    field unlike any of ours is kept as transformers keeps it."""
+    with pytest.raises(TypeError, match=f"'{field}' \\(did you mean '{meant}'\\?\\)"):
+        config_class(**{field: 1})
+    assert config_class(unrelated_checkpoint_field=1).to_dict()["unrelated_checkpoint_field"] == 1
 
 
 def test_mamba_layers_reproduce_mamba() -> None:
