@@ -37,7 +37,7 @@ tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb | tail -1 | cut -f1)
 total=$((wheels + tree + ${untracked:-0}))
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
-echo "wheels in .whl: $(mib "$wheels") ($(cd .whl && ls ./*.whl | sed 's|^\./||' | tr '\n' ' '))"
+echo "wheels in .whl: $(mib "$wheels") ($(cd .whl && echo *.whl))"
 echo "working tree: $(mib "$tree") tracked, $(mib "${untracked:-0}") untracked; with .whl: $(mib "$total") of ${LIMIT_MIB} MiB"
 if ((total > LIMIT_MIB * 1048576)); then
     echo "over the ${LIMIT_MIB} MiB a device call carries: carry fewer wheels" >&2
