@@ -473,12 +473,19 @@ def test_bad_inputs_raise(case: str) -> None:
         mixer(x[0])
     with pytest.raises(ValueError, match="hidden_size"):
         mixer(x[..., :-1])
+    with pytest.raises(
+        ValueError, match=r"hidden_states must hold at least one sequence \(batch_size >= 1\)"
+    ):
+        mixer(x[:0])
     for bad_mask in (torch.ones(2, 5), torch.ones(2, 6, 6), torch.ones(3, 6), torch.full((2, 6), 2)):
         with pytest.raises(ValueError, match="attention_mask"):
             mixer(x, attention_mask=bad_mask)
     if CASES[case][0] not in ("ttt_linear", "ttt_mlp", "titans", "lact"):  # TTT layers run packed sequences
         with pytest.raises(ValueError, match="cu_seqlens"):
             mixer(x[:1], cu_seqlens=torch.tensor([0, 3, 6]))
+    else:
+        with pytest.raises(TypeError, match="cu_seqlens must be a 1-D integer tensor"):
+            mixer(x[:1], cu_seqlens=torch.tensor([0, 3, 6]).bool())
     cache = Cache()
     run(mixer, x, past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="sequences"):
