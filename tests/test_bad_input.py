@@ -639,6 +639,15 @@ CASES += [
     ),
     Case(
         "TTTForCausalLM",
+        "position_ids -1 at a real token",
+        lambda _: model()(
+            IDS[:1], position_ids=torch.arange(-2, 4)[None], attention_mask=mask([[0, 1, 1, 1, 1, 1]])
+        ),
+        ValueError,
+        "position_ids must be >= 0 at real tokens",
+    ),
+    Case(
+        "TTTForCausalLM",
         "position_ids restarting after a cache",
         lambda _: model()(IDS, cache=cache_of(model, IDS), position_ids=torch.zeros(2, 6, dtype=torch.long)),
         ValueError,

@@ -90,7 +90,7 @@ def packed_sequences(
 
 def checked_position_ids(position_ids: object, batch_size: int, q_len: int) -> torch.Tensor:
     """``position_ids`` as [batch_size, q_len]; TypeError unless an integer tensor, ValueError unless
-    [batch_size or 1, q_len] with no negative value."""
+    [batch_size or 1, q_len]."""
     if (
         not isinstance(position_ids, torch.Tensor)
         or position_ids.is_floating_point()
@@ -108,19 +108,23 @@ def checked_position_ids(position_ids: object, batch_size: int, q_len: int) -> t
             f"position_ids must have shape [batch_size, seq_len] = [{batch_size}, {q_len}] (or [1, {q_len}]), "
             f"got {list(position_ids.shape)}"
         )
-    if q_len and int(position_ids.min()) < 0:
-        raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
     return position_ids.expand(batch_size, -1)
 
 
 def check_positions_of_real_tokens(positions: torch.Tensor, real: torch.Tensor) -> None:
-    """ValueError unless in each row the positions of the real tokens (``real`` [B, T], bool) count
-    up by one from one real token to the next."""
+    """ValueError unless in each row the positions of the real tokens (``real`` [B, T], bool) are >= 0
+    and count up by one from one real token to the next (padding's positions are not read)."""
     # a position minus the real tokens before it is the same for every real token of a row
     shift = positions - real.cumsum(-1)
     large = torch.iinfo(shift.dtype).max
     lowest = shift.masked_fill(~real, large).min(-1).values
     highest = shift.masked_fill(~real, -large).max(-1).values
+    negative = (positions < 0) & real
+    if bool(negative.any()):
+        row = int(negative.any(-1).nonzero()[0])
+        raise ValueError(
+            f"position_ids must be >= 0 at real tokens, got {short(positions[row][real[row]])} in row {row}"
+        )
     bad = (real.any(-1) & (lowest != highest)).nonzero().flatten().tolist()
     if bad:
         row = bad[0]
