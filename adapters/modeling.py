@@ -34,6 +34,7 @@ from ttt_mixer.models.causal_lm import (
     decoder_inputs,
     decoder_output,
 )
+from ttt_mixer.models.packing import PackedAsPadded
 
 
 def layer_mixer(config: MixerLlamaConfig | MixerMambaConfig, layer_idx: int, num_heads: int) -> nn.Module:
@@ -111,21 +112,42 @@ class MixerDecoderMixin:
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         position_ids: torch.LongTensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPast | tuple:
         """``cache``: the fla Cache of earlier calls (``past_key_values`` is its older name);
-        ``attention_mask``: 2-D padding mask over the cached and new tokens; ``position_ids``
-        (optional) reach the attention layers, the recurrent mixers take positions from their state.
-        ``output_attentions=True``: attention layers give their weights [B, H, T, L], the other
-        mixers None."""
-        inputs_embeds, cache, use_cache = decoder_inputs(
+        ``attention_mask``: 2-D padding mask over the cached and new tokens (a row may be all
+        padding); ``position_ids`` (optional) reach the attention layers, the recurrent mixers take
+        positions from their state; restarts to 0 in them mark packed sequences (transformers'
+        ``DataCollatorWithFlattening``), as ``cu_seqlens`` [N + 1] (batch size 1) does. Packed
+        sequences run as a left-padded batch of one row each (every mixer skips padding exactly) and
+        leave no cache. ``output_attentions=True``: attention layers give their weights [B, H, T, L]
+        (of that padded batch when packed), the other mixers None."""
+        given_cache = cache_argument(cache, past_key_values)
+        inputs_embeds, cache, use_cache_as_set, cu_seqlens = decoder_inputs(
             self,
             input_ids,
             attention_mask,
             inputs_embeds,
-            cache_argument(cache, past_key_values),
+            given_cache,
             use_cache,
             attention_layers=[mixer == "attention" for mixer in self.config.mixers],
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
         )
+        packing = None
+        if cu_seqlens is not None:
+            if use_cache or given_cache is not None:
+                raise ValueError(
+                    "packed sequences (cu_seqlens, or position_ids that restart at 0) run without a cache "
+                    "in this model: its attention layers would keep them as a padded batch; pass "
+                    "use_cache=False and no cache, or a padded batch with its attention_mask"
+                )
+            # use_cache left unset: the model's default does not apply to packed sequences
+            cache, use_cache_as_set = None, False
+            packing = PackedAsPadded(cu_seqlens)
+            # the padded batch's mask gives each sequence its positions from 0
+            attention_mask, position_ids = packing.attention_mask, None
+            inputs_embeds = packing.pad(inputs_embeds)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -134,22 +156,24 @@ class MixerDecoderMixin:
         all_attentions = () if output_attentions else None
         for layer in self.layers:
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                all_hidden_states += (hidden_states if packing is None else packing.unpack(hidden_states),)
             hidden_states, attentions = layer(
                 hidden_states,
                 attention_mask=attention_mask,
                 past_key_values=cache,
-                use_cache=use_cache,
+                use_cache=use_cache_as_set,
                 output_attentions=bool(output_attentions),
                 position_ids=position_ids,
             )
             if output_attentions:
                 all_attentions += (attentions,)
+        if packing is not None:
+            hidden_states = packing.unpack(hidden_states)
         hidden_states = getattr(self, self.final_norm_layer)(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         return decoder_output(
-            self, hidden_states, cache, use_cache, all_hidden_states, all_attentions, return_dict
+            self, hidden_states, cache, use_cache_as_set, all_hidden_states, all_attentions, return_dict
         )
 
 
@@ -171,6 +195,7 @@ class MixerCausalLMGenerationMixin(CausalLMGenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         position_ids: torch.LongTensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast | tuple:
         """``MixerDecoderMixin.forward``'s arguments, then the causal-LM head (``causal_lm_output``)."""
         outputs = self.get_decoder()(
@@ -184,6 +209,7 @@ class MixerCausalLMGenerationMixin(CausalLMGenerationMixin):
             output_attentions=output_attentions,
             return_dict=True,
             position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
         )
         return self.causal_lm_output(outputs, labels, shift_labels, return_dict, logits_to_keep)
 

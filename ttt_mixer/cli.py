@@ -33,11 +33,11 @@ DEMO_TEXT = (
 
 def _train(
     model: TTTForCausalLM, data: torch.Tensor, steps: int, seq_len: int, generator: torch.Generator
-) -> float:
-    """Next-byte prediction on random windows of ``data``; returns the last loss (NaN for 0 steps)."""
+) -> float | None:
+    """Next-byte prediction on random windows of ``data``; returns the last loss (None for 0 steps)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    loss = torch.tensor(float("nan"))
+    loss = None
     for _ in range(steps):
         starts = torch.randint(0, data.numel() - seq_len, (8,), generator=generator)
         batch = torch.stack([data[s : s + seq_len] for s in starts.tolist()])
@@ -46,7 +46,7 @@ def _train(
         loss.backward()
         optimizer.step()
     model.eval()
-    return loss.item()
+    return None if loss is None else loss.item()
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -72,8 +72,10 @@ def demo(args: argparse.Namespace) -> None:
     data = torch.tensor(list((DEMO_TEXT * 20).encode()))
     start = time.perf_counter()
     loss = _train(model, data, args.train_steps, 128, generator)
+    # 0 steps: an untrained model, which has no training loss to print
     print(
-        f"trained {args.train_steps} steps of 8 x 128 bytes in {time.perf_counter() - start:.1f} s, loss {loss:.3f}"
+        f"trained {args.train_steps} steps of 8 x 128 bytes in {time.perf_counter() - start:.1f} s"
+        + ("" if loss is None else f", loss {loss:.3f}")
     )
     prompt = torch.tensor([list(args.prompt.encode())])
     start = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,6 +91,10 @@ def _drops_one_singleton_axis(shape: torch.Size, target: torch.Size) -> bool:
 
 def config_from_ttt_lm_pytorch(config: Mapping) -> TTTConfig:
     """Our TTTConfig from a dict of their TTTConfig fields (config.json of their checkpoints)."""
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"config must be a dict of their TTTConfig fields (their config.json), got {type(config).__name__}"
+        )
     unknown = sorted(set(config) - set(CONFIG_FIELDS) - set(IGNORED_CONFIG_FIELDS))
     if unknown:
         raise ValueError(f"config has fields the converter does not know: {unknown}")
@@ -109,10 +114,16 @@ def from_ttt_lm_pytorch(state_dict: Mapping[str, torch.Tensor], config: Mapping)
         state_dict: their TTTModel's keys, or their TTTForCausalLM's (with a ``model.`` prefix).
         config: their TTTConfig fields as a dict.
 
+    The model takes the checkpoint's floating dtype (as ``from_pretrained`` with ``dtype="auto"``),
+    the widest one if they differ: no tensor loses precision.
+
     Raises:
+        TypeError: config or state_dict not a mapping, a value that is no floating torch.Tensor
+            (named).
         ValueError: a missing or unexpected key, or a tensor of the wrong shape (all named).
     """
-    ours = TTTForCausalLM(config_from_ttt_lm_pytorch(config))
+    dtype = checkpoint_dtype(state_dict)
+    ours = TTTForCausalLM(config_from_ttt_lm_pytorch(config)).to(dtype)
     theirs = {k.removeprefix("model."): v for k, v in state_dict.items()}
     expected = ours.state_dict()
     mapping = {}
@@ -146,6 +157,28 @@ def from_ttt_lm_pytorch(state_dict: Mapping[str, torch.Tensor], config: Mapping)
     if ours.config.tie_word_embeddings:
         ours.tie_weights()
     return ours.eval()
+
+
+def checkpoint_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a model takes from ``state_dict``: its tensors' floating dtype, the widest of them if
+    they differ; TypeError naming the keys of values that are no floating tensor."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict of their tensors by key, got {type(state_dict).__name__}")
+    not_tensors = [
+        f"{key} ({type(value).__name__})"
+        for key, value in state_dict.items()
+        if not isinstance(value, torch.Tensor)
+    ]
+    if not_tensors:
+        raise TypeError(f"state_dict values must be torch.Tensor, got {not_tensors}")
+    not_floating = [
+        f"{key} ({value.dtype})" for key, value in state_dict.items() if not value.is_floating_point()
+    ]
+    if not_floating:
+        raise TypeError(f"state_dict tensors must be floating point, got {not_floating}")
+    # the widest of the checkpoint's dtypes: no tensor loses precision on loading
+    dtypes = [value.dtype for value in state_dict.values()]
+    return functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
 
 
 def load_ttt_lm_pytorch_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

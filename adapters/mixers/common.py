@@ -14,6 +14,7 @@ from torch import nn
 
 from ttt_mixer.layers.checks import check_cache_batch, check_hidden_states, padding_mask, resolve_backend
 from ttt_mixer.modules.short_conv import causal_depthwise_conv
+from ttt_mixer.ops.ttt.checks import check_cu_seqlens
 
 # fla's activations by name (fla.modules.activations.ACT2FN), computed with PyTorch: fla's own are
 # Triton kernels, which cannot run on a CPU tensor
@@ -177,6 +178,8 @@ class TorchPathMixin:
         Triton path; other keyword arguments (position_ids, cache_position, ...) are ignored."""
         mask = check_inputs(self, hidden_states, attention_mask)
         if self.uses_fla_forward(hidden_states):
+            if kwargs.get("cu_seqlens") is not None:
+                check_cu_seqlens(kwargs["cu_seqlens"], *hidden_states.shape[:2], "hidden_states")
             return super().forward(
                 hidden_states,
                 attention_mask=None if mask is None else attention_mask,

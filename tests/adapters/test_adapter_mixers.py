@@ -374,29 +374,30 @@ def test_continuation_equals_one_pass(case: str) -> None:
 
 @cases
 def test_left_padding_equals_each_sequence_alone(case: str) -> None:
-    """A left-padded batch (one sequence shorter than a conv window) gives each sequence's own outputs
-    at its real tokens and 0 at padding, in a prefill and in decoding steps after it (the mask then
-    covering the cache too, as generate passes it)."""
+    """A left-padded batch (one sequence shorter than a conv window, one of padding only) gives each
+    sequence's own outputs at its real tokens and 0 at padding, in a prefill and in decoding steps
+    after it (the mask then covering the cache too, as generate passes it; the empty row's first
+    token is its first step)."""
     mixer = make_mixer(case)
-    lengths, total, steps = (14, 9, 2), 14, 3
-    x = randn(3, total + steps, HIDDEN, seed=2)
-    mask = torch.zeros(3, total, dtype=torch.long)
+    lengths, total, steps = (14, 9, 2, 0), 14, 3
+    rows = len(lengths)
+    x = randn(rows, total + steps, HIDDEN, seed=2)
+    mask = torch.zeros(rows, total, dtype=torch.long)
     for row, length in enumerate(lengths):
         mask[row, total - length :] = 1
 
     cache = Cache()
     outputs = [run(mixer, x[:, :total], attention_mask=mask, past_key_values=cache, use_cache=True)]
     for step in range(steps):
-        full_mask = torch.cat([mask, torch.ones(3, step + 1, dtype=torch.long)], 1)
+        full_mask = torch.cat([mask, torch.ones(rows, step + 1, dtype=torch.long)], 1)
         token = x[:, total + step : total + step + 1]
         outputs.append(run(mixer, token, attention_mask=full_mask, past_key_values=cache, use_cache=True))
     padded = torch.cat(outputs, 1)
     assert padded[:, :total][~mask.bool()].abs().max() == 0
     for row, length in enumerate(lengths):
         alone_cache = Cache()
-        alone = [
-            run(mixer, x[row : row + 1, total - length : total], past_key_values=alone_cache, use_cache=True)
-        ]
+        prompt = x[row : row + 1, total - length : total]
+        alone = [run(mixer, prompt, past_key_values=alone_cache, use_cache=True)] if length else []
         for step in range(steps):
             token = x[row : row + 1, total + step : total + step + 1]
             alone.append(run(mixer, token, past_key_values=alone_cache, use_cache=True))
@@ -410,17 +411,18 @@ def test_padding_anywhere_is_skipped(case: str) -> None:
     tokens, gives the outputs of the sequence without its padding tokens (Mamba pads as transformers
     does, exact only for left padding)."""
     mixer = make_mixer(case)
-    x = randn(2, 12, HIDDEN, seed=5)
+    x = randn(3, 12, HIDDEN, seed=5)
     chunks = [(0, 5), (5, 10), (10, 12)]
-    mask = torch.ones(2, 12, dtype=torch.long)
+    mask = torch.ones(3, 12, dtype=torch.long)
     mask[0, [1, 2, 5, 6, 7, 9]] = 0  # pads mid-chunk, opening a chunk after the cache, ending one
     mask[1, [3, 4]] = 0
+    mask[2, [0, 1, 2, 3, 4, 7]] = 0  # a first chunk of padding only
     cache, outputs = Cache(), []
     for start, end in chunks:
         kwargs = {"attention_mask": mask[:, :end], "past_key_values": cache, "use_cache": True}
         outputs.append(run(mixer, x[:, start:end], **kwargs))
     padded = torch.cat(outputs, 1)
-    for row in range(2):
+    for row in range(3):
         real = mask[row].bool()
         alone = run(mixer, x[row : row + 1, real])[0]
         err = max_err(padded[row, real], alone)
@@ -434,13 +436,14 @@ def test_padding_anywhere_is_skipped(case: str) -> None:
 
 @cases
 def test_backward_gives_finite_gradients(case: str) -> None:
-    """Training mode, a left-padded batch: every parameter and the input get finite gradients; and,
-    but for Mamba (whose cached one-token steps update states in place), through a cached
-    continuation of several tokens."""
+    """Training mode, a left-padded batch with a row of padding only: every parameter and the input
+    get finite gradients; and, but for Mamba (whose cached one-token steps update states in place),
+    through a cached continuation of several tokens."""
     mixer = make_mixer(case).train()
-    x = randn(2, 10, HIDDEN, seed=3).requires_grad_()
-    mask = torch.ones(2, 10, dtype=torch.long)
+    x = randn(3, 10, HIDDEN, seed=3).requires_grad_()
+    mask = torch.ones(3, 10, dtype=torch.long)
     mask[1, :3] = 0
+    mask[2] = 0
     out = mixer(x, attention_mask=mask)[0]
     (out * randn(*out.shape, seed=4)).sum().backward()
     assert torch.isfinite(x.grad).all()
@@ -470,12 +473,19 @@ def test_bad_inputs_raise(case: str) -> None:
         mixer(x[0])
     with pytest.raises(ValueError, match="hidden_size"):
         mixer(x[..., :-1])
+    with pytest.raises(
+        ValueError, match=r"hidden_states must hold at least one sequence \(batch_size >= 1\)"
+    ):
+        mixer(x[:0])
     for bad_mask in (torch.ones(2, 5), torch.ones(2, 6, 6), torch.ones(3, 6), torch.full((2, 6), 2)):
         with pytest.raises(ValueError, match="attention_mask"):
             mixer(x, attention_mask=bad_mask)
     if CASES[case][0] not in ("ttt_linear", "ttt_mlp", "titans", "lact"):  # TTT layers run packed sequences
         with pytest.raises(ValueError, match="cu_seqlens"):
             mixer(x[:1], cu_seqlens=torch.tensor([0, 3, 6]))
+    else:
+        with pytest.raises(TypeError, match="cu_seqlens must be a 1-D integer tensor"):
+            mixer(x[:1], cu_seqlens=torch.tensor([0, 3, 6]).bool())
     cache = Cache()
     run(mixer, x, past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="sequences"):

@@ -113,6 +113,18 @@ def test_untied_lm_head(reference) -> None:
         from_ttt_lm_pytorch(state, {**config, "tie_word_embeddings": False})
 
 
+def test_the_model_takes_the_checkpoints_dtype(reference) -> None:
+    """A float64 checkpoint gives a float64 model computing the float32 one's logits (to float32
+    rounding of the weights, well inside TOL); bfloat16 tensors beside float32 ones give float32:
+    the widest dtype, so that nothing is cast to less precision."""
+    state, config, input_ids, expected = case_data(reference, "linear_transformer")
+    double = from_ttt_lm_pytorch({k: v.double() for k, v in state.items()}, config)
+    assert all(p.dtype == torch.float64 for p in double.parameters())
+    assert (logits_of(double, input_ids).float() - expected).abs().max().item() <= TOL
+    mixed = {k: v.bfloat16() if k.endswith("norm.weight") else v for k, v in state.items()}
+    assert all(p.dtype == torch.float32 for p in from_ttt_lm_pytorch(mixed, config).parameters())
+
+
 # Errors ------------------------------------------------------------------------------------------
 
 

@@ -2,8 +2,9 @@
 inner models; the Mixer Llama backbone with each mixer, and a Mamba-backbone hybrid), on whatever
 transformers is installed: the cache as ``cache=`` and ``past_key_values=``, every decoding mode
 equal to recomputation without a cache, left padding, ``inputs_embeds``, continuing from a returned
-cache, ``shift_labels``, hidden states and attentions, and the errors of misuse. float64, weights
-perturbed so that no parameter sits at a constant initialisation."""
+cache, a row of padding only (beside real rows and in a chunked prefill), ``shift_labels``, hidden
+states and attentions, and the errors of misuse. float64, weights perturbed so that no parameter sits
+at a constant initialisation."""
 
 from __future__ import annotations
 
@@ -273,3 +274,61 @@ def test_a_static_cache_is_refused(model: PreTrainedModel) -> None:
     ids, mask = prompts()
     with pytest.raises(ValueError, match="cache_implementation='static' is not supported"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
+
+
+def test_a_fully_padded_row_leaves_the_others_exact(model: PreTrainedModel) -> None:
+    """A row of padding only (the mask's row all 0) beside real rows: every real row's logits are its
+    own, alone, its padding's are finite; a decode step after it (the padded row's first real token)
+    gives each row's next logits, the empty row's those of its one token alone."""
+    ids, mask = prompts()
+    mask[1] = 0
+    ids[1] = 0
+    token = torch.randint(3, VOCAB, (3, 1), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        assert torch.isfinite(out.logits).all()
+        step = model(
+            token,
+            attention_mask=torch.cat([mask, mask.new_ones(3, 1)], dim=1),
+            use_cache=True,
+            **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
+        ).logits[:, -1]
+        for row in (0, 2):
+            real = int(mask[row].sum())
+            alone = model(torch.cat([ids[row : row + 1, -real:], token[row : row + 1]], 1), use_cache=False)
+            torch.testing.assert_close(out.logits[row, -real:], alone.logits[0, :-1], **tolerance(model))
+            torch.testing.assert_close(step[row], alone.logits[0, -1], **tolerance(model))
+        torch.testing.assert_close(
+            step[1], model(token[1:2], use_cache=False).logits[0, -1], **tolerance(model)
+        )
+
+
+def test_chunked_prefill_with_an_all_padding_first_chunk_equals_one_pass(model: PreTrainedModel) -> None:
+    """A left-padded batch prefilled in chunks, where one row's first chunk is all padding (that row
+    holds 3 tokens of 9, the chunks 4 + 3 + 2), gives the one-pass logits at every real token, and
+    a decode step after both agrees."""
+    ids = torch.randint(3, VOCAB, (3, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    mask[2, :2] = 0
+    ids[mask == 0] = 0
+    token = torch.randint(3, VOCAB, (3, 1), generator=torch.Generator().manual_seed(8))
+    step_mask = torch.cat([mask, mask.new_ones(3, 1)], dim=1)
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask, use_cache=True)
+        whole_step = model(
+            token, attention_mask=step_mask, use_cache=True, **{CACHE_FIELD: getattr(whole, CACHE_FIELD)}
+        )
+        cache, chunks = None, []
+        for start, end in ((0, 4), (4, 7), (7, 9)):
+            out = model(
+                ids[:, start:end], attention_mask=mask[:, :end], use_cache=True, **{CACHE_FIELD: cache}
+            )
+            cache = getattr(out, CACHE_FIELD)
+            chunks.append(out.logits)
+        chunked = torch.cat(chunks, dim=1)
+        assert torch.isfinite(chunked).all()
+        chunked_step = model(token, attention_mask=step_mask, use_cache=True, **{CACHE_FIELD: cache})
+    real = mask.bool()
+    torch.testing.assert_close(chunked[real], whole.logits[real], **tolerance(model))
+    torch.testing.assert_close(chunked_step.logits, whole_step.logits, **tolerance(model))

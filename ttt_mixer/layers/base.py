@@ -11,6 +11,7 @@ from torch import nn
 
 from ttt_mixer.layers.checks import check_cache_batch, check_hidden_states, padding_mask
 from ttt_mixer.ops import state_position
+from ttt_mixer.ops.ttt.checks import check_cu_seqlens
 
 
 def one_token_each(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> bool:
@@ -42,8 +43,12 @@ class PackedMixerLayer(nn.Module):
             type(self).__name__, hidden_states, self.hidden_size, self.q_proj.weight.dtype
         )
         attention_mask = None if padding_mask(attention_mask, batch_size, q_len) is None else attention_mask
-        if attention_mask is not None and kwargs.get("cu_seqlens") is not None:
-            raise ValueError("give either cu_seqlens (packed input) or a padding attention_mask, not both")
+        if kwargs.get("cu_seqlens") is not None:
+            check_cu_seqlens(kwargs["cu_seqlens"], batch_size, q_len, "hidden_states")
+            if attention_mask is not None:
+                raise ValueError(
+                    "give either cu_seqlens (packed input) or a padding attention_mask, not both"
+                )
 
         entry = get_layer_cache(self, past_key_values)
         x, indices, cu_seqlens = unpad_hidden_states(

@@ -55,6 +55,8 @@ def check_hidden_states(
             f"{owner}: hidden_states must have the module's dtype {dtype}, got {hidden_states.dtype}"
         )
     batch_size, seq_len, _ = hidden_states.shape
+    if batch_size == 0:
+        raise ValueError(f"{owner}: hidden_states must hold at least one sequence (batch_size >= 1)")
     if seq_len == 0:
         raise ValueError(f"{owner}: hidden_states must hold at least one token (seq_len >= 1)")
     return batch_size, seq_len

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,8 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
+from ttt_mixer.models.packing import packed_sequences
+
 # ``save_pretrained`` writes this file beside the weights and names it in the config's auto_map, so
 # that ``from_pretrained(path, trust_remote_code=True)`` works in a process that never imported
 # ttt_mixer: the file only imports the installed package.
@@ -23,6 +26,9 @@ REMOTE_CODE_FILE = "ttt_mixer_remote.py"
 # transformers 5.2x renamed the cache of forward, generate and the model outputs from
 # ``past_key_values`` to ``cache``; our models take both and answer under the installed name
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# the states one layer of fla's Cache keeps (the keyword arguments of its update)
+LEGACY_CACHE_KEYS = ("recurrent_state", "attn_state", "conv_state", "ffn_state")
 
 
 def cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -165,6 +171,17 @@ class CausalLMGenerationMixin(GenerationMixin):
         )
 
 
+class DecoderInputs(NamedTuple):
+    """A decoder's checked inputs: the embeddings [B, T, D], the cache to use, whether to return it,
+    and the offsets of packed sequences (``cu_seqlens`` [N + 1], given or from ``position_ids``) or
+    None for a batch of rows."""
+
+    inputs_embeds: torch.Tensor
+    cache: Cache | None
+    use_cache: bool
+    cu_seqlens: torch.Tensor | None
+
+
 def decoder_inputs(
     decoder: PreTrainedModel,
     input_ids: torch.LongTensor | None,
@@ -173,38 +190,58 @@ def decoder_inputs(
     cache: Cache | None,
     use_cache: bool | None,
     attention_layers: list[bool],
-) -> tuple[torch.Tensor, Cache | None, bool]:
-    """Checks a decoder's inputs and returns (embeddings [B, T, D], the cache to use, use_cache).
+    position_ids: torch.LongTensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> DecoderInputs:
+    """Checks a decoder's inputs, before any work, and returns them ready to run.
 
     ``attention_layers[i]``: whether layer i keeps keys and values (else a recurrent state), so that a
-    cache from another model is refused rather than read as if it were this one's."""
+    cache from another model is refused rather than read as if it were this one's. A row of
+    ``attention_mask`` may be all padding (a left-padded batch prefilled in chunks): its outputs are
+    finite and ignored. ``position_ids`` and ``cu_seqlens``: see ``packing.packed_sequences``."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
         check_input_ids(input_ids, decoder.config.vocab_size)
-        inputs_embeds = decoder.get_input_embeddings()(input_ids)
+        name, shape = "input_ids", input_ids.shape
     else:
         check_inputs_embeds(inputs_embeds, decoder.get_input_embeddings().weight)
-    if inputs_embeds.shape[1] == 0:
+        name, shape = "inputs_embeds", inputs_embeds.shape
+    if shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one sequence (batch_size >= 1), got shape {list(shape)}")
+    if shape[1] == 0:
         raise ValueError("input must hold at least one token (seq_len >= 1)")
-    if attention_mask is not None and attention_mask.dim() == 2 and not is_tracing():
-        empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"attention_mask rows {empty} are all 0 (padding): each sequence needs a token")
     if cache is not None and not isinstance(cache, (Cache, list, tuple)):
         raise TypeError(
             "cache must be an fla Cache (fla.models.utils.Cache, as generate and earlier calls return it) "
             f"or None, got {type(cache).__name__}; this model keeps recurrent states, which "
             "transformers' caches (DynamicCache, StaticCache) cannot hold"
         )
-    use_cache = use_cache if use_cache is not None else (decoder.config.use_cache and not decoder.training)
     if cache is not None and not isinstance(cache, Cache):
+        check_legacy_cache(cache)
         cache = Cache.from_legacy_cache(cache)
     if cache is not None:
         check_cache_fits(cache, attention_layers)
+    past_length = cache.get_seq_length() if cache is not None else 0
+    cu_seqlens = packed_sequences(position_ids, cu_seqlens, attention_mask, past_length, *shape[:2])
+    use_cache = use_cache if use_cache is not None else (decoder.config.use_cache and not decoder.training)
     if use_cache and cache is None:
         cache = Cache()
-    return inputs_embeds, cache, use_cache
+    if input_ids is not None:
+        inputs_embeds = decoder.get_input_embeddings()(input_ids)
+    return DecoderInputs(inputs_embeds, cache, use_cache, cu_seqlens)
+
+
+def check_legacy_cache(cache: list | tuple) -> None:
+    """TypeError unless a cache given as a list or tuple is fla's legacy form (``Cache.to_legacy_cache``):
+    one dict per layer (or None) of the states fla's cache keeps."""
+    for i, entry in enumerate(cache):
+        if entry is not None and (not isinstance(entry, dict) or not set(entry) <= set(LEGACY_CACHE_KEYS)):
+            got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+            raise TypeError(
+                "a cache given as a list or tuple (past_key_values / cache) must hold, per layer, None or a "
+                f"dict of fla's states {LEGACY_CACHE_KEYS} (Cache.to_legacy_cache's form); layer {i} holds {got}"
+            )
 
 
 def is_tracing() -> bool:

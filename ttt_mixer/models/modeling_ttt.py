@@ -167,12 +167,16 @@ class TTTModel(TTTPreTrainedModel):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> BaseModelOutputWithPast | tuple:
         """``cache``: the fla Cache of earlier calls (``past_key_values`` is its older name);
-        ``attention_mask``: 2-D padding mask over the cached and new tokens; ``cu_seqlens``: offsets
-        of packed sequences (batch size 1) instead of a mask. TTT has no attention weights:
+        ``attention_mask``: 2-D padding mask over the cached and new tokens (a row may be all
+        padding); ``cu_seqlens``: offsets of packed sequences (batch size 1) instead of a mask;
+        ``position_ids``: restarts at 0 mark packed sequences as ``cu_seqlens`` does
+        (transformers' ``DataCollatorWithFlattening``), else they must be the positions the mask and
+        cache imply (TTT reads positions from its state). TTT has no attention weights:
         ``output_attentions=True`` gives None for each layer."""
-        inputs_embeds, cache, use_cache = decoder_inputs(
+        inputs_embeds, cache, use_cache, cu_seqlens = decoder_inputs(
             self,
             input_ids,
             attention_mask,
@@ -180,6 +184,8 @@ class TTTModel(TTTPreTrainedModel):
             cache_argument(cache, past_key_values),
             use_cache,
             attention_layers=[False] * len(self.layers),
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
         )
         batch_size, q_len = inputs_embeds.shape[:2]
         output_hidden_states = (
@@ -187,17 +193,14 @@ class TTTModel(TTTPreTrainedModel):
         )
         if cache is not None and len(cache) > 0:
             cached = cache[0]["recurrent_state"]
-            if cached is not None and cached[0].shape[0] != batch_size:
+            num_sequences = batch_size if cu_seqlens is None else cu_seqlens.numel() - 1
+            if cached is not None and cached[0].shape[0] != num_sequences:
                 raise ValueError(
-                    f"the cache holds {cached[0].shape[0]} sequences but the input has {batch_size}"
+                    f"the cache holds {cached[0].shape[0]} sequences but the input has {num_sequences}"
                 )
 
         indices = None
         if padding_mask(attention_mask, batch_size, q_len) is not None:
-            if cu_seqlens is not None:
-                raise ValueError(
-                    "give either cu_seqlens (packed input) or a padding attention_mask, not both"
-                )
             inputs_embeds, indices, cu_seqlens = unpad_hidden_states(
                 inputs_embeds, None, attention_mask, q_len
             )
@@ -241,6 +244,7 @@ class TTTForCausalLM(CausalLMGenerationMixin, TTTPreTrainedModel):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> CausalLMOutputWithPast | tuple:
         """``TTTModel.forward``'s arguments, then the causal-LM head (``causal_lm_output``)."""
         outputs = self.model(
@@ -254,5 +258,6 @@ class TTTForCausalLM(CausalLMGenerationMixin, TTTPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
             cu_seqlens=cu_seqlens,
+            position_ids=position_ids,
         )
         return self.causal_lm_output(outputs, labels, shift_labels, return_dict, logits_to_keep)

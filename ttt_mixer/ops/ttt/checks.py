@@ -49,15 +49,36 @@ def check_sequences(
         _check_shape(name, t, (B, T, H, d), "[B, T, H, d]")
     if cu_seqlens is None:
         return B
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point() or cu_seqlens.dim() != 1:
-        raise TypeError("cu_seqlens must be a 1-D integer tensor [N + 1]")
-    if B != 1:
-        raise ValueError(f"with cu_seqlens, q must have batch size 1 (packed), got {B}")
-    if cu_seqlens.numel() < 2 or cu_seqlens[0] != 0 or cu_seqlens[-1] != T:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}, got {cu_seqlens.tolist()}")
-    if (cu_seqlens[1:] < cu_seqlens[:-1]).any():
-        raise ValueError("cu_seqlens must be non-decreasing")
+    check_cu_seqlens(cu_seqlens, B, T, "q")
     return cu_seqlens.numel() - 1
+
+
+def check_cu_seqlens(cu_seqlens: object, batch_size: int, seq_len: int, input_name: str) -> None:
+    """``cu_seqlens`` [N + 1]: the offsets of N packed sequences in an input (named ``input_name``)
+    of batch size 1 and ``seq_len`` tokens, an integer tensor from 0 to seq_len, non-decreasing (a
+    sequence may be empty)."""
+    if (
+        not isinstance(cu_seqlens, torch.Tensor)
+        or cu_seqlens.is_floating_point()
+        or cu_seqlens.is_complex()
+        or cu_seqlens.dtype == torch.bool
+        or cu_seqlens.dim() != 1
+    ):
+        got = (
+            f"{cu_seqlens.dtype} of shape {list(cu_seqlens.shape)}"
+            if isinstance(cu_seqlens, torch.Tensor)
+            else type(cu_seqlens).__name__
+        )
+        raise TypeError(f"cu_seqlens must be a 1-D integer tensor [N + 1] (int32 or int64), got {got}")
+    if batch_size != 1:
+        raise ValueError(f"with cu_seqlens, {input_name} must have batch size 1 (packed), got {batch_size}")
+    if cu_seqlens.numel() < 2 or cu_seqlens[0] != 0 or cu_seqlens[-1] != seq_len:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T = {seq_len} (the tokens of {input_name}), "
+            f"got {cu_seqlens.tolist()}"
+        )
+    if (cu_seqlens[1:] < cu_seqlens[:-1]).any():
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
 
 
 def check_layer_norm(ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, q: torch.Tensor) -> None:
@@ -106,7 +127,21 @@ def check_inputs(
         _check_shape(f"b{i + 1}", params[2 * i + 1], (H, d_out), "[H, d_out]")
     if initial_state is not None:
         check_state(inner, initial_state, num_sequences, H, d, token_offset.shape[0], name="initial_state")
+        check_state_dtype(state_tensors(initial_state), q.dtype)
     return num_sequences
+
+
+def check_state_dtype(tensors: tuple[torch.Tensor, ...], input_dtype: torch.dtype) -> None:
+    """TypeError unless the floating tensors of ``initial_state`` have the state's dtype: float32, or
+    float64 for float64 inputs (docs/conventions.md section 6), as the ops return it; a state is never
+    cast silently."""
+    expected = torch.promote_types(input_dtype, torch.float32)
+    dtypes = sorted({str(t.dtype) for t in tensors if t.dtype != expected})
+    if dtypes:
+        raise TypeError(
+            f"initial_state tensors must be {expected} for {input_dtype} inputs (the state is float32, "
+            f"float64 for float64 inputs), got {', '.join(dtypes)}"
+        )
 
 
 def check_state(
@@ -126,7 +161,7 @@ def check_state(
             f"tensors (position, weights, accumulators), got {got}"
         )
     position = state_position(state)
-    if position.dim() != 1 or position.is_floating_point():
+    if position.dim() != 1 or position.is_floating_point() or position.dtype == torch.bool:
         raise TypeError(f"{name}[0] (position) must be a 1-D integer tensor [N]")
     if position.shape[0] != num_sequences:
         raise ValueError(f"{name} holds {position.shape[0]} sequences but the input has {num_sequences}")

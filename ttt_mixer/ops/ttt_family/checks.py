@@ -6,7 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ttt_mixer.ops.ttt.checks import _check_float, _check_shape, check_layer_norm, check_sequences
+from ttt_mixer.ops.ttt.checks import (
+    _check_float,
+    _check_shape,
+    check_layer_norm,
+    check_sequences,
+    check_state_dtype,
+)
 from ttt_mixer.ops.ttt_family.inner import param_names, param_shapes
 from ttt_mixer.ops.ttt_family.spec import FamilySpec
 from ttt_mixer.ops.ttt_family.state import State, family_state_length, family_state_position
@@ -64,6 +70,7 @@ def check_family_inputs(
         _check_shape(name, param, shape, "[H, ...]")
     if initial_state is not None:
         check_family_state(spec, initial_state, num_sequences, H, d)
+        check_state_dtype(tuple(initial_state[1:]), q.dtype)
     return num_sequences
 
 
@@ -78,7 +85,7 @@ def check_family_state(
             f"initial_state does not belong to this spec {spec}: expected {length} tensors, got {got}"
         )
     position = family_state_position(state)
-    if position.dim() != 1 or position.is_floating_point():
+    if position.dim() != 1 or position.is_floating_point() or position.dtype == torch.bool:
         raise TypeError("initial_state[0] (position) must be a 1-D integer tensor [N]")
     if position.shape[0] != num_sequences:
         raise ValueError(
