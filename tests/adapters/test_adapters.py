@@ -243,21 +243,23 @@ CHECKPOINT_FIELDS = {
         "unk_token_id": 0,
     },
     "mamba": {"n_layer": 2, "d_model": 32, "fused_add_norm": True, "rms_norm": True, "ssm_cfg": {}},
+    # Mamba-Codestral-7B-v0.1's
+    "mamba2": {"norm_before_gate": True, "rms_norm": True, "time_step_init_scheme": "random"},
 }
 GGUF_QUANTIZATION = {"quant_method": "gguf", "gguf_file": "model.gguf", "dequantize": False}
 
 
-@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_checkpoint_fields_are_kept_through_swap_save_and_reload(backbone: str, tmp_path: Path) -> None:
     """A checkpoint's own config fields stay in the swapped config, its saved config.json and the
     reloaded config; a GGUF load's quantization_config does not (its weights are dequantised), so the
     reloaded model gets no quantizer and can be saved again."""
-    base = tiny_llama() if backbone == "llama" else tiny_mamba()
+    make_base, model_class, _ = BACKBONES[backbone]
+    base = make_base()
     base.config.update(CHECKPOINT_FIELDS[backbone] | {"quantization_config": GGUF_QUANTIZATION})
     model = swap(base, "ttt_linear", [1])
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    model_class = MixerLlamaForCausalLM if backbone == "llama" else MixerMambaForCausalLM
     reloaded = model_class.from_pretrained(tmp_path)
     for name, value in CHECKPOINT_FIELDS[backbone].items():
         assert getattr(model.config, name) == saved[name] == getattr(reloaded.config, name) == value, name
@@ -274,6 +276,7 @@ def test_checkpoint_fields_are_kept_through_swap_save_and_reload(backbone: str, 
         (MixerLlamaConfig, "qkvbias", "qkv_bias"),
         (MixerMambaConfig, "num_head", "num_heads"),
         (MixerMambaConfig, "mixers_options", "mixer_options"),
+        (MixerMamba2Config, "mixer", "mixers"),
     ],
 )
 def test_misspelt_own_fields_are_refused(config_class: type, field: str, meant: str) -> None:
