@@ -61,7 +61,7 @@ def _family(model: nn.Module) -> tuple[type, type, str, str]:
     raise TypeError(
         "swap_mixer takes a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MambaForCausalLM, "
         "Mamba2ForCausalLM or a model swap_mixer returned (MixerLlamaForCausalLM, MixerMambaForCausalLM, "
-        f"MixerMamba2ForCausalLM), got {type(model).__name__}"
+        f"MixerMamba2ForCausalLM), got {type(model).__module__}.{type(model).__qualname__}"
     )
 
 
