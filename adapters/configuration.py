@@ -1,8 +1,8 @@
 """Configs of backbones whose layers may each hold a different sequence mixer.
 
 ``mixers[i]`` names layer i's mixer; ``mixer_options[name]`` holds the constructor options shared by
-every layer with that mixer. Everything else is the backbone's own config (Llama or Mamba), so a
-model swapped from a checkpoint keeps its fields.
+every layer with that mixer. Everything else is the backbone's own config (Llama, Mamba or Mamba-2),
+so a model swapped from a checkpoint keeps its fields.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import difflib
 import functools
 from typing import Any
 
-from transformers import LlamaConfig, MambaConfig
+from transformers import LlamaConfig, Mamba2Config, MambaConfig
 
 from ttt_mixer.adapters.mixers import MIXER_NAMES
 from ttt_mixer.models.configuration_ttt import reject_unknown_fields
@@ -136,3 +136,20 @@ class MixerMambaConfig(MixerFieldsMixin, MambaConfig):
             raise ValueError(
                 f"num_heads must be a positive divisor of hidden_size ({self.hidden_size}), got {self.num_heads!r}"
             )
+
+
+class MixerMamba2Config(MixerFieldsMixin, Mamba2Config):
+    """A Mamba-2 backbone (Mamba's block layout: embeddings, RMSNorm, residual mixer blocks) with a
+    chosen mixer in each layer; its own layers are ``mamba2`` mixers on this config's fields.
+
+    ``num_heads`` (Mamba-2's heads) also sets the heads of the other mixers unless their options say
+    otherwise.
+    """
+
+    model_type = "ttt_mixer_mamba2"
+    default_mixer = "mamba2"
+    mixers: list[str] | None = None
+    mixer_options: dict[str, dict[str, Any]] | None = None
+
+    def check_backbone_fields(self) -> None:
+        """Nothing beyond Mamba2Config's own checks (num_heads * head_dim = expand * hidden_size)."""

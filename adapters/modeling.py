@@ -1,7 +1,7 @@
-"""Llama and Mamba backbones whose layers each hold a chosen sequence mixer.
+"""Llama, Mamba and Mamba-2 backbones whose layers each hold a chosen sequence mixer.
 
-Parameter names follow transformers' ``LlamaForCausalLM`` and ``MambaForCausalLM``, so a layer left as
-it was keeps its checkpoint keys. Every mixer follows fla's layer interface and keeps its state in
+Parameter names follow transformers' ``LlamaForCausalLM``, ``MambaForCausalLM`` and
+``Mamba2ForCausalLM``, so a layer left as it was keeps its checkpoint keys. Every mixer follows fla's layer interface and keeps its state in
 one fla ``Cache``: attention its keys and values, TTT and the linear mixers their recurrent state,
 Mamba its convolution and SSM states; fla's generation mixin carries that cache through ``generate``.
 Padding reaches each mixer as the 2-D mask, which every mixer honours exactly.
@@ -23,7 +23,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
-from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
+from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMamba2Config, MixerMambaConfig
 from ttt_mixer.adapters.mixers import LonghornMixer, build_mixer
 from ttt_mixer.layers import TTTLayer
 from ttt_mixer.models.causal_lm import (
@@ -37,7 +37,9 @@ from ttt_mixer.models.causal_lm import (
 from ttt_mixer.models.packing import PackedAsPadded
 
 
-def layer_mixer(config: MixerLlamaConfig | MixerMambaConfig, layer_idx: int, num_heads: int) -> nn.Module:
+def layer_mixer(
+    config: MixerLlamaConfig | MixerMambaConfig | MixerMamba2Config, layer_idx: int, num_heads: int
+) -> nn.Module:
     name = config.mixers[layer_idx]
     options = dict(config.mixer_options.get(name, {}))
     num_heads = options.pop("num_heads", num_heads)
@@ -45,7 +47,7 @@ def layer_mixer(config: MixerLlamaConfig | MixerMambaConfig, layer_idx: int, num
 
 
 class MixerPreTrainedMixin(RemoteCodeMixin):
-    """Weight init and saving shared by both backbones: the backbone's init for its own modules,
+    """Weight init and saving shared by the backbones: the backbone's init for its own modules,
     then each mixer's own init where it has one (TTT's inner model; Longhorn's rate bias and its
     ``initializer_range``; transformers' Mamba and Mamba-2 mixers as transformers' own models
     initialise them)."""
@@ -178,7 +180,7 @@ class MixerDecoderMixin:
 
 
 class MixerCausalLMGenerationMixin(CausalLMGenerationMixin):
-    """The causal-LM head over either backbone's decoder."""
+    """The causal-LM head over any backbone's decoder."""
 
     def forward(
         self,
@@ -307,3 +309,18 @@ class MixerMambaForCausalLM(MixerCausalLMGenerationMixin, MixerMambaPreTrainedMo
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
     decoder_attribute = "backbone"
     decoder_class = MixerMambaModel
+
+
+class MixerMamba2Model(MixerMambaModel):
+    """Mamba-2's backbone: transformers' ``Mamba2Model`` has Mamba's block layout and module names
+    (``embeddings``, ``layers.N.norm``, ``layers.N.mixer``, ``norm_f``; its Mamba2RMSNorm computes
+    what MambaRMSNorm does), so only the config differs."""
+
+    config_class = MixerMamba2Config
+    remote_classes = auto_classes("MixerMamba2")
+
+
+class MixerMamba2ForCausalLM(MixerMambaForCausalLM):
+    config_class = MixerMamba2Config
+    remote_classes = auto_classes("MixerMamba2")
+    decoder_class = MixerMamba2Model

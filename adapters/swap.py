@@ -1,4 +1,5 @@
-"""``swap_mixer``: put a chosen sequence mixer into some or all layers of a Llama or Mamba model."""
+"""``swap_mixer``: put a chosen sequence mixer into some or all layers of a Llama, Mamba or Mamba-2
+model."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import torch
 from torch import nn
 from transformers import (
     LlamaForCausalLM,
+    Mamba2ForCausalLM,
     MambaForCausalLM,
     MistralForCausalLM,
     PreTrainedModel,
     Qwen2ForCausalLM,
 )
 
-from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMambaConfig
+from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMamba2Config, MixerMambaConfig
 from ttt_mixer.adapters.mixers import MIXER_NAMES
-from ttt_mixer.adapters.modeling import MixerLlamaForCausalLM, MixerMambaForCausalLM
+from ttt_mixer.adapters.modeling import MixerLlamaForCausalLM, MixerMamba2ForCausalLM, MixerMambaForCausalLM
 from ttt_mixer.layers import TTTLayer
 
 INITS = ("random", "attention")
@@ -51,11 +53,15 @@ def _family(model: nn.Module) -> tuple[type, type, str, str]:
         _check_full_attention(model)
     if isinstance(model, (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixerLlamaForCausalLM)):
         return MixerLlamaConfig, MixerLlamaForCausalLM, "attention", "model.layers.{}.self_attn"
+    # (a MixerMamba2ForCausalLM is a MixerMambaForCausalLM: tested first)
+    if isinstance(model, (Mamba2ForCausalLM, MixerMamba2ForCausalLM)):
+        return MixerMamba2Config, MixerMamba2ForCausalLM, "mamba2", "backbone.layers.{}.mixer"
     if isinstance(model, (MambaForCausalLM, MixerMambaForCausalLM)):
         return MixerMambaConfig, MixerMambaForCausalLM, "mamba", "backbone.layers.{}.mixer"
     raise TypeError(
         "swap_mixer takes a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MambaForCausalLM, "
-        f"MixerLlamaForCausalLM or MixerMambaForCausalLM, got {type(model).__name__}"
+        "Mamba2ForCausalLM or a model swap_mixer returned (MixerLlamaForCausalLM, MixerMambaForCausalLM, "
+        f"MixerMamba2ForCausalLM), got {type(model).__module__}.{type(model).__qualname__}"
     )
 
 
@@ -130,25 +136,34 @@ def rope_half_to_interleaved(head_dim: int) -> torch.Tensor:
     return torch.stack([half, half + head_dim // 2], dim=1).flatten()
 
 
-def _attention_head_options(mixer: str, config: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` for a TTT mixer that ``init="attention"`` starts from the attention's layout: its
-    head_dim added when it is not hidden_size / num_attention_heads (Mistral-Nemo's 128 with 5120 /
-    32), a conflicting head_dim refused."""
+def _attention_layout(attention: nn.Module) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head_dim) of a transformers attention layer (Llama's, Mistral's,
+    Qwen2's, or ``CachedAttention`` in a swapped model), from its projections: a Mamba backbone's
+    config names no attention heads."""
+    head_dim = attention.head_dim
+    return attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim, head_dim
+
+
+def _attention_head_options(mixer: str, attention: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for a TTT mixer that ``init="attention"`` starts from ``attention`` (every attention
+    layer of a model has one layout): its head_dim added when it is not hidden_size / num_heads
+    (Mistral-Nemo's 128 with 5120 / 32), a conflicting head_dim refused."""
     if mixer not in ("ttt_linear", "ttt_mlp"):
         return options
-    head_dim = config.head_dim
+    heads, _, head_dim = _attention_layout(attention)
     if "head_dim" in options and options["head_dim"] != head_dim:
         raise ValueError(
             f"init='attention': head_dim={options['head_dim']!r} differs from the attention's head_dim "
             f"{head_dim}; leave head_dim out to take the attention's"
         )
-    if head_dim == config.hidden_size // config.num_attention_heads:
+    if head_dim == attention.q_proj.in_features // heads:
         return options
     return options | {"head_dim": head_dim}
 
 
-def _init_ttt_from_attention(ttt: TTTLayer, attention: nn.Module, config: MixerLlamaConfig) -> None:
-    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+def _init_ttt_from_attention(ttt: TTTLayer, attention: nn.Module) -> None:
+    """theta_Q/K/V/O from the q/k/v/o projections of ``attention``, in its own head layout."""
+    heads, kv_heads, head_dim = _attention_layout(attention)
     if (ttt.num_heads, ttt.head_dim) != (heads, head_dim):
         raise ValueError(
             f"init='attention': the TTT layer has {ttt.num_heads} heads of size {ttt.head_dim} but the "
@@ -156,7 +171,8 @@ def _init_ttt_from_attention(ttt: TTTLayer, attention: nn.Module, config: MixerL
         )
     if not hasattr(ttt, "k_proj"):
         raise ValueError("init='attention' needs separate key projections: share_qk must be False")
-    if config.attention_bias or config.qkv_bias:
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
+    if any(projection.bias is not None for projection in projections):
         raise ValueError("init='attention' cannot map biased q/k/v projections: TTT projections have no bias")
     order = rope_half_to_interleaved(head_dim)
 
@@ -179,12 +195,12 @@ def swap_mixer(
     layers: str | list[int] = "all",
     init: str = "random",
     **mixer_options: Any,
-) -> MixerLlamaForCausalLM | MixerMambaForCausalLM:
+) -> MixerLlamaForCausalLM | MixerMambaForCausalLM | MixerMamba2ForCausalLM:
     """A copy of ``model`` with ``mixer`` in the named layers; every other weight is kept.
 
     model: ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` with full attention
-        (no sliding window below ``max_position_embeddings``), ``MambaForCausalLM`` or a model this
-        function returned.
+        (no sliding window below ``max_position_embeddings``), ``MambaForCausalLM``,
+        ``Mamba2ForCausalLM`` or a model this function returned.
     mixer: one of ``MIXER_NAMES``; ``mixer_options`` go to its constructor (e.g. ``mini_batch_size``).
     layers: ``"all"``, ``"every:k"`` (every k-th layer: k-1, 2k-1, ...) or a list of indices.
     init: ``"random"`` (the mixer's own initialisation) or ``"attention"``: start from the attention
@@ -200,21 +216,21 @@ def swap_mixer(
     if init not in INITS:
         raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
     config = _mixer_config(model, config_class)
-    if init == "attention" and config_class is MixerLlamaConfig:
-        mixer_options = _attention_head_options(mixer, config, mixer_options)
     indices = parse_layers(layers, config.num_hidden_layers)
-    kept = [config.mixers[i] for i in range(config.num_hidden_layers) if i not in indices]
-    if mixer_options and mixer in kept and config.mixer_options.get(mixer, {}) != mixer_options:
-        raise ValueError(
-            f"mixer_options: layers not swapped already hold {mixer!r} with options "
-            f"{config.mixer_options.get(mixer, {})}; one mixer kind has one set of options per model"
-        )
     if init == "attention":
         if mixer not in ATTENTION_INIT_MIXERS:
             raise ValueError(f"init='attention' supports mixers {list(ATTENTION_INIT_MIXERS)}, not {mixer!r}")
         not_attention = [i for i in indices if config.mixers[i] != "attention"]
         if not_attention:
             raise ValueError(f"init='attention': layers {not_attention} hold no attention to start from")
+        attention = model.get_submodule(path.format(indices[0]))
+        mixer_options = _attention_head_options(mixer, attention, mixer_options)
+    kept = [config.mixers[i] for i in range(config.num_hidden_layers) if i not in indices]
+    if mixer_options and mixer in kept and config.mixer_options.get(mixer, {}) != mixer_options:
+        raise ValueError(
+            f"mixer_options: layers not swapped already hold {mixer!r} with options "
+            f"{config.mixer_options.get(mixer, {})}; one mixer kind has one set of options per model"
+        )
 
     new_config = copy.deepcopy(config)
     for i in indices:
@@ -234,7 +250,7 @@ def swap_mixer(
         for i in indices:
             old, new = model.get_submodule(path.format(i)), swapped.get_submodule(path.format(i))
             if isinstance(new, TTTLayer):
-                _init_ttt_from_attention(new, old, new_config)
+                _init_ttt_from_attention(new, old)
             else:
                 new.load_state_dict(old.state_dict())
     swapped.generation_config = copy.deepcopy(model.generation_config)

@@ -158,8 +158,8 @@ def build_mixer(
     num_key_value_heads; state_size, expand, conv_kernel), and for mamba also ``A_init`` and
     ``D_init`` (``CachedMambaMixer``'s). longhorn: ``LonghornMixer`` (the authors'
     defaults; num_heads unused) with ``options`` as constructor arguments; mamba2: ``CachedMamba2Mixer``
-    on a Mamba2Config of hidden_size, num_heads heads and 1 group, ``options`` its fields (e.g.
-    state_size, expand, head_dim); titans / lact: ``TTTFamilyLayer`` with that preset, ``options`` its
+    on a Mamba2Config of hidden_size, num_heads heads and 1 group (in a Mamba-2 backbone: on its
+    config's fields), ``options`` its fields (e.g. state_size, expand, head_dim); titans / lact: ``TTTFamilyLayer`` with that preset, ``options`` its
     constructor arguments (e.g. mini_batch_size, window_size, use_muon). Unknown name or bad values: ValueError; unknown options: TypeError
     naming the mixer.
     """

