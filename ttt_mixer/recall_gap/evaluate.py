@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttt_mixer.adapters import MixerLlamaConfig, MixerMambaConfig, recurrent_state_size
+from ttt_mixer.adapters import MixerLlamaConfig, MixerMamba2Config, MixerMambaConfig, recurrent_state_size
 from ttt_mixer.adapters.swap import mixer_path
 from ttt_mixer.eval_tasks import tasks_path
 from ttt_mixer.recall_gap.presets import MQARShape
@@ -59,10 +59,10 @@ def _kv_cache_size(config: Any, length: int) -> int | None:
 
 
 def state_size(model: nn.Module, length: int) -> StateSize:
-    """The summed per-layer state of a ttt-mixer backbone (``swap_mixer``'s Llama or Mamba), or of a plain Llama (its
+    """The summed per-layer state of a ttt-mixer backbone (``swap_mixer``'s Llama, Mamba or Mamba-2), or of a plain Llama (its
     KV cache at ``length`` tokens); unknown (None) for other architectures."""
     config = model.config
-    if isinstance(config, (MixerLlamaConfig, MixerMambaConfig)):
+    if isinstance(config, (MixerLlamaConfig, MixerMambaConfig, MixerMamba2Config)):
         sizes = [
             recurrent_state_size(model.get_submodule(mixer_path(model).format(i)))
             for i in range(config.num_hidden_layers)
