@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import assert_same_model_outputs, subprocess_env
 from eval_models import character_tokenizer
-from fla.models import GLAConfig, GLAForCausalLM
+from fla.models import GLAConfig, GLAForCausalLM, GLAModel
 from transformers import (
     AutoModelForCausalLM,
     Mamba2Config,
@@ -39,7 +39,7 @@ LOAD_SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 
 folder, checkpoints = Path(sys.argv[1]), sys.argv[2:]
@@ -68,12 +68,13 @@ import ttt_mixer, ttt_mixer.adapters, ttt_mixer.eval_tasks, ttt_mixer.evaluation
 
 report["types_after"] = {t: name(CONFIG_MAPPING[t]) for t in CONFIG_MAPPING_NAMES}
 report["added_types"] = sorted(set(CONFIG_MAPPING.keys()) - set(CONFIG_MAPPING_NAMES))
-report["after"] = {}
+report["after"], report["auto_model"] = {}, {}
 for checkpoint in checkpoints:
     model = load(checkpoint)
     report["after"][checkpoint] = name(type(model))
     if checkpoint in report["before"]:  # (fla's models run Triton kernels, which need a GPU)
         torch.save(logits(model), folder / f"{checkpoint}-after.pt")
+    report["auto_model"][checkpoint] = name(type(AutoModel.from_pretrained(folder / checkpoint)))
 
 from lm_eval.models.huggingface import HFLM
 
@@ -160,6 +161,7 @@ def test_transformers_mamba_checkpoints_load_as_transformers_classes(
     folder, report = loaded
     for when in ("before", "after", "hflm"):
         assert report[when][checkpoint] == class_name(expected), when
+    assert report["auto_model"][checkpoint] == class_name(expected).replace("ForCausalLM", "Model")
     before = torch.load(folder / f"{checkpoint}-before.pt")
     for when in ("after", "hflm"):  # another instance of the same model
         assert_same_model_outputs(torch.load(folder / f"{checkpoint}-{when}.pt"), before)
@@ -168,6 +170,7 @@ def test_transformers_mamba_checkpoints_load_as_transformers_classes(
 def test_fla_checkpoints_still_load_as_fla_classes(loaded: tuple[Path, dict]) -> None:
     _, report = loaded
     assert report["after"]["gla"] == class_name(GLAForCausalLM)
+    assert report["auto_model"]["gla"] == class_name(GLAModel)
 
 
 def test_every_transformers_model_type_keeps_its_config_class(loaded: tuple[Path, dict]) -> None:
