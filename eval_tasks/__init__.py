@@ -26,7 +26,11 @@ JSON):
   ``exact_match@L`` of the first number in the generation, L in ``context_lengths``.
 
 Phonebook and passkey lengths are tokens of the model's tokenizer (``pretrained`` from
-``--model_args``, or ``tokenizer`` in ``--metadata``), as in lm-eval's RULER tasks. Options, set with
+``--model_args``, or ``tokenizer`` in ``--metadata``), as in lm-eval's RULER tasks: a length L holds
+the prompt as lm-eval encodes it and the tokens lm-eval keeps free to generate, and may not exceed
+the model's ``max_length`` (lm-eval's, from ``--model_args max_length=...`` or the model's config);
+MQAR documents must fit it too. So lm-eval never cuts a prompt, which would remove the needle, keys
+or queries. Options, set with
 ``--metadata '{"context_lengths": [512, 1024], "mqar_num_kv_pairs": 16}'``, and their defaults are
 ``recall.OPTION_DEFAULTS``; a malformed value, a length too short for its prompt or an unknown option
 with a task's prefix raises ValueError naming it.

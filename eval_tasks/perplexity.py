@@ -47,7 +47,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
 
 from .options import task_options
-from .recall import Tokenizer, resolve_tokenizer
+from .recall import Tokenizer, model_max_length, resolve_tokenizer
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "ppl_files": None,  # local text files, one document each: a glob or a list of paths/globs
@@ -210,25 +210,6 @@ def bucket_name(start: int, end: int) -> str:
     return f"ppl@{start}-{end}"
 
 
-def _model_max_length(metadata: Mapping[str, Any]) -> int | None:
-    """The ``max_length`` lm-eval's hf model will use: ``--model_args max_length=...``, else
-    lm-eval's own resolution from the model's config; None when the config cannot be read."""
-    if metadata.get("max_length") not in (None, ""):
-        return _positive_int("max_length", metadata["max_length"])
-    name = metadata.get("pretrained")
-    if not isinstance(name, str) or not name:
-        return None
-    try:
-        from lm_eval.models.utils import resolve_max_length
-        from transformers import AutoConfig
-
-        trust = str(metadata.get("trust_remote_code", False)).lower() == "true"
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
-        return resolve_max_length(config, None, default=2048)
-    except Exception:  # an unreadable config only skips the check
-        return None
-
-
 def buckets(tokenizer: Tokenizer, ids: Sequence[int], edges: Sequence[int]) -> list[dict[str, Any]]:
     """The position buckets of a document of tokens ``ids``: for each bucket ``[a, b)`` of
     ``edges`` that the document reaches, its ``context`` (the text of tokens ``[0, start)``),
@@ -276,7 +257,7 @@ def position_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dic
     max_tokens = min(options.max_tokens, options.bucket_edges[-1])
     tok = resolve_tokenizer(metadata, tokenizer, "ttt_ppl")
     docs = _documents(tok, metadata, max_tokens)
-    limit = _model_max_length(metadata)
+    limit = model_max_length(metadata, tok)
     longest = max(len(d["ids"]) for d in docs)
     if limit is not None and longest > limit:
         raise _error(

@@ -13,6 +13,13 @@ key named after that length (``acc@128``, ``exact_match@1024``), which lm-eval a
 documents of that length: the results JSON holds one number per task, metric and length. The
 documents are interleaved across lengths (sample 0 at every length, then sample 1, ...), so that a
 small ``--limit`` still covers every length.
+
+Every document fits the model's ``max_length`` as lm-eval reads it (:func:`model_max_length`), so
+lm-eval never cuts a prompt (it drops the start of one that is too long, and with it a needle, the
+keys or the queries). A phonebook or passkey length L is the model's whole window: the prompt, as
+lm-eval tokenizes it, takes at most L minus the task's ``max_gen_toks`` tokens (lm-eval keeps that
+many free to generate in), and an L above ``max_length`` is a ValueError. An MQAR document (the
+context and each choice, scored by log-likelihood) longer than ``max_length`` is a ValueError too.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from .options import task_options
 OPTION_DEFAULTS: dict[str, Any] = {
     "seed": 1234,  # every document is drawn from an RNG seeded with (seed, task, length, sample)
     "num_samples": 50,  # documents per length (MQAR: sequences per length, each giving one per query)
-    "context_lengths": [1024, 2048, 4096],  # phonebook and passkey: prompt tokens, model's tokenizer
+    "context_lengths": [1024, 2048, 4096],  # phonebook, passkey: prompt + max_gen_toks, model's tokens
     "mqar_seq_lengths": [64, 128, 256],  # Zoology's input_seq_len, in symbols (keys, values, filler)
     "mqar_num_kv_pairs": 8,  # key-value pairs per sequence; every key is queried once
     "mqar_power_a": 0.01,  # query gaps g = 0, 1, ... are drawn with p(g) ∝ (g + 1) ** (power_a - 1)
@@ -134,15 +141,49 @@ def resolve_tokenizer(metadata: Mapping[str, Any], tokenizer: Tokenizer | None, 
             f"{group} option 'tokenizer': these tasks count tokens with the model's tokenizer; "
             "pass --model_args pretrained=... or --metadata '{\"tokenizer\": ...}'"
         )
-    trust = str(metadata.get("trust_remote_code", False)).lower() == "true"
-    return _load_tokenizer(name, trust)
+    return _load_tokenizer(name, bool(_flag(metadata, "trust_remote_code")))
+
+
+def _flag(metadata: Mapping[str, Any], name: str) -> bool | None:
+    value = metadata.get(name)
+    return None if value is None else str(value).lower() == "true"
 
 
 def token_counter(metadata: Mapping[str, Any], tokenizer: Tokenizer | None = None) -> TokenCounter:
-    """Counts tokens of the model's tokenizer without special tokens: lm-eval's hf model encodes
-    contexts without them unless told to add a BOS token."""
+    """Counts the tokens lm-eval's hf model feeds the model for a text: the tokenizer's own special
+    tokens included (a BOS token, for a tokenizer that adds one) unless ``add_bos_token`` of
+    ``--model_args`` says otherwise, as ``HFLM.tok_encode`` and ``tok_batch_encode`` encode."""
     tokenizer = resolve_tokenizer(metadata, tokenizer, "ttt_recall")
-    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+    add_bos = _flag(metadata, "add_bos_token")
+    special = {} if add_bos is None else {"add_special_tokens": add_bos}
+    return lambda text: len(tokenizer(text, **special).input_ids)
+
+
+def model_max_length(metadata: Mapping[str, Any], tokenizer: Tokenizer | None = None) -> int | None:
+    """The most tokens lm-eval's hf model reads (``HFLM.max_length``): ``max_length`` of
+    ``--model_args`` (or ``--metadata``), else lm-eval's own ``resolve_max_length`` of the model's
+    config and tokenizer. None when no config can be read (no ``pretrained``, or a model lm-eval
+    loads otherwise): then nothing is checked against it."""
+    value = metadata.get("max_length")
+    if value not in (None, ""):
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model argument 'max_length' must be a positive integer, got {value!r}")
+        return value
+    name = metadata.get("pretrained")
+    if not isinstance(name, str) or not name:
+        return None
+    from lm_eval.models.utils import DEFAULT_MAX_LENGTH, resolve_max_length
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            name, trust_remote_code=bool(_flag(metadata, "trust_remote_code"))
+        )
+    except (OSError, ValueError):  # no config transformers reads (lm-eval may load it otherwise)
+        return None
+    return resolve_max_length(config, tokenizer, default=DEFAULT_MAX_LENGTH)
 
 
 # ------------------------------------------------------------------------------------------- MQAR
@@ -209,10 +250,11 @@ def mqar_sequence(rng: np.random.Generator, seq_len: int, num_kv_pairs: int, pow
     )
 
 
-def mqar_dataset(**metadata: Any) -> dict[str, datasets.Dataset]:
+def mqar_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[str, datasets.Dataset]:
     """One document per query: the sequence read up to and including the queried key (what a causal
     model sees when Zoology scores that position), the sequence's values as choices, the bound value
-    as gold."""
+    as gold. Lengths are symbols; when the model's max_length is known, every document (context and
+    each choice, as lm-eval encodes them) must fit it."""
     options = parse_options(metadata)
     for length in options.mqar_seq_lengths:  # all lengths checked before any is built
         mqar_sequence(_rng(0, 0, 0, 0), length, options.mqar_num_kv_pairs, options.mqar_power_a)
@@ -238,6 +280,19 @@ def mqar_dataset(**metadata: Any) -> dict[str, datasets.Dataset]:
                 "gap": seq.gaps[query],
             }
         )
+    limit = model_max_length(metadata, tokenizer)
+    if limit is not None:
+        count = token_counter(metadata, tokenizer)
+        for doc in docs:
+            # lm-eval scores a choice on context + " " + choice, read as one sequence
+            tokens = max(count(f"{doc['context']} {choice}") for choice in doc["choices"])
+            if tokens > limit:
+                raise ValueError(
+                    f"ttt_recall option 'mqar_seq_lengths': a sequence of {doc['length']} symbols takes "
+                    f"{tokens} tokens, more than the model's max_length {limit}, and lm-eval would cut "
+                    "its start; lower mqar_seq_lengths, or pass --model_args ...,max_length=N for a "
+                    "model that reads more"
+                )
     return _dataset(docs)
 
 
@@ -273,12 +328,19 @@ def _fill_to_length(
     return build(lo), lo
 
 
-def _check_lengths(lengths: Sequence[int], minimum: int, what: str) -> None:
+def _check_lengths(lengths: Sequence[int], minimum: int, what: str, limit: int | None) -> None:
     short = [n for n in lengths if n < minimum]
     if short:
         raise ValueError(
             f"ttt_recall option 'context_lengths': {short} below {minimum} tokens, the {what} "
-            "with this tokenizer"
+            "and the tokens generated, with this tokenizer"
+        )
+    long = [n for n in lengths if limit is not None and n > limit]
+    if long:
+        raise ValueError(
+            f"ttt_recall option 'context_lengths': {long} above the model's max_length {limit}, and "
+            f"lm-eval would cut the start of such a prompt; pass lengths <= {limit}, or --model_args "
+            "...,max_length=N for a model that reads more"
         )
 
 
@@ -294,6 +356,7 @@ PHONEBOOK_HEADER = "Below is a phonebook. Remember the numbers.\n"
 PHONEBOOK_QUESTION = "\nWhat is the phone number of {name}? The number is"
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 PHONE_PATTERN = r"\d{3}-\d{4}"
+PHONEBOOK_MAX_GEN_TOKS = 16  # generation_kwargs.max_gen_toks of ttt_phonebook.yaml
 
 
 def _name(rng: np.random.Generator) -> str:
@@ -326,8 +389,8 @@ def phonebook_prompt(entries: Sequence[tuple[str, str]], name: str) -> str:
 
 
 def phonebook_doc(rng: np.random.Generator, count: TokenCounter, length: int) -> dict[str, Any]:
-    """A phonebook of as many entries as fit in ``length`` tokens, and a question for one of them,
-    placed at a uniformly drawn depth."""
+    """A phonebook of as many entries as fit in ``length`` tokens with the tokens generated after
+    it, and a question for one of them, placed at a uniformly drawn depth."""
     # every entry costs at least 6 tokens (name, ': ', 3 digits, '-', 4 digits, newline)
     (queried, *others) = phonebook_entries(rng, max(2, length // 6))
     depth = float(rng.random())
@@ -337,7 +400,10 @@ def phonebook_doc(rng: np.random.Generator, count: TokenCounter, length: int) ->
         return [*kept[: round(depth * len(kept))], queried, *kept[round(depth * len(kept)) :]]
 
     prompt, n = _fill_to_length(
-        lambda n: phonebook_prompt(entries(n), queried[0]), count, length, len(others)
+        lambda n: phonebook_prompt(entries(n), queried[0]),
+        count,
+        length - PHONEBOOK_MAX_GEN_TOKS,
+        len(others),
     )
     return {"context": prompt, "answer": queried[1], "length": length, "entries": len(entries(n))}
 
@@ -346,7 +412,12 @@ def phonebook_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> di
     options = parse_options(metadata)
     count = token_counter(metadata, tokenizer)
     minimum = count(phonebook_prompt(phonebook_entries(_rng(0, 1, 0, 0), 2), "Zuzuzu Zuzuzu")) + 8
-    _check_lengths(options.context_lengths, minimum, "phonebook prompt with two entries")
+    _check_lengths(
+        options.context_lengths,
+        minimum + PHONEBOOK_MAX_GEN_TOKS,
+        "phonebook prompt with two entries",
+        model_max_length(metadata, tokenizer),
+    )
     return _dataset(
         [
             phonebook_doc(_rng(options.seed, 1, length, i), count, length)
@@ -367,6 +438,7 @@ PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 _FILLER_WORDS = PASSKEY_FILLER.split()
+PASSKEY_MAX_GEN_TOKS = 32  # generation_kwargs.max_gen_toks of ttt_passkey.yaml
 
 
 def passkey_prompt(key: str, filler_words: int, depth: float) -> str:
@@ -384,7 +456,8 @@ def passkey_doc(
     rng: np.random.Generator, count: TokenCounter, length: int, digits: int, depth: float
 ) -> dict[str, Any]:
     key = "".join(str(d) for d in [rng.integers(1, 10), *rng.integers(0, 10, size=digits - 1)])
-    prompt, _ = _fill_to_length(lambda n: passkey_prompt(key, n, depth), count, length, length)
+    budget = length - PASSKEY_MAX_GEN_TOKS  # tokens lm-eval leaves the prompt
+    prompt, _ = _fill_to_length(lambda n: passkey_prompt(key, n, depth), count, budget, budget)
     return {"context": prompt, "answer": key, "length": length, "depth": depth}
 
 
@@ -392,7 +465,12 @@ def passkey_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict
     options = parse_options(metadata)
     count = token_counter(metadata, tokenizer)
     minimum = count(passkey_prompt("9" * options.passkey_digits, 0, 0.0)) + 8
-    _check_lengths(options.context_lengths, minimum, "passkey prompt without filler")
+    _check_lengths(
+        options.context_lengths,
+        minimum + PASSKEY_MAX_GEN_TOKS,
+        "passkey prompt without filler",
+        model_max_length(metadata, tokenizer),
+    )
     depths = options.passkey_depths
     return _dataset(
         [

@@ -60,6 +60,20 @@ TINY_CONFIG = {
 }
 
 
+# Two instances of one model (rebuilt, reloaded, loaded in another process) run the same
+# computation, yet BLAS may pick other kernels or blockings for them (by CPU, threads, or where the
+# fresh weights lie in memory), which reorders sums: 5.6e-16 was seen in float64 logits on an AVX-512
+# CPU. The bounds allow a thousand times such reorderings (a few ulps per reduction through a tiny
+# model) and stay far below what a wrong weight or another code path gives (1e-4 and more).
+SAME_MODEL_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def assert_same_model_outputs(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Outputs of two instances of one model on the same inputs: equal up to summation order."""
+    tolerance = SAME_MODEL_TOLERANCE[expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance)
+
+
 def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
     """Add seeded Gaussian noise to every parameter, so that parameters initialised to constants
     (token-scale offsets, norms, inner biases, learning-rate biases) all matter in a comparison."""

@@ -1,10 +1,13 @@
 """ttt-mixer: Test-Time-Training sequence mixers (TTT-Linear, TTT-MLP) for flash-linear-attention
 and Hugging Face transformers. Importing it registers TTTConfig/TTTModel/TTTForCausalLM with the
-transformers Auto classes."""
+transformers Auto classes, and leaves transformers' own model types mapped as they were (fla's
+import registers its Mamba under transformers' "mamba"; see ttt_mixer/_registry.py)."""
 
 import warnings
 
-with warnings.catch_warnings():
+from ttt_mixer._registry import transformers_model_types_kept
+
+with warnings.catch_warnings(), transformers_model_types_kept():
     # Importing fla warns that Triton has no GPU backend on a machine without one, and trips a torch
     # deprecation inside fla; neither is the user's to act on (on CPU our PyTorch path needs no
     # Triton), so both are silenced for this import only.

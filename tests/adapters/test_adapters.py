@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MIXER_OPTIONS, greedy_without_cache, perturb_, subprocess_env
+from conftest import (
+    TINY_MIXER_OPTIONS,
+    assert_same_model_outputs,
+    greedy_without_cache,
+    perturb_,
+    subprocess_env,
+)
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -221,7 +227,7 @@ def test_full_attention_mistral_and_qwen2_swap_like_llama(make_base, tmp_path: P
             atol=1e-5,
             rtol=1e-5,
         )
-        assert torch.equal(reloaded(ids).logits, same(ids).logits)
+        assert_same_model_outputs(reloaded(ids).logits, same(ids).logits)
         # a TTT hybrid keeps layer 0 as it was, then differs, and decodes exactly with its cache
         hybrid_model = swap(base, "ttt_linear", [1])
         hybrid_out = hybrid_model(ids, output_hidden_states=True)
@@ -417,7 +423,7 @@ def test_save_and_reload_in_fresh_process(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env=env, timeout=300)
     for name, model in models.items():
         with torch.no_grad():
-            assert torch.equal(torch.load(tmp_path / f"{name}.pt"), model(ids).logits), name
+            assert_same_model_outputs(torch.load(tmp_path / f"{name}.pt"), model(ids).logits)
 
 
 def tiny_own_head_dim(seed: int = 0) -> MistralForCausalLM:

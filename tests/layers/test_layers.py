@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import INNER_MODELS, make_layer
+from conftest import INNER_MODELS, assert_same_model_outputs, make_layer
 from fla.models.utils import Cache
 
 from ttt_mixer.layers import TTTMLP, TTTLayer, TTTLinear
@@ -178,7 +178,7 @@ def test_subclasses_are_the_layer_with_their_inner_model(cls: type, inner_model:
     assert sub.inner.name == inner_model and sub.base_lr == BASE_LR[inner_model]
     sub.load_state_dict(layer.state_dict())
     x = randn(2, 7, HIDDEN, seed=3)
-    assert torch.equal(sub(x)[0], layer(x)[0])
+    assert_same_model_outputs(sub(x)[0], layer(x)[0])
 
 
 def test_default_initialisation_follows_spec() -> None:
