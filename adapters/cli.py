@@ -46,7 +46,8 @@ def _save(model: Any, source: str, destination: Path) -> None:
 
 def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "source", help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, or a swapped model)"
+        "source",
+        help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a swapped model)",
     )
     parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
     parser.add_argument("--mixer", choices=MIXER_NAMES, required=True)

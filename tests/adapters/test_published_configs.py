@@ -27,7 +27,6 @@ import pytest
 import torch
 from conftest import greedy_without_cache
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
@@ -396,26 +395,6 @@ PUBLISHED = {
 }
 
 
-def fla_takes(model_type: str) -> bool:
-    """Whether import ttt_mixer let fla's classes take transformers' model type (issue 26, item 4):
-    the command then loads fla's model, which swap refuses; once fixed, the row runs."""
-    return type(AutoConfig.for_model(model_type)) is not FAMILIES[model_type][0]
-
-
-def rows() -> list[Any]:
-    return [
-        pytest.param(
-            name,
-            config,
-            id=name,
-            marks=pytest.mark.xfail(
-                fla_takes(config["model_type"]), reason="issue 26 item 4: fla's Auto classes", strict=True
-            ),
-        )
-        for name, config in PUBLISHED.items()
-    ]
-
-
 def checkpoint(published: dict[str, Any], folder: Path) -> Path:
     """A checkpoint folder with tiny seeded weights whose config.json is ``published`` as it is."""
     config_class, model_class = FAMILIES[published["model_type"]]
@@ -440,7 +419,7 @@ def load_float32(folder: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize(("name", "published"), rows())
+@pytest.mark.parametrize(("name", "published"), PUBLISHED.items(), ids=list(PUBLISHED))
 def test_published_config_swaps(name: str, published: dict[str, Any], tmp_path: Path) -> None:
     source = checkpoint(published, tmp_path / "source")
     config_class, model_class = FAMILIES[published["model_type"]]
