@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
-from ttt_mixer.adapters.mixers.common import ScanMixerMixin
+from ttt_mixer.adapters.mixers.common import ScanMixerMixin, backbone_layer_count
+from ttt_mixer.adapters.mixers.mamba import init_as_transformers
 from ttt_mixer.adapters.mixers.selective_scan import ssd_scan
 
 # transformers 5.2x renamed Mamba2Mixer.forward's ``cache_params`` to ``cache``
@@ -54,6 +55,11 @@ class CachedMamba2Mixer(ScanMixerMixin, Mamba2Mixer):
         # as mamba_ssm and fla: no weight decay on A_log, D and dt_bias (recall_gap's trainer honours it)
         for parameter in (self.A_log, self.D, self.dt_bias):
             parameter._no_weight_decay = True
+
+    def reset_parameters(self) -> None:
+        """The start transformers' Mamba-2 model gives its mixers (``init_as_transformers``): what a
+        backbone's init calls after its own, so that the mixer starts alike in any backbone."""
+        init_as_transformers(self)
 
     def scan_forward(
         self,
@@ -112,8 +118,8 @@ def build_mamba2(
     """``build_mixer``'s builder of "mamba2": a ``CachedMamba2Mixer`` on a Mamba2Config of
     hidden_size and ``options`` (Mamba2Config fields) over transformers' defaults but for the heads,
     the backbone's ``num_heads`` of width expand * hidden_size / num_heads, and n_groups 1 (the
-    authors' default; transformers' 8 would need 8 heads). ``backbone_config`` is not read: no
-    backbone of this project is a Mamba-2."""
+    authors' default; transformers' 8 would need 8 heads). Of ``backbone_config`` only its layer count
+    is read (``backbone_layer_count``): no backbone of this project is a Mamba-2."""
     unknown = sorted(set(options) - {field.name for field in dataclasses.fields(Mamba2Config)})
     if unknown:
         raise TypeError(f"unknown Mamba2Config option(s) {unknown}")
@@ -123,8 +129,7 @@ def build_mamba2(
         "hidden_size": hidden_size,
         "num_heads": heads,
         "n_groups": 1,
-        # Mamba2Mixer reads config.layer_types[layer_idx]
-        "num_hidden_layers": layer_idx + 1,
+        "num_hidden_layers": backbone_layer_count(backbone_config, layer_idx),
         **options,
     }
     if "head_dim" not in options and isinstance(heads, int) and heads > 0:

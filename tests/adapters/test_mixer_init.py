@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MIXER_OPTIONS
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
@@ -38,8 +39,6 @@ from ttt_mixer.adapters.swap import mixer_path
 from ttt_mixer.layers import TTTFamilyLayer, TTTLayer
 from ttt_mixer.models.modeling_ttt import mixer_layer
 from ttt_mixer.recall_gap.presets import CPU_MIXER_OPTIONS
-
-from conftest import TINY_MIXER_OPTIONS
 
 HIDDEN = 64
 NUM_LAYERS = 2
@@ -122,7 +121,9 @@ RANDOM_STARTS: dict[type, dict[str, Check]] = {
         "dt_proj.weight": mamba_dt_weight,
     },
     CachedMamba2Mixer: {"dt_bias": softplus_dt("time_step_min", "time_step_max", "time_step_floor")},
-    LonghornMixer: {name: longhorn_projection for name in ("in_proj.weight", "x_proj.weight", "out_proj.weight")},
+    LonghornMixer: {
+        name: longhorn_projection for name in ("in_proj.weight", "x_proj.weight", "out_proj.weight")
+    },
 }
 
 
@@ -160,7 +161,9 @@ def deterministic_starts(build: Callable[[], nn.Module]) -> tuple[nn.Module, dic
     }
 
 
-def assert_same_start(context: str, bare: nn.Module, constants: dict[str, torch.Tensor], mixer: nn.Module) -> None:
+def assert_same_start(
+    context: str, bare: nn.Module, constants: dict[str, torch.Tensor], mixer: nn.Module
+) -> None:
     """The mixer in a model holds the bare layer's deterministic starts and draws its random ones as
     the bare layer does (which is checked too)."""
     assert type(mixer) is type(bare), context
@@ -218,7 +221,9 @@ def assert_reloaded_exactly(context: str, saved: nn.Module, reloaded: nn.Module)
 @pytest.mark.parametrize("option_set", OPTION_SETS)
 @pytest.mark.parametrize("backbone", ["llama", "mamba"])
 @pytest.mark.parametrize("mixer", MIXER_NAMES)
-def test_swapped_mixer_starts_as_its_bare_layer(mixer: str, backbone: str, option_set: str, tmp_path: Path) -> None:
+def test_swapped_mixer_starts_as_its_bare_layer(
+    mixer: str, backbone: str, option_set: str, tmp_path: Path
+) -> None:
     """(a) the bare layer, (b) after swap_mixer into a tiny Llama / Mamba, (d) after save and reload."""
     torch.manual_seed(0)
     base = tiny_llama() if backbone == "llama" else tiny_mamba()
