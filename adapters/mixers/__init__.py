@@ -21,6 +21,7 @@ from transformers import LlamaConfig, MambaConfig
 
 from ttt_mixer.adapters.mixers.attention import CachedAttention
 from ttt_mixer.adapters.mixers.based import BasedMixer
+from ttt_mixer.adapters.mixers.common import backbone_layer_count
 from ttt_mixer.adapters.mixers.gated_deltanet import GatedDeltaNetMixer
 from ttt_mixer.adapters.mixers.gla import GLAMixer
 from ttt_mixer.adapters.mixers.longhorn import LonghornMixer
@@ -95,10 +96,11 @@ def _mamba(
             )
         config = _config_with(MambaConfig, backbone_config, options, {}) if options else backbone_config
     else:
-        # MambaMixer reads config.layer_types[layer_idx]
-        config = _config_with(
-            MambaConfig, None, options, {"hidden_size": hidden_size, "num_hidden_layers": layer_idx + 1}
-        )
+        defaults = {
+            "hidden_size": hidden_size,
+            "num_hidden_layers": backbone_layer_count(backbone_config, layer_idx),
+        }
+        config = _config_with(MambaConfig, None, options, defaults)
     if not 0 <= layer_idx < config.num_hidden_layers:
         raise ValueError(
             f"layer_idx {layer_idx} is outside the MambaConfig's {config.num_hidden_layers} layers"
