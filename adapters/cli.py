@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ttt_mixer.adapters.distill import distill, perplexity
 from ttt_mixer.adapters.mixers import MIXER_NAMES
+from ttt_mixer.adapters.mixers.registry import mixer_help
 from ttt_mixer.adapters.swap import INITS, swap_mixer
 from ttt_mixer.arguments import int_at_least, non_negative_int, positive_float, positive_int
 from ttt_mixer.paths import checkpoint_source, prepare_output_folder
@@ -50,7 +51,7 @@ def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a swapped model)",
     )
     parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
-    parser.add_argument("--mixer", choices=MIXER_NAMES, required=True)
+    parser.add_argument("--mixer", choices=MIXER_NAMES, required=True, help=mixer_help())
     parser.add_argument("--layers", default="all", help="'all', 'every:k' or indices such as 0,2,5")
     parser.add_argument("--init", choices=INITS, default="random")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="mixer option")

@@ -192,44 +192,44 @@ def _longhorn(
 MIXERS: tuple[MixerSpec, ...] = (
     MixerSpec(
         "ttt_linear",
-        "TTT-Linear (Sun et al. 2024): a linear model trained on each sequence by a gradient step per mini-batch",
+        "TTT-Linear (Sun et al. 2024), a linear model trained on the sequence by a gradient step per mini-batch",
         TTTLinear,
         _constructor(TTTLinear, _no_defaults),
     ),
     MixerSpec(
         "ttt_mlp",
-        "TTT-MLP (Sun et al. 2024): as TTT-Linear, with a two-layer MLP as the inner model",
+        "TTT-MLP (Sun et al. 2024), TTT with a two-layer MLP as the inner model",
         TTTMLP,
         _constructor(TTTMLP, _no_defaults),
     ),
     MixerSpec(
         "attention",
-        "softmax attention: transformers' Llama attention, its keys and values in fla's Cache",
+        "softmax attention, transformers' Llama attention with its keys and values in fla's Cache",
         CachedAttention,
         _attention,
         state_size=grows_with_length,
     ),
     MixerSpec(
         "based",
-        "Based (Arora et al. 2024): fla's Taylor-feature linear attention (feature_dim 16)",
+        "Based (Arora et al. 2024), fla's Taylor-feature linear attention (feature_dim 16)",
         BasedMixer,
         _constructor(BasedMixer, lambda hidden_size, num_heads: {"feature_dim": 16}),
     ),
     MixerSpec(
         "mamba",
-        "Mamba (Gu and Dao 2023): transformers' Mamba mixer with an exact PyTorch selective scan",
+        "Mamba (Gu and Dao 2023), transformers' Mamba mixer with an exact PyTorch selective scan",
         CachedMambaMixer,
         _mamba,
     ),
     MixerSpec(
         "gla",
-        "Gated Linear Attention (Yang et al. 2024): fla's layer with fla's defaults",
+        "Gated Linear Attention (Yang et al. 2024), fla's layer with fla's defaults",
         GLAMixer,
         _constructor(GLAMixer, _no_defaults),
     ),
     MixerSpec(
         "gated_deltanet",
-        "Gated DeltaNet (Yang et al. 2025): fla's layer (head_dim = hidden_size / num_heads)",
+        "Gated DeltaNet (Yang et al. 2025), fla's layer (head_dim = hidden_size / num_heads)",
         GatedDeltaNetMixer,
         _constructor(
             GatedDeltaNetMixer, lambda hidden_size, num_heads: {"head_dim": hidden_size // num_heads}
@@ -237,25 +237,25 @@ MIXERS: tuple[MixerSpec, ...] = (
     ),
     MixerSpec(
         "longhorn",
-        "Longhorn (Liu et al. 2024): the authors' layer and scan",
+        "Longhorn (Liu et al. 2024), the authors' layer and scan",
         LonghornMixer,
         _longhorn,
     ),
     MixerSpec(
         "mamba2",
-        "Mamba-2 (Dao and Gu 2024): transformers' Mamba-2 mixer with a chunked scan that caches exactly",
+        "Mamba-2 (Dao and Gu 2024), transformers' Mamba-2 mixer with a chunked scan that caches exactly",
         CachedMamba2Mixer,
         build_mamba2,
     ),
     MixerSpec(
         "titans",
-        "Titans (Behrouz et al. 2025): the neural memory as a layer, on the TTT-family op",
+        "Titans (Behrouz et al. 2025), the neural memory as a layer, on the TTT-family op",
         TTTFamilyLayer,
         _constructor(TTTFamilyLayer, lambda hidden_size, num_heads: {"preset": "titans"}),
     ),
     MixerSpec(
         "lact",
-        "LaCT (Zhang et al. 2025): large-chunk TTT with SwiGLU fast weights beside sliding-window attention",
+        "LaCT (Zhang et al. 2025), large-chunk TTT with SwiGLU fast weights beside sliding-window attention",
         TTTFamilyLayer,
         _constructor(TTTFamilyLayer, lambda hidden_size, num_heads: {"preset": "lact"}),
     ),
