@@ -5,8 +5,6 @@ exact caching through gradients, padding and the builder."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import recurrent_mixer_checks as checks
 import torch
@@ -15,7 +13,7 @@ from conftest import perturb_
 from fla.models.utils import Cache
 from recurrent_mixer_checks import EXACT, max_err, randn
 from transformers import DynamicCache, Mamba2Config
-from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, MambaRMSNormGated
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from ttt_mixer.adapters.mixers import build_mixer, recurrent_state_size
 from ttt_mixer.adapters.mixers.mamba2 import MAMBA2_CACHE_ARGUMENT, CachedMamba2Mixer
@@ -48,8 +46,11 @@ def test_ssd_scan_equals_the_token_by_token_reference_for_every_chunk_size() -> 
         ssd_scan(x.detach(), dt.detach(), A.detach(), randn(2, 11, 3, 5, seed=8), randn(2, 11, 3, 5, seed=9))
 
 
-# transformers' gated RMSNorm normalises per group from 5.23 on, over all channels before
-GROUPED_NORM = "group_size" in inspect.signature(MambaRMSNormGated.__init__).parameters
+# transformers' gated RMSNorm normalises per group from 5.23 on, over all channels before (read off a
+# mixer's norm: 5.25 renamed its class from MambaRMSNormGated to Mamba2RMSNormGated)
+GROUPED_NORM = hasattr(
+    Mamba2Mixer(Mamba2Config(hidden_size=8, num_heads=2, head_dim=8, n_groups=1), 0).norm, "group_size"
+)
 
 
 def mixer_pair(dtype: torch.dtype) -> tuple[CachedMamba2Mixer, Mamba2Mixer, Mamba2Config]:
