@@ -1,4 +1,5 @@
-"""``ttt-mixer swap`` and ``ttt-mixer distill``: the adapters on saved checkpoints."""
+"""``ttt-mixer swap`` and ``ttt-mixer distill``: the adapters on saved checkpoints (their options are
+ttt_mixer/cli.py's, which reads them without importing the adapters)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ttt_mixer.adapters.distill import distill, perplexity
-from ttt_mixer.adapters.mixers import MIXER_NAMES
-from ttt_mixer.adapters.swap import INITS, swap_mixer
-from ttt_mixer.arguments import int_at_least, non_negative_int, positive_float, positive_int
+from ttt_mixer.adapters.swap import swap_mixer
 from ttt_mixer.paths import checkpoint_source, prepare_output_folder
 
 
@@ -44,25 +43,6 @@ def _save(model: Any, source: str, destination: Path) -> None:
     print(f"wrote {destination}")
 
 
-def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a swapped model)",
-    )
-    parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
-    parser.add_argument("--mixer", choices=MIXER_NAMES, required=True)
-    parser.add_argument("--layers", default="all", help="'all', 'every:k' or indices such as 0,2,5")
-    parser.add_argument("--init", choices=INITS, default="random")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="mixer option")
-    add_overwrite_argument(parser)
-
-
-def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the files of a destination folder that is not empty"
-    )
-
-
 def swap_command(args: argparse.Namespace) -> None:
     """Swap the mixer of some or all layers of a saved checkpoint and save the result."""
     layers = args.layers
@@ -79,20 +59,6 @@ def swap_command(args: argparse.Namespace) -> None:
     model = swap_mixer(_load(source), args.mixer, layers, args.init, **options)
     print(f"mixers: {model.config.mixers}")
     _save(model, args.source, args.destination)
-
-
-def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("teacher", help="the original checkpoint folder")
-    parser.add_argument("student", help="the swapped checkpoint folder (ttt-mixer swap); needs a tokenizer")
-    parser.add_argument("destination", type=Path, help="folder for the distilled checkpoint")
-    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to distil on")
-    parser.add_argument("--seq-len", type=int_at_least(2), default=256)
-    parser.add_argument("--layerwise-steps", type=non_negative_int, default=200)
-    parser.add_argument("--finetune-steps", type=non_negative_int, default=0)
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    add_overwrite_argument(parser)
 
 
 def text_windows(tokenizer: Any, path: Path, seq_len: int) -> torch.Tensor:

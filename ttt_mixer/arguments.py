@@ -43,3 +43,9 @@ def comma_list(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
         return tuple(item(part) for part in parts)
 
     return parse
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the files of a destination folder that is not empty"
+    )

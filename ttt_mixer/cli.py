@@ -1,98 +1,52 @@
-"""The ``ttt-mixer`` command line."""
+"""The ``ttt-mixer`` command line. Reading it imports no heavy dependency (no torch, transformers,
+fla, lm-eval): each command imports what it needs when it runs (``ttt_mixer_cli``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from ttt_mixer.adapters.cli import (
-    add_distill_arguments,
+from ttt_mixer.arguments import (
     add_overwrite_argument,
-    add_swap_arguments,
-    distill_command,
-    swap_command,
+    int_at_least,
+    non_negative_int,
+    positive_float,
+    positive_int,
 )
-from ttt_mixer.adapters.distill import NonFiniteTrainingError
-from ttt_mixer.arguments import non_negative_int, positive_int
-from ttt_mixer.decode_timing import decode_ms_per_step
-from ttt_mixer.models import TTTConfig, TTTForCausalLM
-from ttt_mixer.paths import prepare_output_folder
-from ttt_mixer.progress import plain_output_for_logs
 from ttt_mixer.recall_gap import DESCRIPTION as RECALL_GAP_DESCRIPTION
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
 
-DEMO_TEXT = (
-    "Test-time training makes the hidden state of a recurrent layer a small model, trained by "
-    "gradient descent on a self-supervised loss while the sequence is read, mini-batch by mini-batch. "
+# ttt_mixer.adapters' MIXER_NAMES and swap's INITS: importing the adapters to read them would take
+# seconds; tests/test_cli.py checks that these stay the same
+SWAP_MIXERS = (
+    "ttt_linear",
+    "ttt_mlp",
+    "attention",
+    "based",
+    "mamba",
+    "gla",
+    "gated_deltanet",
+    "longhorn",
+    "mamba2",
+    "titans",
+    "lact",
 )
-
-
-def _train(
-    model: TTTForCausalLM, data: torch.Tensor, steps: int, seq_len: int, generator: torch.Generator
-) -> float | None:
-    """Next-byte prediction on random windows of ``data``; returns the last loss (None for 0 steps)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    loss = None
-    for _ in range(steps):
-        starts = torch.randint(0, data.numel() - seq_len, (8,), generator=generator)
-        batch = torch.stack([data[s : s + seq_len] for s in starts.tolist()])
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return None if loss is None else loss.item()
+SWAP_INITS = ("random", "attention")
 
 
 def demo(args: argparse.Namespace) -> None:
     """Build a small byte-level TTT model, train it briefly on a built-in text, generate from it and
     print its decoding speed at two context lengths."""
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    config = TTTConfig(
-        vocab_size=256,
-        hidden_size=args.hidden_size,
-        intermediate_size=4 * args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        mini_batch_size=16,
-        ttt_layer_type=args.ttt_layer_type,
-        backbone=args.backbone,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    model = TTTForCausalLM(config)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"TTT-{args.ttt_layer_type} ({args.backbone} backbone): {params / 1e6:.2f} M parameters")
-    data = torch.tensor(list((DEMO_TEXT * 20).encode()))
-    start = time.perf_counter()
-    loss = _train(model, data, args.train_steps, 128, generator)
-    # 0 steps: an untrained model, which has no training loss to print
-    print(
-        f"trained {args.train_steps} steps of 8 x 128 bytes in {time.perf_counter() - start:.1f} s"
-        + ("" if loss is None else f", loss {loss:.3f}")
-    )
-    prompt = torch.tensor([list(args.prompt.encode())])
-    start = time.perf_counter()
-    output = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    seconds = time.perf_counter() - start
-    text = bytes(output[0, prompt.shape[1] :].tolist()).decode(errors="replace")
-    print(
-        f"generated {args.new_tokens} tokens in {seconds:.2f} s ({args.new_tokens / seconds:.0f} tokens/s):"
-    )
-    print(f"  {args.prompt}[{text}]")
-    for context, ms in decode_ms_per_step(model, (128, 4096), 1, 32, generator).items():
-        print(f"decode after {context:>4} tokens of context: {ms['median']:.2f} ms/token")
+    from ttt_mixer.demo import run
+
+    run(args)
 
 
 def convert(args: argparse.Namespace) -> None:
     """Convert the authors' checkpoint folder to a ttt-mixer Hugging Face checkpoint."""
     from ttt_mixer.convert import from_ttt_lm_pytorch, load_ttt_lm_pytorch_checkpoint
+    from ttt_mixer.paths import prepare_output_folder
 
     if not args.source.is_dir():
         raise FileNotFoundError(f"{args.source}: no such folder (their checkpoint folder)")
@@ -134,6 +88,48 @@ def recall_gap(args: argparse.Namespace) -> None:
     run(args)
 
 
+def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a swapped model)",
+    )
+    parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
+    parser.add_argument("--mixer", choices=SWAP_MIXERS, required=True)
+    parser.add_argument("--layers", default="all", help="'all', 'every:k' or indices such as 0,2,5")
+    parser.add_argument("--init", choices=SWAP_INITS, default="random")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="mixer option")
+    add_overwrite_argument(parser)
+
+
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("teacher", help="the original checkpoint folder")
+    parser.add_argument("student", help="the swapped checkpoint folder (ttt-mixer swap); needs a tokenizer")
+    parser.add_argument("destination", type=Path, help="folder for the distilled checkpoint")
+    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to distil on")
+    parser.add_argument("--seq-len", type=int_at_least(2), default=256)
+    parser.add_argument("--layerwise-steps", type=non_negative_int, default=200)
+    parser.add_argument("--finetune-steps", type=non_negative_int, default=0)
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    add_overwrite_argument(parser)
+
+
+def swap(args: argparse.Namespace) -> None:
+    """Swap the mixer of some or all layers of a saved checkpoint and save the result."""
+    from ttt_mixer.adapters.cli import swap_command
+
+    swap_command(args)
+
+
+def distill(args: argparse.Namespace) -> None:
+    """Distil a swapped checkpoint from its original (layer-wise, then optionally end to end); print
+    the perplexity on the text's last tenth (held out) before and after."""
+    from ttt_mixer.adapters.cli import distill_command
+
+    distill_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttt-mixer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_overwrite_argument(p)
     p.set_defaults(func=convert)
     p = commands.add_parser("tasks-path", help=tasks_path.__doc__)
-    p.set_defaults(func=tasks_path)
+    p.set_defaults(func=tasks_path, needs_library=False)
     # everything after "eval" is lm-eval's; main() hands it over before argparse could reject it
     p = commands.add_parser(
         "eval", help=evaluate.__doc__, add_help=False, usage="ttt-mixer eval [LM_EVAL_ARGUMENTS ...]"
@@ -172,16 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("plot", help=plot.__doc__)
     p.add_argument("results", nargs="+", type=Path, help="lm-eval results JSON files (one per model)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created if missing)")
-    p.set_defaults(func=plot)
+    p.set_defaults(func=plot, needs_library=False)
     p = commands.add_parser("recall-gap", help=RECALL_GAP_DESCRIPTION, description=RECALL_GAP_DESCRIPTION)
     add_recall_gap_arguments(p)
     p.set_defaults(func=recall_gap)
-    p = commands.add_parser("swap", help=swap_command.__doc__)
+    p = commands.add_parser("swap", help=swap.__doc__)
     add_swap_arguments(p)
-    p.set_defaults(func=swap_command)
-    p = commands.add_parser("distill", help=distill_command.__doc__)
+    p.set_defaults(func=swap)
+    p = commands.add_parser("distill", help=distill.__doc__)
     add_distill_arguments(p)
-    p.set_defaults(func=distill_command)
+    p.set_defaults(func=distill)
     return parser
 
 
@@ -191,10 +187,20 @@ def main(argv: list[str] | None = None) -> None:
         args = argparse.Namespace(command="eval", func=evaluate, lm_eval_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-    plain_output_for_logs()
+    reported: tuple[type[Exception], ...] = (ValueError, TypeError, OSError)
+    if getattr(args, "needs_library", True):
+        # fla's import keeps transformers' model types only as ttt_mixer's own import does it
+        import ttt_mixer
+
+        ttt_mixer.import_library()
+        from ttt_mixer.adapters.distill import NonFiniteTrainingError
+        from ttt_mixer.progress import plain_output_for_logs
+
+        reported += (NonFiniteTrainingError,)
+        plain_output_for_logs()  # (it imports transformers and datasets)
     try:
         args.func(args)
-    except (ValueError, TypeError, OSError, NonFiniteTrainingError) as error:
+    except reported as error:
         # bad input, as argparse reports it: one line naming the command, exit status 2
         print(f"ttt-mixer {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
