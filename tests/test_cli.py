@@ -1,6 +1,8 @@
 """The ``ttt-mixer demo`` command (the interim main job) trains, generates and times decoding."""
 
+import argparse
 import re
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +68,107 @@ def test_swap_choices_are_the_adapters() -> None:
 
     assert SWAP_MIXERS == MIXER_NAMES
     assert SWAP_INITS == INITS
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    from ttt_mixer.cli import build_parser
+
+    return dict(build_parser()._subparsers._group_actions[0].choices)
+
+
+def test_every_option_has_help_that_shows_its_default() -> None:
+    from ttt_mixer.arguments import HelpFormatter
+
+    for name, parser in _subcommands().items():
+        if name == "eval":  # lm-eval's options, which its own help explains
+            continue
+        assert parser.description, f"ttt-mixer {name} has no description"
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"ttt-mixer {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where} has no help"
+            if action.option_strings:
+                shown = HelpFormatter(name)._get_help_string(action)
+                assert action.required or "default" in shown, f"{where}: its help shows no default"
+
+
+def test_help_texts_carry_no_markup() -> None:
+    from ttt_mixer.cli import DESCRIPTION, EVAL_EPILOG
+
+    texts = [DESCRIPTION, EVAL_EPILOG]
+    for parser in _subcommands().values():
+        texts += [parser.description or ""] + [action.help or "" for action in parser._actions]
+    marked = [text for text in texts if "``" in text or ":func:" in text or "`" in text]
+    assert not marked, marked
+
+
+def test_eval_help_adds_the_projects_tasks(capsys: pytest.CaptureFixture) -> None:
+    main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert out.index("lm-eval") < out.index("ttt-mixer's tasks")  # lm-eval's help, then ours
+    for name in ("ttt_mqar", "ttt_passkey", "ttt_ppl_position", "--metadata", "context_lengths", "ppl_files"):
+        assert name in out, name
+
+
+def test_byte_tokenizer_maps_each_byte_to_its_value_and_back(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from ttt_mixer.tokenizer import byte_tokenizer
+
+    text = "héllo Ā wörld\n\x00\ttabs"
+    tokenizer = byte_tokenizer()
+    ids = tokenizer(text).input_ids
+    assert ids == list(text.encode())
+    assert tokenizer.decode(ids) == text
+    assert len(tokenizer) == 257 and tokenizer.eos_token_id == tokenizer.pad_token_id == 256
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == ids
+
+
+@pytest.mark.slow
+def test_demo_saves_a_checkpoint_with_its_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    main(
+        [
+            "demo",
+            "--train-steps",
+            "1",
+            "--new-tokens",
+            "3",
+            "--hidden-size",
+            "32",
+            "--layers",
+            "1",
+            "--save",
+            str(tmp_path / "m"),
+        ]
+    )
+    assert "the prompt, then [the greedy continuation" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.vocab_size == len(tokenizer) and model.config.eos_token_id == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--model", "hf", "--model_args", "pretrained={folder}", "--tasks", "ttt_mqar"],
+        ["distill", "{folder}", "{folder}", "{out}", "--text", "{text}"],
+    ],
+    ids=["eval", "distill"],
+)
+def test_a_checkpoint_without_tokenizer_is_named_with_the_fix(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (tmp_path / "text.txt").write_text("some text")
+    values = {"folder": folder, "out": tmp_path / "out", "text": tmp_path / "text.txt"}
+    with pytest.raises(SystemExit) as exit:
+        main([arg.format(**values) for arg in argv])
+    assert exit.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{folder} has no tokenizer" in line and "byte_tokenizer().save_pretrained" in line

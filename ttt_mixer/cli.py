@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ttt_mixer.arguments import (
+    HelpFormatter,
     add_overwrite_argument,
     int_at_least,
     non_negative_int,
@@ -33,6 +34,48 @@ SWAP_MIXERS = (
     "lact",
 )
 SWAP_INITS = ("random", "attention")
+
+DESCRIPTION = (
+    "Test-Time-Training sequence mixers (TTT-Linear, TTT-MLP) as Hugging Face models: train a demo, "
+    "swap mixers into Llama or Mamba checkpoints and distil them, evaluate with lm-eval, and run the "
+    "recall-gap experiment. Each command has its own --help."
+)
+DEMO_DESCRIPTION = (
+    "Build a small byte-level TTT language model, train it for a few seconds on a built-in paragraph, "
+    "generate a continuation of --prompt greedily (printed as the prompt followed by [the generated "
+    "bytes]) and print its decoding speed after 128 and 4096 tokens of context, which is flat: a TTT "
+    "layer's state does not grow with the context. With --save, the model and its byte-level tokenizer "
+    "are saved as a checkpoint that the other commands read."
+)
+EVAL_EPILOG = """ttt-mixer eval runs lm-eval's command line (above) with ttt_mixer imported, so ttt-mixer checkpoints
+load with --model hf --model_args pretrained=FOLDER, and with ttt-mixer's task folder included
+(ttt-mixer tasks-path), so these tasks need no --include_path:
+
+  ttt_recall_synthetic (group): ttt_mqar (acc@L, exact_match@L), ttt_phonebook and ttt_passkey
+      (exact_match@L), one metric per context length L
+  ttt_recall_data (group): ttt_swde, ttt_fda, ttt_squad_completion and their _twice variants
+      (contains); hub datasets, or local files with recall_data_files
+  ttt_ppl (group): ttt_ppl_rolling (word_perplexity, byte_perplexity, bits_per_byte) and
+      ttt_ppl_position (ppl@a-b per token-position bucket, ppl); PG19's test split, or local files
+      with ppl_files
+  ttt_recall: ttt_recall_synthetic and ttt_recall_data
+
+Their options go in --metadata as JSON, e.g. --metadata '{"context_lengths": [512, 1024]}':
+
+  seed (1234), num_samples (50): documents per length
+  context_lengths ([1024, 2048, 4096]): phonebook and passkey lengths, in the model's tokens; each
+      must fit the model's max_length (--model_args max_length=...)
+  mqar_seq_lengths ([64, 128, 256]), mqar_num_kv_pairs (8), mqar_power_a (0.01): MQAR's lengths (in
+      symbols), key-value pairs and query-gap law
+  passkey_digits (5), passkey_depths ([0.0, 0.25, 0.5, 0.75, 1.0])
+  ppl_files (none: the dataset below): a glob or a list of text files, one document each
+  ppl_dataset ("emozilla/pg19-test"), ppl_dataset_split ("test"), ppl_text_column ("text")
+  ppl_bucket_edges ([0, 512, 1024, 2048, 4096, 8192, 16384, 32768]), ppl_max_tokens (32768): tokens
+  recall_data_files ({}): local files for the recall-data tasks, e.g. {"swde": "swde.jsonl"}
+  tokenizer: the tokenizer that sizes prompts when the model is not a path (default: pretrained)
+
+A checkpoint needs a tokenizer: ttt-mixer demo --save and the README's examples save one.
+"""
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -64,12 +107,37 @@ def tasks_path(args: argparse.Namespace) -> None:
     print(eval_tasks_path())
 
 
+def _model_args(lm_eval_args: list[str]) -> dict[str, str]:
+    """The key=value pairs of lm-eval's --model_args (the last one given)."""
+    text = ""
+    for i, arg in enumerate(lm_eval_args):
+        if arg == "--model_args" and i + 1 < len(lm_eval_args):
+            text = lm_eval_args[i + 1]
+        elif arg.startswith("--model_args="):
+            text = arg.partition("=")[2]
+    pairs = (pair.partition("=") for pair in text.split(",") if pair.strip())
+    return {key.strip(): value.strip() for key, sep, value in pairs if sep}
+
+
 def evaluate(args: argparse.Namespace) -> None:
     """Run lm-eval's command line (all arguments pass through) with ttt_mixer imported, so TTT
     checkpoints load without trust_remote_code, and ttt-mixer's tasks included."""
     from ttt_mixer.evaluation import main as evaluation_main
 
-    evaluation_main(args.lm_eval_args)
+    if args.needs_library:
+        from ttt_mixer.tokenizer import require_tokenizer
+
+        model_args = _model_args(args.lm_eval_args)
+        if "pretrained" in model_args and "tokenizer" not in model_args:
+            require_tokenizer(model_args["pretrained"], "the checkpoint of --model_args pretrained")
+        evaluation_main(args.lm_eval_args)
+        return
+    try:
+        evaluation_main(args.lm_eval_args)
+    except SystemExit as exit:  # argparse's, after printing lm-eval's help
+        if exit.code not in (0, None):
+            raise
+    print("\nttt-mixer's tasks:\n" + EVAL_EPILOG)
 
 
 def plot(args: argparse.Namespace) -> None:
@@ -94,10 +162,30 @@ def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a swapped model)",
     )
     parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
-    parser.add_argument("--mixer", choices=SWAP_MIXERS, required=True)
-    parser.add_argument("--layers", default="all", help="'all', 'every:k' or indices such as 0,2,5")
-    parser.add_argument("--init", choices=SWAP_INITS, default="random")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="mixer option")
+    parser.add_argument(
+        "--mixer",
+        choices=SWAP_MIXERS,
+        required=True,
+        metavar="MIXER",
+        help=f"the mixer put in place of the swapped layers' own: one of {', '.join(SWAP_MIXERS)}",
+    )
+    parser.add_argument(
+        "--layers", default="all", help="the layers to swap: 'all', 'every:k' or indices such as 0,2,5"
+    )
+    parser.add_argument(
+        "--init",
+        choices=SWAP_INITS,
+        default="random",
+        help="random: the new mixers start from their own initialisation; attention: they start from "
+        "the replaced attention's projections where the mixer has matching ones (Llama backbones)",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the mixer's constructor, e.g. num_heads=4 (repeat for several)",
+    )
     add_overwrite_argument(parser)
 
 
@@ -106,12 +194,24 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("student", help="the swapped checkpoint folder (ttt-mixer swap); needs a tokenizer")
     parser.add_argument("destination", type=Path, help="folder for the distilled checkpoint")
     parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to distil on")
-    parser.add_argument("--seq-len", type=int_at_least(2), default=256)
-    parser.add_argument("--layerwise-steps", type=non_negative_int, default=200)
-    parser.add_argument("--finetune-steps", type=non_negative_int, default=0)
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seq-len", type=int_at_least(2), default=256, help="tokens per training window of the text"
+    )
+    parser.add_argument(
+        "--layerwise-steps",
+        type=non_negative_int,
+        default=200,
+        help="steps training each swapped layer to reproduce its original layer's output",
+    )
+    parser.add_argument(
+        "--finetune-steps",
+        type=non_negative_int,
+        default=0,
+        help="steps training the whole student on the teacher's next-token distribution afterwards",
+    )
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per step")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the window order and of torch")
     add_overwrite_argument(parser)
 
 
@@ -126,56 +226,111 @@ def distill(args: argparse.Namespace) -> None:
     """Distil a swapped checkpoint from its original (layer-wise, then optionally end to end); print
     the perplexity on the text's last tenth (held out) before and after."""
     from ttt_mixer.adapters.cli import distill_command
+    from ttt_mixer.tokenizer import require_tokenizer
 
+    require_tokenizer(args.student, "the student")
     distill_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ttt-mixer", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help=demo.__doc__)
-    p.add_argument("--ttt-layer-type", choices=("linear", "mlp"), default="linear")
-    p.add_argument("--backbone", choices=("transformer", "mamba"), default="mamba")
-    p.add_argument("--hidden-size", type=positive_int, default=128)
-    p.add_argument("--heads", type=positive_int, default=2)
-    p.add_argument("--layers", type=positive_int, default=2)
-    p.add_argument("--prompt", default="Test-time training makes the hidden state")
-    p.add_argument("--train-steps", type=non_negative_int, default=150)
-    p.add_argument("--new-tokens", type=positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="ttt-mixer", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, **kwargs: object) -> argparse.ArgumentParser:
+        kwargs.setdefault("description", help)
+        return commands.add_parser(name, help=help, formatter_class=HelpFormatter, **kwargs)
+
+    p = command(
+        "demo",
+        "train a small byte-level TTT model for a few seconds, generate from it and time its decoding",
+        description=DEMO_DESCRIPTION,
+    )
+    p.add_argument(
+        "--ttt-layer-type",
+        choices=("linear", "mlp"),
+        default="linear",
+        help="the TTT layer's inner model: linear (TTT-Linear) or a two-layer MLP (TTT-MLP)",
+    )
+    p.add_argument(
+        "--backbone",
+        choices=("transformer", "mamba"),
+        default="mamba",
+        help="the block around each TTT layer: transformer (TTT, then a SwiGLU MLP) or mamba (a causal "
+        "convolution before TTT, queries and keys from one projection, a gated output: the TTT paper's "
+        "Mamba backbone)",
+    )
+    p.add_argument("--hidden-size", type=positive_int, default=128, help="model width")
+    p.add_argument("--heads", type=positive_int, default=2, help="TTT heads (must divide --hidden-size)")
+    p.add_argument("--layers", type=positive_int, default=2, help="number of layers")
+    p.add_argument(
+        "--prompt", default="Test-time training makes the hidden state", help="text the generation continues"
+    )
+    p.add_argument(
+        "--train-steps",
+        type=non_negative_int,
+        default=150,
+        help="AdamW steps of 8 random 128-byte windows of the built-in text (0: untrained)",
+    )
+    p.add_argument("--new-tokens", type=positive_int, default=64, help="bytes to generate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the training windows")
+    p.add_argument(
+        "--save",
+        type=Path,
+        help="folder to save the trained model and its byte-level tokenizer in (default: not saved)",
+    )
+    add_overwrite_argument(p)
     p.set_defaults(func=demo)
-    p = commands.add_parser("convert", help=convert.__doc__)
+    p = command(
+        "convert", "convert the TTT authors' checkpoint folder (ttt-lm-pytorch) to a ttt-mixer checkpoint"
+    )
     p.add_argument(
         "source",
         type=Path,
         help="folder with the authors' config.json and model.safetensors or pytorch_model.bin",
     )
-    p.add_argument(
-        "destination",
-        type=Path,
-        help="output folder (Hugging Face format, loads with trust_remote_code=True)",
-    )
+    p.add_argument("destination", type=Path, help="output folder (Hugging Face format)")
     add_overwrite_argument(p)
     p.set_defaults(func=convert)
-    p = commands.add_parser("tasks-path", help=tasks_path.__doc__)
+    p = command("tasks-path", "print the folder of ttt-mixer's lm-eval tasks, for lm_eval --include_path")
     p.set_defaults(func=tasks_path, needs_library=False)
     # everything after "eval" is lm-eval's; main() hands it over before argparse could reject it
-    p = commands.add_parser(
-        "eval", help=evaluate.__doc__, add_help=False, usage="ttt-mixer eval [LM_EVAL_ARGUMENTS ...]"
+    p = command(
+        "eval",
+        "lm-eval's command line, with ttt_mixer imported and its tasks included (see ttt-mixer eval --help)",
+        add_help=False,
+        usage="ttt-mixer eval [LM_EVAL_ARGUMENTS ...]",
     )
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments of lm-eval's command line")
     p.set_defaults(func=evaluate)
-    p = commands.add_parser("plot", help=plot.__doc__)
-    p.add_argument("results", nargs="+", type=Path, help="lm-eval results JSON files (one per model)")
-    p.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created if missing)")
+    p = command(
+        "plot",
+        "plot recall against context length and perplexity against position from lm-eval results JSONs",
+        description="One PNG per (task, metric) that is scored per context length or position bucket, "
+        "one line per results file (one model each).",
+    )
+    p.add_argument(
+        "results",
+        nargs="+",
+        type=Path,
+        help="lm-eval results JSON files (one per model; lm-eval writes OUTPUT/MODEL/results_*.json)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for the PNGs (created if missing); required"
+    )
     p.set_defaults(func=plot, needs_library=False)
-    p = commands.add_parser("recall-gap", help=RECALL_GAP_DESCRIPTION, description=RECALL_GAP_DESCRIPTION)
+    p = command("recall-gap", RECALL_GAP_DESCRIPTION)
     add_recall_gap_arguments(p)
     p.set_defaults(func=recall_gap)
-    p = commands.add_parser("swap", help=swap.__doc__)
+    p = command("swap", "swap the mixer of some or all layers of a saved checkpoint and save the result")
     add_swap_arguments(p)
     p.set_defaults(func=swap)
-    p = commands.add_parser("distill", help=distill.__doc__)
+    p = command(
+        "distill",
+        "distil a swapped checkpoint from its original (layer by layer, then optionally end to end)",
+        description="Distil a swapped checkpoint from its original: each swapped layer learns to reproduce "
+        "the original layer's output, then optionally the whole student the teacher's next-token "
+        "distribution. Prints the perplexity on the text's last tenth (held out) before and after.",
+    )
     add_distill_arguments(p)
     p.set_defaults(func=distill)
     return parser
@@ -184,7 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:  # lm-eval's options would be unknown to argparse here
-        args = argparse.Namespace(command="eval", func=evaluate, lm_eval_args=argv[1:])
+        # lm-eval's help, and ours after it, need no model: the library is not imported for it
+        help_only = not argv[1:] or any(arg in ("-h", "--help") for arg in argv[1:])
+        args = argparse.Namespace(
+            command="eval", func=evaluate, lm_eval_args=argv[1:], needs_library=not help_only
+        )
     else:
         args = build_parser().parse_args(argv)
     reported: tuple[type[Exception], ...] = (ValueError, TypeError, OSError)

@@ -10,6 +10,8 @@ import torch
 
 from ttt_mixer.decode_timing import decode_ms_per_step
 from ttt_mixer.models import TTTConfig, TTTForCausalLM
+from ttt_mixer.paths import prepare_output_folder
+from ttt_mixer.tokenizer import byte_tokenizer
 
 DEMO_TEXT = (
     "Test-time training makes the hidden state of a recurrent layer a small model, trained by "
@@ -37,11 +39,14 @@ def _train(
 
 def run(args: argparse.Namespace) -> None:
     """Build a small byte-level TTT model, train it briefly on a built-in text, generate from it and
-    print its decoding speed at two context lengths."""
+    print its decoding speed at two context lengths; with ``args.save``, save it with its tokenizer."""
+    if args.save is not None:
+        prepare_output_folder(args.save, args.overwrite)
+    tokenizer = byte_tokenizer()
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     config = TTTConfig(
-        vocab_size=256,
+        vocab_size=len(tokenizer),
         hidden_size=args.hidden_size,
         intermediate_size=4 * args.hidden_size,
         num_hidden_layers=args.layers,
@@ -50,12 +55,13 @@ def run(args: argparse.Namespace) -> None:
         ttt_layer_type=args.ttt_layer_type,
         backbone=args.backbone,
         bos_token_id=None,
-        eos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = TTTForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
     print(f"TTT-{args.ttt_layer_type} ({args.backbone} backbone): {params / 1e6:.2f} M parameters")
-    data = torch.tensor(list((DEMO_TEXT * 20).encode()))
+    data = tokenizer(DEMO_TEXT * 20, return_tensors="pt").input_ids[0]
     start = time.perf_counter()
     loss = _train(model, data, args.train_steps, 128, generator)
     # 0 steps: an untrained model, which has no training loss to print
@@ -63,14 +69,19 @@ def run(args: argparse.Namespace) -> None:
         f"trained {args.train_steps} steps of 8 x 128 bytes in {time.perf_counter() - start:.1f} s"
         + ("" if loss is None else f", loss {loss:.3f}")
     )
-    prompt = torch.tensor([list(args.prompt.encode())])
+    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
     start = time.perf_counter()
-    output = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    output = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
     seconds = time.perf_counter() - start
-    text = bytes(output[0, prompt.shape[1] :].tolist()).decode(errors="replace")
+    new = output[0, prompt.shape[1] :]
     print(
-        f"generated {args.new_tokens} tokens in {seconds:.2f} s ({args.new_tokens / seconds:.0f} tokens/s):"
+        f"generated {len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.0f} tokens/s); "
+        "the prompt, then [the greedy continuation, one token per byte]:"
     )
-    print(f"  {args.prompt}[{text}]")
+    print(f"  {args.prompt}[{tokenizer.decode(new)}]")
     for context, ms in decode_ms_per_step(model, (128, 4096), 1, 32, generator).items():
         print(f"decode after {context:>4} tokens of context: {ms['median']:.2f} ms/token")
+    if args.save is not None:
+        model.save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
+        print(f"wrote {args.save} (the model and its byte-level tokenizer)")
