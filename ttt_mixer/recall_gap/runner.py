@@ -197,7 +197,8 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-# seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
+# seconds per training step relative to attention's on the CPU preset, to start the longest runs first;
+# where each figure was measured: docs/recall_gap.md, "Relative training cost on CPU"
 RELATIVE_CPU_COST = {"attention": 1.0, "based": 2.4, "ttt_linear": 2.5, "gla": 4.7, "ttt_mlp": 4.7}
 RELATIVE_CPU_COST |= {"gated_deltanet": 3.4, "mamba": 4.6, "mamba2": 4.1, "longhorn": 3.6}
 RELATIVE_CPU_COST |= {"titans": 8.7, "lact": 3.5}
