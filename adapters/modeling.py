@@ -9,23 +9,19 @@ Padding reaches each mixer as the 2-D mask, which every mixer honours exactly.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from fla.models.utils import Cache
 from torch import nn
 from transformers import LlamaPreTrainedModel, MambaPreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
-from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
-from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+from transformers.models.mamba.modeling_mamba import MambaRMSNorm
 
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMamba2Config, MixerMambaConfig
-from ttt_mixer.adapters.mixers import LonghornMixer, build_mixer
-from ttt_mixer.layers import TTTLayer
+from ttt_mixer.adapters.mixers import build_mixer
 from ttt_mixer.models.causal_lm import (
     CausalLMGenerationMixin,
     RemoteCodeMixin,
@@ -47,43 +43,25 @@ def layer_mixer(
 
 
 class MixerPreTrainedMixin(RemoteCodeMixin):
-    """Weight init and saving shared by the backbones: the backbone's init for its own modules,
-    then each mixer's own init where it has one (TTT's inner model; Longhorn's rate bias and its
-    ``initializer_range``; transformers' Mamba and Mamba-2 mixers as transformers' own models
-    initialise them)."""
+    """Weight init and saving shared by the backbones: the backbone's init for its own modules, then
+    each mixer's own (``reset_parameters``)."""
 
     remote_module = "ttt_mixer.adapters"
     _is_stateful = True
 
     def _init_weights(self, module: nn.Module) -> None:
+        """The backbone's init, then, as fla's models do, ``reset_parameters`` of every module that
+        has one other than torch's Linear, convolution and embedding (whose reset is PyTorch's default
+        draw, which the backbone's init replaces). transformers initialises a module's children
+        before it, so each mixer resets what it initialises specially (a constant bias, a skip D, a
+        structured A or dt, its own draws) after the backbone initialised its projections, and starts
+        as it does alone; transformers' Mamba and Mamba-2 mixers reset as transformers' own models
+        initialise them (``init_as_transformers``)."""
         super()._init_weights(module)
-        if isinstance(module, (TTTLayer, LonghornMixer)):
+        if hasattr(module, "reset_parameters") and not isinstance(
+            module, (nn.Linear, nn.Conv1d, nn.Embedding)
+        ):
             module.reset_parameters()
-        elif isinstance(module, (MambaMixer, Mamba2Mixer)):
-            self._init_transformers_mamba(module)
-
-    @torch.no_grad()
-    def _init_transformers_mamba(self, mixer: MambaMixer | Mamba2Mixer) -> None:
-        """What ``MambaPreTrainedModel`` and ``Mamba2PreTrainedModel`` do to their mixers, with the
-        mixer's own config: every Linear N(0, initializer_range) with zero bias (transformers' 0.1,
-        where the backbone's init may be Llama's 0.02: at 0.02 Mamba-2 did not leave the unigram
-        plateau of the CPU recall gap), the S4D A, D and dt init, Kaiming conv and out_proj, the
-        latter scaled by 1/sqrt(layers) under ``rescale_prenorm_residual``."""
-        config = mixer.config
-        for linear in (m for m in mixer.modules() if isinstance(m, nn.Linear)):
-            init.normal_(linear.weight, std=config.initializer_range)
-            if linear.bias is not None:
-                init.zeros_(linear.bias)
-        if isinstance(mixer, MambaMixer):
-            mixer.init_mamba_weights()
-        else:
-            mixer.init_mamba2_weights()
-        init.kaiming_uniform_(mixer.conv1d.weight, a=math.sqrt(5))
-        if mixer.conv1d.bias is not None:
-            init.zeros_(mixer.conv1d.bias)
-        init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
-        if config.rescale_prenorm_residual:
-            mixer.out_proj.weight /= math.sqrt(self.config.num_hidden_layers)
 
 
 class MixerDecoderMixin:

@@ -18,23 +18,6 @@ from ttt_mixer.arguments import (
 from ttt_mixer.recall_gap import DESCRIPTION as RECALL_GAP_DESCRIPTION
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
 
-# ttt_mixer.adapters' MIXER_NAMES and swap's INITS: importing the adapters to read them would take
-# seconds; tests/test_cli.py checks that these stay the same
-SWAP_MIXERS = (
-    "ttt_linear",
-    "ttt_mlp",
-    "attention",
-    "based",
-    "mamba",
-    "gla",
-    "gated_deltanet",
-    "longhorn",
-    "mamba2",
-    "titans",
-    "lact",
-)
-SWAP_INITS = ("random", "attention")
-
 DESCRIPTION = (
     "Test-Time-Training sequence mixers (TTT-Linear, TTT-MLP) as Hugging Face models: train a demo, "
     "swap mixers into Llama or Mamba checkpoints and distil them, evaluate with lm-eval, and run the "
@@ -156,39 +139,6 @@ def recall_gap(args: argparse.Namespace) -> None:
     run(args)
 
 
-def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a swapped model)",
-    )
-    parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
-    parser.add_argument(
-        "--mixer",
-        choices=SWAP_MIXERS,
-        required=True,
-        metavar="MIXER",
-        help=f"the mixer put in place of the swapped layers' own: one of {', '.join(SWAP_MIXERS)}",
-    )
-    parser.add_argument(
-        "--layers", default="all", help="the layers to swap: 'all', 'every:k' or indices such as 0,2,5"
-    )
-    parser.add_argument(
-        "--init",
-        choices=SWAP_INITS,
-        default="random",
-        help="random: the new mixers start from their own initialisation; attention: they start from "
-        "the replaced attention's projections where the mixer has matching ones (Llama backbones)",
-    )
-    parser.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the mixer's constructor, e.g. num_heads=4 (repeat for several)",
-    )
-    add_overwrite_argument(parser)
-
-
 def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("teacher", help="the original checkpoint folder")
     parser.add_argument("student", help="the swapped checkpoint folder (ttt-mixer swap); needs a tokenizer")
@@ -226,21 +176,21 @@ def distill(args: argparse.Namespace) -> None:
     """Distil a swapped checkpoint from its original (layer-wise, then optionally end to end); print
     the perplexity on the text's last tenth (held out) before and after."""
     from ttt_mixer.adapters.cli import distill_command
-    from ttt_mixer.tokenizer import require_tokenizer
 
-    require_tokenizer(args.student, "the student")
     distill_command(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line. ``swap``'s options come from the mixer registry, whose import takes seconds
+    (fla): they are added only when ``command`` is None (every command's options) or "swap"."""
     parser = argparse.ArgumentParser(prog="ttt-mixer", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, **kwargs: object) -> argparse.ArgumentParser:
+    def subcommand(name: str, help: str, **kwargs: object) -> argparse.ArgumentParser:
         kwargs.setdefault("description", help)
         return commands.add_parser(name, help=help, formatter_class=HelpFormatter, **kwargs)
 
-    p = command(
+    p = subcommand(
         "demo",
         "train a small byte-level TTT model for a few seconds, generate from it and time its decoding",
         description=DEMO_DESCRIPTION,
@@ -280,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_overwrite_argument(p)
     p.set_defaults(func=demo)
-    p = command(
+    p = subcommand(
         "convert", "convert the TTT authors' checkpoint folder (ttt-lm-pytorch) to a ttt-mixer checkpoint"
     )
     p.add_argument(
@@ -291,10 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination", type=Path, help="output folder (Hugging Face format)")
     add_overwrite_argument(p)
     p.set_defaults(func=convert)
-    p = command("tasks-path", "print the folder of ttt-mixer's lm-eval tasks, for lm_eval --include_path")
+    p = subcommand("tasks-path", "print the folder of ttt-mixer's lm-eval tasks, for lm_eval --include_path")
     p.set_defaults(func=tasks_path, needs_library=False)
     # everything after "eval" is lm-eval's; main() hands it over before argparse could reject it
-    p = command(
+    p = subcommand(
         "eval",
         "lm-eval's command line, with ttt_mixer imported and its tasks included (see ttt-mixer eval --help)",
         add_help=False,
@@ -302,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments of lm-eval's command line")
     p.set_defaults(func=evaluate)
-    p = command(
+    p = subcommand(
         "plot",
         "plot recall against context length and perplexity against position from lm-eval results JSONs",
         description="One PNG per (task, metric) that is scored per context length or position bucket, "
@@ -318,13 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="folder for the PNGs (created if missing); required"
     )
     p.set_defaults(func=plot, needs_library=False)
-    p = command("recall-gap", RECALL_GAP_DESCRIPTION)
+    p = subcommand("recall-gap", RECALL_GAP_DESCRIPTION)
     add_recall_gap_arguments(p)
     p.set_defaults(func=recall_gap)
-    p = command("swap", "swap the mixer of some or all layers of a saved checkpoint and save the result")
-    add_swap_arguments(p)
+    p = subcommand("swap", "swap the mixer of some or all layers of a saved checkpoint and save the result")
+    if command in (None, "swap"):
+        from ttt_mixer.adapters.cli import add_swap_arguments
+
+        add_swap_arguments(p)
     p.set_defaults(func=swap)
-    p = command(
+    p = subcommand(
         "distill",
         "distil a swapped checkpoint from its original (layer by layer, then optionally end to end)",
         description="Distil a swapped checkpoint from its original: each swapped layer learns to reproduce "
@@ -345,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
             command="eval", func=evaluate, lm_eval_args=argv[1:], needs_library=not help_only
         )
     else:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv[0] if argv else "").parse_args(argv)
     reported: tuple[type[Exception], ...] = (ValueError, TypeError, OSError)
     if getattr(args, "needs_library", True):
         # fla's import keeps transformers' model types only as ttt_mixer's own import does it

@@ -35,6 +35,13 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def backbone_layer_count(backbone_config: Any, layer_idx: int) -> int:
+    """The layer count of a transformers mixer's own config: the backbone's (its init scales out_proj
+    by it under ``rescale_prenorm_residual``), at least layer_idx + 1 (the mixer reads
+    ``config.layer_types[layer_idx]``)."""
+    return max(layer_idx + 1, getattr(backbone_config, "num_hidden_layers", None) or 0)
+
+
 def torch_activation(name: str, parameter: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in TORCH_ACTIVATIONS:
         raise ValueError(f"{parameter} must be one of {sorted(TORCH_ACTIVATIONS)}, got {name!r}")

@@ -160,11 +160,11 @@ class LonghornMixer(ScanMixerMixin, nn.Module):
         to N(0, initializer_range); without it they keep their init (PyTorch's, or a backbone's when
         a model initialises its layers). The rate head's weight keeps its init either way, so every
         channel's rate starts near sigmoid(dt_bias_init)."""
-        self.dt_head.bias.fill_(self.dt_bias_init)
-        self.D.fill_(self.D_init)
+        nn.init.constant_(self.dt_head.bias, self.dt_bias_init)
+        nn.init.constant_(self.D, self.D_init)
         if self.initializer_range is not None:
             for linear in (self.in_proj, self.x_proj, self.out_proj):
-                linear.weight.normal_(0.0, self.initializer_range)
+                nn.init.normal_(linear.weight, 0.0, self.initializer_range)
 
     def scan_forward(
         self,

@@ -9,8 +9,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import MambaConfig
+from transformers import initialization as init
 from transformers.models.mamba.modeling_mamba import MambaMixer
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from ttt_mixer.adapters.mixers.common import ScanMixerMixin
 from ttt_mixer.adapters.mixers.selective_scan import selective_scan
@@ -84,6 +87,31 @@ class MambaLayerState:
         return recurrent_states
 
 
+@torch.no_grad()
+def init_as_transformers(mixer: MambaMixer | Mamba2Mixer) -> None:
+    """What ``MambaPreTrainedModel`` and ``Mamba2PreTrainedModel`` do to their mixers, with the
+    mixer's own config: every Linear N(0, initializer_range) with zero bias (transformers' 0.1,
+    where the backbone's init may be Llama's 0.02: at 0.02 Mamba-2 did not leave the unigram
+    plateau of the CPU recall gap), the S4D A, D and dt init, Kaiming conv and out_proj, the
+    latter scaled by 1/sqrt(num_hidden_layers) under ``rescale_prenorm_residual`` (the builders give
+    the mixer's config the backbone's layer count)."""
+    config = mixer.config
+    for linear in (m for m in mixer.modules() if isinstance(m, nn.Linear)):
+        init.normal_(linear.weight, std=config.initializer_range)
+        if linear.bias is not None:
+            init.zeros_(linear.bias)
+    if isinstance(mixer, MambaMixer):
+        mixer.init_mamba_weights()
+    else:
+        mixer.init_mamba2_weights()
+    init.kaiming_uniform_(mixer.conv1d.weight, a=math.sqrt(5))
+    if mixer.conv1d.bias is not None:
+        init.zeros_(mixer.conv1d.bias)
+    init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
+    if config.rescale_prenorm_residual:
+        mixer.out_proj.weight /= math.sqrt(config.num_hidden_layers)
+
+
 def rounded_as_transformers(exact: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
     """``rounded`` (what transformers computes through float32), with the gradient of ``exact`` when
     that is float64: the values of transformers' forward, and gradients in the model's precision
@@ -130,14 +158,19 @@ class CachedMambaMixer(ScanMixerMixin, MambaMixer):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 
+    def reset_parameters(self) -> None:
+        """The start transformers' Mamba model gives its mixers (``init_as_transformers``): what a
+        backbone's init calls after its own, so that the mixer starts alike in any backbone."""
+        init_as_transformers(self)
+
     @torch.no_grad()
     def init_mamba_weights(self) -> None:
         """transformers' init of A, D and dt, with A set to -A_init throughout when that is given and D
         to D_init."""
         super().init_mamba_weights()
         if self.A_init is not None:
-            self.A_log.fill_(math.log(self.A_init))
-        self.D.fill_(self.D_init)
+            init.constant_(self.A_log, math.log(self.A_init))
+        init.constant_(self.D, self.D_init)
 
     def scan_forward(
         self,

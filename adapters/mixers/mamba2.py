@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
-from ttt_mixer.adapters.mixers.common import ScanMixerMixin
+from ttt_mixer.adapters.mixers.common import ScanMixerMixin, backbone_layer_count
+from ttt_mixer.adapters.mixers.mamba import init_as_transformers
 from ttt_mixer.adapters.mixers.selective_scan import ssd_scan
 
 # transformers 5.2x renamed Mamba2Mixer.forward's ``cache_params`` to ``cache``
@@ -54,6 +55,11 @@ class CachedMamba2Mixer(ScanMixerMixin, Mamba2Mixer):
         # as mamba_ssm and fla: no weight decay on A_log, D and dt_bias (recall_gap's trainer honours it)
         for parameter in (self.A_log, self.D, self.dt_bias):
             parameter._no_weight_decay = True
+
+    def reset_parameters(self) -> None:
+        """The start transformers' Mamba-2 model gives its mixers (``init_as_transformers``): what a
+        backbone's init calls after its own, so that the mixer starts alike in any backbone."""
+        init_as_transformers(self)
 
     def scan_forward(
         self,
@@ -127,7 +133,7 @@ def build_mamba2(
         base = {name: getattr(backbone_config, name) for name in fields}
     else:
         # Mamba2Mixer reads config.layer_types[layer_idx]
-        base = {"n_groups": 1, "num_hidden_layers": layer_idx + 1}
+        base = {"n_groups": 1, "num_hidden_layers": backbone_layer_count(backbone_config, layer_idx)}
     heads = options.get("num_heads", num_heads)
     values = {**base, "hidden_size": hidden_size, "num_heads": heads, **options}
     expand = values.get("expand", 2)

@@ -48,11 +48,6 @@ def check_backbone(backbone: str) -> None:
         raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {backbone!r}")
 
 
-CORE_MIXERS = ("attention", "based", "mamba", "ttt_linear", "ttt_mlp")
-CPU_MIXERS = (*CORE_MIXERS, "gla", "gated_deltanet", "mamba2", "longhorn")
-# the CPU default's 10-minute budget leaves out the TTT family's Titans and LaCT (``--mixers`` adds
-# them): Titans alone trains about 9x slower than attention on this CPU
-ALL_MIXERS = (*CPU_MIXERS, "titans", "lact")
 MAX_KV_PAIRS = len(recall.MQAR_KEYS)
 
 
@@ -139,14 +134,6 @@ LACT_SHORT = {"mini_batch_size": 16, "window_size": 16}
 # transformers' Mamba mixer takes its init range from its config, which in a Mamba backbone is the
 # backbone's (0.02 here): transformers' own 0.1, as Mamba-2's config has it
 MAMBA_INIT = {"initializer_range": 0.1}
-MIXER_OPTIONS = {
-    "based": SHORT_CONV,
-    "mamba": MAMBA_INIT,
-    "ttt_linear": TTT_SHORT_CONV,
-    "ttt_mlp": TTT_SHORT_CONV,
-    "gla": SHORT_CONV,
-    "lact": LACT_SHORT,
-}
 # The CPU budget's start for Mamba and Longhorn, the two mixers without a norm on their output: with
 # their authors' init they stalled on a plateau in this budget. At init their skip D x (D = 1) is
 # orders of magnitude above the scan's output (docs/recall_gap.md), so the layer starts as a per-token map and the
@@ -156,17 +143,73 @@ MIXER_OPTIONS = {
 # at rate 1/2: Mamba's decays start at -1 (as Mamba-2's single head) with dt in [0.01, 0.1] and its
 # projections at N(0, 0.05), Longhorn's projections at N(0, 0.1) with its rates near sigmoid(-3), and
 # both get a full-rank dt projection (docs/recall_gap.md).
+MAMBA_CPU_START = {
+    "initializer_range": 0.05,
+    "A_init": 1.0,
+    "D_init": 0.0,
+    "time_step_rank": 64,
+    "time_step_min": 0.01,
+    "time_step_max": 0.1,
+}
+LONGHORN_CPU_START = {"initializer_range": 0.1, "dt_bias_init": -3.0, "D_init": 0.0, "dt_rank": 64}
+
+
+@dataclass(frozen=True)
+class MixerRecipe:
+    """What the recall gap trains one mixer of ``ttt_mixer.adapters``' registry with."""
+
+    cpu_learning_rate: float  # the CPU preset's (how each was chosen: at ``CPU`` below)
+    # seconds per training step relative to attention's on the CPU preset, to start the longest runs
+    # first; where each figure was measured: docs/recall_gap.md, "Relative training cost on CPU"
+    relative_cpu_cost: float
+    in_cpu_default: bool  # among the CPU preset's mixers (its 10-minute budget)
+    options: Mapping[str, object] = field(default_factory=dict)  # swap_mixer options, every preset
+    cpu_options: Mapping[str, object] | None = None  # the CPU preset's, where they differ from options
+
+
+# One row per mixer of the registry (tests/adapters/test_mixer_registry.py checks the names), in
+# the order of the runs and the tables
+RECALL_GAP_MIXERS = {
+    "attention": MixerRecipe(cpu_learning_rate=1e-3, relative_cpu_cost=1.0, in_cpu_default=True),
+    "based": MixerRecipe(
+        cpu_learning_rate=1e-2, relative_cpu_cost=2.4, in_cpu_default=True, options=SHORT_CONV
+    ),
+    "mamba": MixerRecipe(
+        cpu_learning_rate=5e-3,
+        relative_cpu_cost=4.6,
+        in_cpu_default=True,
+        options=MAMBA_INIT,
+        cpu_options=MAMBA_CPU_START,
+    ),
+    "ttt_linear": MixerRecipe(
+        cpu_learning_rate=1e-2, relative_cpu_cost=2.5, in_cpu_default=True, options=TTT_SHORT_CONV
+    ),
+    "ttt_mlp": MixerRecipe(
+        cpu_learning_rate=1e-2, relative_cpu_cost=4.7, in_cpu_default=True, options=TTT_SHORT_CONV
+    ),
+    "gla": MixerRecipe(
+        cpu_learning_rate=1e-2, relative_cpu_cost=4.7, in_cpu_default=True, options=SHORT_CONV
+    ),
+    "gated_deltanet": MixerRecipe(cpu_learning_rate=3e-3, relative_cpu_cost=3.4, in_cpu_default=True),
+    "mamba2": MixerRecipe(cpu_learning_rate=1e-2, relative_cpu_cost=4.1, in_cpu_default=True),
+    "longhorn": MixerRecipe(
+        cpu_learning_rate=5e-3, relative_cpu_cost=3.6, in_cpu_default=True, cpu_options=LONGHORN_CPU_START
+    ),
+    # the CPU default's 10-minute budget leaves out the TTT family's Titans and LaCT (``--mixers`` adds
+    # them): Titans alone trains about 9x slower than attention on this CPU
+    "titans": MixerRecipe(cpu_learning_rate=3e-3, relative_cpu_cost=8.7, in_cpu_default=False),
+    "lact": MixerRecipe(
+        cpu_learning_rate=3e-3, relative_cpu_cost=3.5, in_cpu_default=False, options=LACT_SHORT
+    ),
+}
+ALL_MIXERS = tuple(RECALL_GAP_MIXERS)
+CPU_MIXERS = tuple(name for name, recipe in RECALL_GAP_MIXERS.items() if recipe.in_cpu_default)
+MIXER_OPTIONS = {name: recipe.options for name, recipe in RECALL_GAP_MIXERS.items() if recipe.options}
+# (the CPU preset's options: each mixer's cpu_options, else its options)
 CPU_MIXER_OPTIONS = {
-    **MIXER_OPTIONS,
-    "mamba": {
-        "initializer_range": 0.05,
-        "A_init": 1.0,
-        "D_init": 0.0,
-        "time_step_rank": 64,
-        "time_step_min": 0.01,
-        "time_step_max": 0.1,
-    },
-    "longhorn": {"initializer_range": 0.1, "dt_bias_init": -3.0, "D_init": 0.0, "dt_rank": 64},
+    name: options
+    for name, recipe in RECALL_GAP_MIXERS.items()
+    if (options := recipe.options if recipe.cpu_options is None else recipe.cpu_options)
 }
 
 CPU = Preset(
@@ -183,19 +226,7 @@ CPU = Preset(
     # (docs/recall_gap.md); Mamba and Longhorn with their CPU start: over seeds 0-2, the rate with
     # the most seeds at 0.9 or more, then the best median, then the best mean; Titans and LaCT, not
     # swept in this backbone, keep their Llama-backbone rate
-    learning_rates={
-        "attention": 1e-3,
-        "based": 1e-2,
-        "mamba": 5e-3,
-        "ttt_linear": 1e-2,
-        "ttt_mlp": 1e-2,
-        "gla": 1e-2,
-        "gated_deltanet": 3e-3,
-        "mamba2": 1e-2,
-        "longhorn": 5e-3,
-        "titans": 3e-3,
-        "lact": 3e-3,
-    },
+    learning_rates={name: recipe.cpu_learning_rate for name, recipe in RECALL_GAP_MIXERS.items()},
     mixer_options=CPU_MIXER_OPTIONS,
     backbone="mamba",
 )

@@ -30,7 +30,7 @@ from ttt_mixer.adapters.distill import NonFiniteTrainingError
 from ttt_mixer.progress import Progress, on_terminal
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.evaluate import StateSize, evaluate_checkpoint, write_lm_eval_results
-from ttt_mixer.recall_gap.presets import MQARShape, Preset
+from ttt_mixer.recall_gap.presets import RECALL_GAP_MIXERS, MQARShape, Preset
 from ttt_mixer.recall_gap.report import Row
 from ttt_mixer.recall_gap.train import MODEL_DIR, ProgressFile, RunSpec, load_train_result, train_run
 
@@ -197,11 +197,8 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-# seconds per training step relative to attention's on the CPU preset, to start the longest runs first;
-# where each figure was measured: docs/recall_gap.md, "Relative training cost on CPU"
-RELATIVE_CPU_COST = {"attention": 1.0, "based": 2.4, "ttt_linear": 2.5, "gla": 4.7, "ttt_mlp": 4.7}
-RELATIVE_CPU_COST |= {"gated_deltanet": 3.4, "mamba": 4.6, "mamba2": 4.1, "longhorn": 3.6}
-RELATIVE_CPU_COST |= {"titans": 8.7, "lact": 3.5}
+# seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
+RELATIVE_CPU_COST = {name: recipe.relative_cpu_cost for name, recipe in RECALL_GAP_MIXERS.items()}
 
 
 def distributed() -> bool:
