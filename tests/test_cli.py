@@ -65,6 +65,30 @@ def test_help_and_tasks_path_import_no_heavy_dependency() -> None:
     assert report == {"heavy": [], "registered": True, "mamba_kept": True}, report
 
 
+@pytest.mark.slow
+def test_swap_help_imports_the_library_as_import_ttt_mixer_does() -> None:
+    # swap's help reads the mixer registry, which imports fla: through import_library, so that
+    # transformers' model types are kept and fla's import warnings stay silenced
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    script = (
+        "import contextlib, io, ttt_mixer_cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "    ttt_mixer_cli.main(['swap', '--help'])\n"
+        "from transformers import AutoConfig, MambaConfig\n"
+        "assert '--mixer' in out.getvalue()\n"
+        "assert type(AutoConfig.for_model('mamba')) is MambaConfig\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warn" not in result.stderr.lower(), result.stderr
+
+
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
     from ttt_mixer.cli import build_parser
 

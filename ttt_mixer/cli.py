@@ -273,6 +273,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=recall_gap)
     p = subcommand("swap", "swap the mixer of some or all layers of a saved checkpoint and save the result")
     if command in (None, "swap"):
+        import ttt_mixer
+
+        ttt_mixer.import_library()  # before the adapters import fla: _registry's guarantee
         from ttt_mixer.adapters.cli import add_swap_arguments
 
         add_swap_arguments(p)
