@@ -102,6 +102,29 @@ def _model_args(lm_eval_args: list[str]) -> dict[str, str]:
     return {key.strip(): value.strip() for key, sep, value in pairs if sep}
 
 
+def _causal_backend_for_ours(lm_eval_args: list[str], model_args: dict[str, str]) -> list[str]:
+    """lm-eval's arguments with backend=causal added to --model_args when the checkpoint is one of
+    ours: lm-eval's HFLM picks causal or seq2seq from transformers' own model types and warns about
+    any other type (the user gave no backend, and every ttt-mixer model is causal)."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = Path(model_args.get("pretrained", ""), "config.json")
+    if "backend" in model_args or not config.is_file():
+        return lm_eval_args
+    saved = json.loads(config.read_text())
+    if saved.get("model_type") in CONFIG_MAPPING_NAMES or "auto_map" not in saved:
+        return lm_eval_args  # transformers' own type (lm-eval knows it) or another library's
+    args = list(lm_eval_args)
+    for i, arg in enumerate(args):
+        if arg == "--model_args":
+            args[i + 1] += ",backend=causal"
+        elif arg.startswith("--model_args="):
+            args[i] += ",backend=causal"
+    return args
+
+
 def evaluate(args: argparse.Namespace) -> None:
     """Run lm-eval's command line (all arguments pass through) with ttt_mixer imported, so TTT
     checkpoints load without trust_remote_code, and ttt-mixer's tasks included."""
@@ -113,7 +136,7 @@ def evaluate(args: argparse.Namespace) -> None:
         model_args = _model_args(args.lm_eval_args)
         if "pretrained" in model_args and "tokenizer" not in model_args:
             require_tokenizer(model_args["pretrained"], "the checkpoint of --model_args pretrained")
-        evaluation_main(args.lm_eval_args)
+        evaluation_main(_causal_backend_for_ours(args.lm_eval_args, model_args))
         return
     try:
         evaluation_main(args.lm_eval_args)
