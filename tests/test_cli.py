@@ -191,3 +191,26 @@ def test_a_checkpoint_without_tokenizer_is_named_with_the_fix(
     assert exit.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"{folder} has no tokenizer" in line and "byte_tokenizer().save_pretrained" in line
+
+
+def test_eval_tells_lm_eval_our_checkpoints_are_causal(tmp_path: Path) -> None:
+    # lm-eval's HFLM warns that it does not know a model type that transformers does not list
+    import json
+
+    from ttt_mixer.cli import _causal_backend_for_ours
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder, config in (
+        (ours, {"model_type": "ttt_mixer", "auto_map": {}}),
+        (theirs, {"model_type": "llama"}),
+    ):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    args = ["--model", "hf", "--model_args", f"pretrained={ours}"]
+    assert (
+        _causal_backend_for_ours(args, {"pretrained": str(ours)})[-1] == f"pretrained={ours},backend=causal"
+    )
+    given = {"pretrained": str(ours), "backend": "seq2seq"}
+    assert _causal_backend_for_ours(args, given) == args  # the user's choice stands
+    args = ["--model_args", f"pretrained={theirs}"]
+    assert _causal_backend_for_ours(args, {"pretrained": str(theirs)}) == args
