@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from fla.layers.gated_deltanet import GatedDeltaNet
-from transformers import initialization as init
 
 from ttt_mixer.adapters.mixers.common import LinearAttentionTorchPath, rms_norm
 from ttt_mixer.adapters.mixers.delta_rule import chunk_gated_delta_rule
@@ -17,10 +15,6 @@ from ttt_mixer.layers.checks import check_backend
 
 # fla's l2norm kernels (fla.modules.l2norm, and the recurrent kernel's in-kernel norm): x / sqrt(|x|^2 + eps)
 L2NORM_EPS = 1e-6
-# fla's start of the decay (its layer's constructor and its model's init): A ~ U(0, A_MAX), dt
-# log-uniform in [DT_MIN, DT_MAX], floored at DT_FLOOR
-A_MAX = 16.0
-DT_MIN, DT_MAX, DT_FLOOR = 0.001, 0.1, 1e-4
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -82,20 +76,6 @@ class GatedDeltaNetMixer(LinearAttentionTorchPath, GatedDeltaNet):
         if self.num_v_heads < self.num_heads:
             raise ValueError(f"num_v_heads ({self.num_v_heads}) must be >= num_heads ({self.num_heads})")
         self.backend = backend
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """A_log and dt_bias drawn as fla's layer and fla's GatedDeltaNet model draw them: A ~ U(0, 16),
-        dt_bias = softplus^-1(dt) with dt log-uniform in [0.001, 0.1] (floored at 1e-4). The
-        projections and norms are the model's."""
-        A = torch.empty_like(self.A_log, dtype=torch.float32).uniform_(0, A_MAX)
-        init.copy_(self.A_log, A.log())
-        dt = torch.exp(
-            torch.rand_like(self.dt_bias, dtype=torch.float32) * (math.log(DT_MAX) - math.log(DT_MIN))
-            + math.log(DT_MIN)
-        ).clamp(min=DT_FLOOR)
-        # softplus^-1(dt) = dt + log(1 - exp(-dt))
-        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
 
     def projection_activation(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU, as fla's layer applies it to q, k and v when they have no short convolution."""

@@ -363,3 +363,12 @@ def test_model_rejects_bad_input(kwargs: dict, match: str) -> None:
     model = make_model("linear", "transformer")
     with pytest.raises(ValueError, match=match):
         model(**kwargs)
+
+
+def test_a_config_takes_the_commit_hash_older_transformers_hand_it() -> None:
+    """transformers up to 5.17 passes ``_commit_hash`` to a config it loads; refusing it would make
+    every saved TTT checkpoint unloadable there (the GPU image's version)."""
+    config = TTTConfig(**TINY_CONFIG, _commit_hash="0" * 40)
+    assert config.ttt_layer_type == "linear"
+    with pytest.raises(TypeError, match="_commit_hahs"):
+        TTTConfig(**TINY_CONFIG, _commit_hahs="0" * 40)

@@ -37,6 +37,8 @@ TRANSFORMERS_FIELDS = {
     "experts_implementation",
     "torch_dtype",
     "use_return_dict",
+    # transformers up to 5.17 hands it to the config when loading a checkpoint
+    "_commit_hash",
 }
 
 

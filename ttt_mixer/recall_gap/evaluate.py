@@ -113,7 +113,14 @@ def evaluate_checkpoint(
     )
     for pairs, group in by_pairs:
         lengths = [shape.seq_len for shape in group]
-        metadata = {"mqar_seq_lengths": lengths, "mqar_num_kv_pairs": pairs, "num_samples": samples}
+        # max_length and the checkpoint (its tokenizer) let the task refuse sequences lm-eval would cut (eval_tasks/recall.py)
+        metadata = {
+            "mqar_seq_lengths": lengths,
+            "mqar_num_kv_pairs": pairs,
+            "num_samples": samples,
+            "max_length": lm.max_length,
+            "pretrained": str(checkpoint),
+        }
         tasks = TaskManager(include_path=tasks_path(), include_defaults=False, metadata=metadata)
         output = simple_evaluate(
             model=lm, tasks=[TASK], task_manager=tasks, log_samples=False, verbosity="ERROR"
