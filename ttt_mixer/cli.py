@@ -24,7 +24,7 @@ DESCRIPTION = (
     "recall-gap experiment. Each command has its own --help."
 )
 DEMO_DESCRIPTION = (
-    "Build a small byte-level TTT language model, train it for a few seconds on a built-in paragraph, "
+    "Build a small byte-level TTT language model, train it briefly (--train-steps) on a built-in paragraph, "
     "generate a continuation of --prompt greedily (printed as the prompt followed by [the generated "
     "bytes]) and print its decoding speed after 128 and 4096 tokens of context, which is flat: a TTT "
     "layer's state does not grow with the context. With --save, the model and its byte-level tokenizer "
@@ -215,7 +215,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = subcommand(
         "demo",
-        "train a small byte-level TTT model for a few seconds, generate from it and time its decoding",
+        "train a small byte-level TTT model briefly, generate from it and time its decoding",
         description=DEMO_DESCRIPTION,
     )
     p.add_argument(
