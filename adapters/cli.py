@@ -1,4 +1,6 @@
-"""``ttt-mixer swap`` and ``ttt-mixer distill``: the adapters on saved checkpoints."""
+"""``ttt-mixer swap`` and ``ttt-mixer distill``: the adapters on saved checkpoints. ttt_mixer/cli.py
+imports this module only for these two commands: swap's options are here (they read the mixer
+registry), distill's in ttt_mixer/cli.py (read without importing the adapters)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from ttt_mixer.adapters.distill import distill, perplexity
 from ttt_mixer.adapters.mixers import MIXER_NAMES
 from ttt_mixer.adapters.mixers.registry import mixer_help
 from ttt_mixer.adapters.swap import INITS, swap_mixer
-from ttt_mixer.arguments import int_at_least, non_negative_int, positive_float, positive_int
+from ttt_mixer.arguments import add_overwrite_argument
 from ttt_mixer.paths import checkpoint_source, prepare_output_folder
+from ttt_mixer.tokenizer import require_tokenizer
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -51,17 +54,31 @@ def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a swapped model)",
     )
     parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
-    parser.add_argument("--mixer", choices=MIXER_NAMES, required=True, help=mixer_help())
-    parser.add_argument("--layers", default="all", help="'all', 'every:k' or indices such as 0,2,5")
-    parser.add_argument("--init", choices=INITS, default="random")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="mixer option")
-    add_overwrite_argument(parser)
-
-
-def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace the files of a destination folder that is not empty"
+        "--mixer",
+        choices=MIXER_NAMES,
+        required=True,
+        metavar="MIXER",
+        help="the mixer put in place of the swapped layers' own: " + mixer_help(),
     )
+    parser.add_argument(
+        "--layers", default="all", help="the layers to swap: 'all', 'every:k' or indices such as 0,2,5"
+    )
+    parser.add_argument(
+        "--init",
+        choices=INITS,
+        default="random",
+        help="random: the new mixers start from their own initialisation; attention: they start from "
+        "the replaced attention's projections where the mixer has matching ones (Llama backbones)",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the mixer's constructor, e.g. num_heads=4 (repeat for several)",
+    )
+    add_overwrite_argument(parser)
 
 
 def swap_command(args: argparse.Namespace) -> None:
@@ -82,20 +99,6 @@ def swap_command(args: argparse.Namespace) -> None:
     _save(model, args.source, args.destination)
 
 
-def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("teacher", help="the original checkpoint folder")
-    parser.add_argument("student", help="the swapped checkpoint folder (ttt-mixer swap); needs a tokenizer")
-    parser.add_argument("destination", type=Path, help="folder for the distilled checkpoint")
-    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to distil on")
-    parser.add_argument("--seq-len", type=int_at_least(2), default=256)
-    parser.add_argument("--layerwise-steps", type=non_negative_int, default=200)
-    parser.add_argument("--finetune-steps", type=non_negative_int, default=0)
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    add_overwrite_argument(parser)
-
-
 def text_windows(tokenizer: Any, path: Path, seq_len: int) -> torch.Tensor:
     """The text's tokens cut into [num_windows, seq_len] (the last partial window is dropped)."""
     if seq_len < 2:
@@ -114,6 +117,7 @@ def distill_command(args: argparse.Namespace) -> None:
     if not args.text.is_file():
         raise FileNotFoundError(f"--text {args.text}: no such file")
     teacher_source, student_source = checkpoint_source(args.teacher), checkpoint_source(args.student)
+    require_tokenizer(student_source, "the student")  # one line with the fix, before any loading
     prepare_output_folder(args.destination, args.overwrite)
     teacher, student = _load(teacher_source), _load(student_source)
     windows = text_windows(AutoTokenizer.from_pretrained(args.student), args.text, args.seq_len)

@@ -29,12 +29,14 @@ import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 
 from .options import task_options
+
+if TYPE_CHECKING:
+    import datasets
 
 # ---------------------------------------------------------------------------------------- options
 
@@ -113,6 +115,8 @@ def _rng(seed: int, task: int, length: int, sample: int) -> np.random.Generator:
 
 
 def _dataset(docs: list[dict[str, Any]]) -> dict[str, datasets.Dataset]:
+    import datasets  # here, not at the top: the command line's help reads this module's constants
+
     return {"test": datasets.Dataset.from_list(docs, split=datasets.Split.TEST)}
 
 

@@ -43,3 +43,20 @@ def comma_list(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
         return tuple(item(part) for part in parts)
 
     return parse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's formatter that appends each option's default to its help, except for a required
+    option, an option without a default (None: its help says what happens then) and an option whose
+    help already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the files of a destination folder that is not empty"
+    )

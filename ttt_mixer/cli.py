@@ -1,98 +1,78 @@
-"""The ``ttt-mixer`` command line."""
+"""The ``ttt-mixer`` command line. Reading it imports no heavy dependency (no torch, transformers,
+fla, lm-eval): each command imports what it needs when it runs (``ttt_mixer_cli``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from ttt_mixer.adapters.cli import (
-    add_distill_arguments,
+from ttt_mixer.arguments import (
+    HelpFormatter,
     add_overwrite_argument,
-    add_swap_arguments,
-    distill_command,
-    swap_command,
+    int_at_least,
+    non_negative_int,
+    positive_float,
+    positive_int,
 )
-from ttt_mixer.adapters.distill import NonFiniteTrainingError
-from ttt_mixer.arguments import non_negative_int, positive_int
-from ttt_mixer.decode_timing import decode_ms_per_step
-from ttt_mixer.models import TTTConfig, TTTForCausalLM
-from ttt_mixer.paths import prepare_output_folder
-from ttt_mixer.progress import plain_output_for_logs
 from ttt_mixer.recall_gap import DESCRIPTION as RECALL_GAP_DESCRIPTION
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
 
-DEMO_TEXT = (
-    "Test-time training makes the hidden state of a recurrent layer a small model, trained by "
-    "gradient descent on a self-supervised loss while the sequence is read, mini-batch by mini-batch. "
+DESCRIPTION = (
+    "Test-Time-Training sequence mixers (TTT-Linear, TTT-MLP) as Hugging Face models: train a demo, "
+    "swap mixers into Llama or Mamba checkpoints and distil them, evaluate with lm-eval, and run the "
+    "recall-gap experiment. Each command has its own --help."
 )
+DEMO_DESCRIPTION = (
+    "Build a small byte-level TTT language model, train it briefly (--train-steps) on a built-in paragraph, "
+    "generate a continuation of --prompt greedily (printed as the prompt followed by [the generated "
+    "bytes]) and print its decoding speed after 128 and 4096 tokens of context, which is flat: a TTT "
+    "layer's state does not grow with the context. With --save, the model and its byte-level tokenizer "
+    "are saved as a checkpoint that the other commands read."
+)
+EVAL_EPILOG = """ttt-mixer eval runs lm-eval's command line (above) with ttt_mixer imported, so ttt-mixer checkpoints
+load with --model hf --model_args pretrained=FOLDER, and with ttt-mixer's task folder included
+(ttt-mixer tasks-path), so these tasks need no --include_path:
 
+  ttt_recall_synthetic (group): ttt_mqar (acc@L, exact_match@L), ttt_phonebook and ttt_passkey
+      (exact_match@L), one metric per context length L
+  ttt_recall_data (group): ttt_swde, ttt_fda, ttt_squad_completion and their _twice variants
+      (contains); hub datasets, or local files with recall_data_files
+  ttt_ppl (group): ttt_ppl_rolling (word_perplexity, byte_perplexity, bits_per_byte) and
+      ttt_ppl_position (ppl@a-b per token-position bucket, ppl); PG19's test split, or local files
+      with ppl_files
+  ttt_recall: ttt_recall_synthetic and ttt_recall_data
 
-def _train(
-    model: TTTForCausalLM, data: torch.Tensor, steps: int, seq_len: int, generator: torch.Generator
-) -> float | None:
-    """Next-byte prediction on random windows of ``data``; returns the last loss (None for 0 steps)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    loss = None
-    for _ in range(steps):
-        starts = torch.randint(0, data.numel() - seq_len, (8,), generator=generator)
-        batch = torch.stack([data[s : s + seq_len] for s in starts.tolist()])
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return None if loss is None else loss.item()
+Their options go in --metadata as JSON, e.g. --metadata '{"context_lengths": [512, 1024]}':
+
+  seed (1234), num_samples (50): documents per length
+  context_lengths ([1024, 2048, 4096]): phonebook and passkey lengths, in the model's tokens; each
+      must fit the model's max_length (--model_args max_length=...)
+  mqar_seq_lengths ([64, 128, 256]), mqar_num_kv_pairs (8), mqar_power_a (0.01): MQAR's lengths (in
+      symbols), key-value pairs and query-gap law
+  passkey_digits (5), passkey_depths ([0.0, 0.25, 0.5, 0.75, 1.0])
+  ppl_files (none: the dataset below): a glob or a list of text files, one document each
+  ppl_dataset ("emozilla/pg19-test"), ppl_dataset_split ("test"), ppl_text_column ("text")
+  ppl_bucket_edges ([0, 512, 1024, 2048, 4096, 8192, 16384, 32768]), ppl_max_tokens (32768): tokens
+  recall_data_files ({}): local files for the recall-data tasks, e.g. {"swde": "swde.jsonl"}
+  tokenizer: the tokenizer that sizes prompts when the model is not a path (default: pretrained)
+
+A checkpoint needs a tokenizer: ttt-mixer demo --save and the README's examples save one.
+"""
 
 
 def demo(args: argparse.Namespace) -> None:
     """Build a small byte-level TTT model, train it briefly on a built-in text, generate from it and
     print its decoding speed at two context lengths."""
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    config = TTTConfig(
-        vocab_size=256,
-        hidden_size=args.hidden_size,
-        intermediate_size=4 * args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        mini_batch_size=16,
-        ttt_layer_type=args.ttt_layer_type,
-        backbone=args.backbone,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    model = TTTForCausalLM(config)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"TTT-{args.ttt_layer_type} ({args.backbone} backbone): {params / 1e6:.2f} M parameters")
-    data = torch.tensor(list((DEMO_TEXT * 20).encode()))
-    start = time.perf_counter()
-    loss = _train(model, data, args.train_steps, 128, generator)
-    # 0 steps: an untrained model, which has no training loss to print
-    print(
-        f"trained {args.train_steps} steps of 8 x 128 bytes in {time.perf_counter() - start:.1f} s"
-        + ("" if loss is None else f", loss {loss:.3f}")
-    )
-    prompt = torch.tensor([list(args.prompt.encode())])
-    start = time.perf_counter()
-    output = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    seconds = time.perf_counter() - start
-    text = bytes(output[0, prompt.shape[1] :].tolist()).decode(errors="replace")
-    print(
-        f"generated {args.new_tokens} tokens in {seconds:.2f} s ({args.new_tokens / seconds:.0f} tokens/s):"
-    )
-    print(f"  {args.prompt}[{text}]")
-    for context, ms in decode_ms_per_step(model, (128, 4096), 1, 32, generator).items():
-        print(f"decode after {context:>4} tokens of context: {ms['median']:.2f} ms/token")
+    from ttt_mixer.demo import run
+
+    run(args)
 
 
 def convert(args: argparse.Namespace) -> None:
     """Convert the authors' checkpoint folder to a ttt-mixer Hugging Face checkpoint."""
     from ttt_mixer.convert import from_ttt_lm_pytorch, load_ttt_lm_pytorch_checkpoint
+    from ttt_mixer.paths import prepare_output_folder
 
     if not args.source.is_dir():
         raise FileNotFoundError(f"{args.source}: no such folder (their checkpoint folder)")
@@ -110,12 +90,60 @@ def tasks_path(args: argparse.Namespace) -> None:
     print(eval_tasks_path())
 
 
+def _model_args(lm_eval_args: list[str]) -> dict[str, str]:
+    """The key=value pairs of lm-eval's --model_args (the last one given)."""
+    text = ""
+    for i, arg in enumerate(lm_eval_args):
+        if arg == "--model_args" and i + 1 < len(lm_eval_args):
+            text = lm_eval_args[i + 1]
+        elif arg.startswith("--model_args="):
+            text = arg.partition("=")[2]
+    pairs = (pair.partition("=") for pair in text.split(",") if pair.strip())
+    return {key.strip(): value.strip() for key, sep, value in pairs if sep}
+
+
+def _causal_backend_for_ours(lm_eval_args: list[str], model_args: dict[str, str]) -> list[str]:
+    """lm-eval's arguments with backend=causal added to --model_args when the checkpoint is one of
+    ours: lm-eval's HFLM picks causal or seq2seq from transformers' own model types and warns about
+    any other type (the user gave no backend, and every ttt-mixer model is causal)."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = Path(model_args.get("pretrained", ""), "config.json")
+    if "backend" in model_args or not config.is_file():
+        return lm_eval_args
+    saved = json.loads(config.read_text())
+    if saved.get("model_type") in CONFIG_MAPPING_NAMES or "auto_map" not in saved:
+        return lm_eval_args  # transformers' own type (lm-eval knows it) or another library's
+    args = list(lm_eval_args)
+    for i, arg in enumerate(args):
+        if arg == "--model_args":
+            args[i + 1] += ",backend=causal"
+        elif arg.startswith("--model_args="):
+            args[i] += ",backend=causal"
+    return args
+
+
 def evaluate(args: argparse.Namespace) -> None:
     """Run lm-eval's command line (all arguments pass through) with ttt_mixer imported, so TTT
     checkpoints load without trust_remote_code, and ttt-mixer's tasks included."""
     from ttt_mixer.evaluation import main as evaluation_main
 
-    evaluation_main(args.lm_eval_args)
+    if args.needs_library:
+        from ttt_mixer.tokenizer import require_tokenizer
+
+        model_args = _model_args(args.lm_eval_args)
+        if "pretrained" in model_args and "tokenizer" not in model_args:
+            require_tokenizer(model_args["pretrained"], "the checkpoint of --model_args pretrained")
+        evaluation_main(_causal_backend_for_ours(args.lm_eval_args, model_args))
+        return
+    try:
+        evaluation_main(args.lm_eval_args)
+    except SystemExit as exit:  # argparse's, after printing lm-eval's help
+        if exit.code not in (0, None):
+            raise
+    print("\nttt-mixer's tasks:\n" + EVAL_EPILOG)
 
 
 def plot(args: argparse.Namespace) -> None:
@@ -134,67 +162,183 @@ def recall_gap(args: argparse.Namespace) -> None:
     run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ttt-mixer", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help=demo.__doc__)
-    p.add_argument("--ttt-layer-type", choices=("linear", "mlp"), default="linear")
-    p.add_argument("--backbone", choices=("transformer", "mamba"), default="mamba")
-    p.add_argument("--hidden-size", type=positive_int, default=128)
-    p.add_argument("--heads", type=positive_int, default=2)
-    p.add_argument("--layers", type=positive_int, default=2)
-    p.add_argument("--prompt", default="Test-time training makes the hidden state")
-    p.add_argument("--train-steps", type=non_negative_int, default=150)
-    p.add_argument("--new-tokens", type=positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("teacher", help="the original checkpoint folder")
+    parser.add_argument("student", help="the swapped checkpoint folder (ttt-mixer swap); needs a tokenizer")
+    parser.add_argument("destination", type=Path, help="folder for the distilled checkpoint")
+    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to distil on")
+    parser.add_argument(
+        "--seq-len", type=int_at_least(2), default=256, help="tokens per training window of the text"
+    )
+    parser.add_argument(
+        "--layerwise-steps",
+        type=non_negative_int,
+        default=200,
+        help="steps training each swapped layer to reproduce its original layer's output",
+    )
+    parser.add_argument(
+        "--finetune-steps",
+        type=non_negative_int,
+        default=0,
+        help="steps training the whole student on the teacher's next-token distribution afterwards",
+    )
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per step")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the window order and of torch")
+    add_overwrite_argument(parser)
+
+
+def swap(args: argparse.Namespace) -> None:
+    """Swap the mixer of some or all layers of a saved checkpoint and save the result."""
+    from ttt_mixer.adapters.cli import swap_command
+
+    swap_command(args)
+
+
+def distill(args: argparse.Namespace) -> None:
+    """Distil a swapped checkpoint from its original (layer-wise, then optionally end to end); print
+    the perplexity on the text's last tenth (held out) before and after."""
+    from ttt_mixer.adapters.cli import distill_command
+
+    distill_command(args)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line. ``swap``'s options come from the mixer registry, whose import takes seconds
+    (fla): they are added only when ``command`` is None (every command's options) or "swap"."""
+    parser = argparse.ArgumentParser(prog="ttt-mixer", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def subcommand(name: str, help: str, **kwargs: object) -> argparse.ArgumentParser:
+        kwargs.setdefault("description", help)
+        return commands.add_parser(name, help=help, formatter_class=HelpFormatter, **kwargs)
+
+    p = subcommand(
+        "demo",
+        "train a small byte-level TTT model briefly, generate from it and time its decoding",
+        description=DEMO_DESCRIPTION,
+    )
+    p.add_argument(
+        "--ttt-layer-type",
+        choices=("linear", "mlp"),
+        default="linear",
+        help="the TTT layer's inner model: linear (TTT-Linear) or a two-layer MLP (TTT-MLP)",
+    )
+    p.add_argument(
+        "--backbone",
+        choices=("transformer", "mamba"),
+        default="mamba",
+        help="the block around each TTT layer: transformer (TTT, then a SwiGLU MLP) or mamba (a causal "
+        "convolution before TTT, queries and keys from one projection, a gated output: the TTT paper's "
+        "Mamba backbone)",
+    )
+    p.add_argument("--hidden-size", type=positive_int, default=128, help="model width")
+    p.add_argument("--heads", type=positive_int, default=2, help="TTT heads (must divide --hidden-size)")
+    p.add_argument("--layers", type=positive_int, default=2, help="number of layers")
+    p.add_argument(
+        "--prompt", default="Test-time training makes the hidden state", help="text the generation continues"
+    )
+    p.add_argument(
+        "--train-steps",
+        type=non_negative_int,
+        default=150,
+        help="AdamW steps of 8 random 128-byte windows of the built-in text (0: untrained)",
+    )
+    p.add_argument("--new-tokens", type=positive_int, default=64, help="bytes to generate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the training windows")
+    p.add_argument(
+        "--save",
+        type=Path,
+        help="folder to save the trained model and its byte-level tokenizer in (default: not saved)",
+    )
+    add_overwrite_argument(p)
     p.set_defaults(func=demo)
-    p = commands.add_parser("convert", help=convert.__doc__)
+    p = subcommand(
+        "convert", "convert the TTT authors' checkpoint folder (ttt-lm-pytorch) to a ttt-mixer checkpoint"
+    )
     p.add_argument(
         "source",
         type=Path,
         help="folder with the authors' config.json and model.safetensors or pytorch_model.bin",
     )
-    p.add_argument(
-        "destination",
-        type=Path,
-        help="output folder (Hugging Face format, loads with trust_remote_code=True)",
-    )
+    p.add_argument("destination", type=Path, help="output folder (Hugging Face format)")
     add_overwrite_argument(p)
     p.set_defaults(func=convert)
-    p = commands.add_parser("tasks-path", help=tasks_path.__doc__)
-    p.set_defaults(func=tasks_path)
+    p = subcommand("tasks-path", "print the folder of ttt-mixer's lm-eval tasks, for lm_eval --include_path")
+    p.set_defaults(func=tasks_path, needs_library=False)
     # everything after "eval" is lm-eval's; main() hands it over before argparse could reject it
-    p = commands.add_parser(
-        "eval", help=evaluate.__doc__, add_help=False, usage="ttt-mixer eval [LM_EVAL_ARGUMENTS ...]"
+    p = subcommand(
+        "eval",
+        "lm-eval's command line, with ttt_mixer imported and its tasks included (see ttt-mixer eval --help)",
+        add_help=False,
+        usage="ttt-mixer eval [LM_EVAL_ARGUMENTS ...]",
     )
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments of lm-eval's command line")
     p.set_defaults(func=evaluate)
-    p = commands.add_parser("plot", help=plot.__doc__)
-    p.add_argument("results", nargs="+", type=Path, help="lm-eval results JSON files (one per model)")
-    p.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created if missing)")
-    p.set_defaults(func=plot)
-    p = commands.add_parser("recall-gap", help=RECALL_GAP_DESCRIPTION, description=RECALL_GAP_DESCRIPTION)
+    p = subcommand(
+        "plot",
+        "plot recall against context length and perplexity against position from lm-eval results JSONs",
+        description="One PNG per (task, metric) that is scored per context length or position bucket, "
+        "one line per results file (one model each).",
+    )
+    p.add_argument(
+        "results",
+        nargs="+",
+        type=Path,
+        help="lm-eval results JSON files (one per model; lm-eval writes OUTPUT/MODEL/results_*.json)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for the PNGs (created if missing); required"
+    )
+    p.set_defaults(func=plot, needs_library=False)
+    p = subcommand("recall-gap", RECALL_GAP_DESCRIPTION)
     add_recall_gap_arguments(p)
     p.set_defaults(func=recall_gap)
-    p = commands.add_parser("swap", help=swap_command.__doc__)
-    add_swap_arguments(p)
-    p.set_defaults(func=swap_command)
-    p = commands.add_parser("distill", help=distill_command.__doc__)
+    p = subcommand("swap", "swap the mixer of some or all layers of a saved checkpoint and save the result")
+    if command in (None, "swap"):
+        import ttt_mixer
+
+        ttt_mixer.import_library()  # before the adapters import fla: _registry's guarantee
+        from ttt_mixer.adapters.cli import add_swap_arguments
+
+        add_swap_arguments(p)
+    p.set_defaults(func=swap)
+    p = subcommand(
+        "distill",
+        "distil a swapped checkpoint from its original (layer by layer, then optionally end to end)",
+        description="Distil a swapped checkpoint from its original: each swapped layer learns to reproduce "
+        "the original layer's output, then optionally the whole student the teacher's next-token "
+        "distribution. Prints the perplexity on the text's last tenth (held out) before and after.",
+    )
     add_distill_arguments(p)
-    p.set_defaults(func=distill_command)
+    p.set_defaults(func=distill)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:  # lm-eval's options would be unknown to argparse here
-        args = argparse.Namespace(command="eval", func=evaluate, lm_eval_args=argv[1:])
+        # lm-eval's help, and ours after it, need no model: the library is not imported for it
+        help_only = not argv[1:] or any(arg in ("-h", "--help") for arg in argv[1:])
+        args = argparse.Namespace(
+            command="eval", func=evaluate, lm_eval_args=argv[1:], needs_library=not help_only
+        )
     else:
-        args = build_parser().parse_args(argv)
-    plain_output_for_logs()
+        args = build_parser(argv[0] if argv else "").parse_args(argv)
+    reported: tuple[type[Exception], ...] = (ValueError, TypeError, OSError)
+    if getattr(args, "needs_library", True):
+        # fla's import keeps transformers' model types only as ttt_mixer's own import does it
+        import ttt_mixer
+
+        ttt_mixer.import_library()
+        from ttt_mixer.adapters.distill import NonFiniteTrainingError
+        from ttt_mixer.progress import plain_output_for_logs
+
+        reported += (NonFiniteTrainingError,)
+        plain_output_for_logs()  # (it imports transformers and datasets)
     try:
         args.func(args)
-    except (ValueError, TypeError, OSError, NonFiniteTrainingError) as error:
+    except reported as error:
         # bad input, as argparse reports it: one line naming the command, exit status 2
         print(f"ttt-mixer {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -46,7 +46,9 @@ def _mixer(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``ttt-mixer recall-gap``."""
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created; rerun to resume)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder (created; rerun to resume); required"
+    )
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -54,31 +56,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="; ".join(f"{preset.name}: {preset.description}" for preset in PRESETS.values()),
     )
     parser.add_argument(
-        "--mixers", type=comma_list(_mixer), help=f"comma-separated subset of {','.join(ALL_MIXERS)}"
+        "--mixers",
+        type=comma_list(_mixer),
+        help=f"comma-separated subset of {','.join(ALL_MIXERS)} (default: the preset's)",
     )
-    parser.add_argument("--widths", type=comma_list(positive_int), help="model widths (comma-separated)")
-    parser.add_argument("--layers", type=positive_int, help="number of layers")
-    parser.add_argument("--heads", type=positive_int, help="heads of every mixer")
-    parser.add_argument("--seq-len", type=positive_int, help="training sequence length (symbols)")
-    parser.add_argument("--kv-pairs", type=positive_int, help="key-value pairs per training sequence")
-    parser.add_argument("--steps", type=positive_int, help="training steps (the same for every mixer)")
-    parser.add_argument("--batch-size", type=positive_int, help="sequences per step (over all devices)")
+    parser.add_argument(
+        "--widths",
+        type=comma_list(positive_int),
+        help="model widths (comma-separated) (default: the preset's)",
+    )
+    parser.add_argument("--layers", type=positive_int, help="number of layers (default: the preset's)")
+    parser.add_argument("--heads", type=positive_int, help="heads of every mixer (default: the preset's)")
+    parser.add_argument(
+        "--seq-len", type=positive_int, help="training sequence length (symbols) (default: the preset's)"
+    )
+    parser.add_argument(
+        "--kv-pairs", type=positive_int, help="key-value pairs per training sequence (default: the preset's)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, help="training steps (the same for every mixer) (default: the preset's)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help="sequences per step (over all devices) (default: the preset's)",
+    )
     parser.add_argument(
         "--learning-rates",
         type=comma_list(_learning_rate),
-        help="learning rates for every mixer; several: a sweep, the best kept per mixer",
+        help="learning rates for every mixer; several: a sweep, the best kept per mixer (default: the preset's)",
     )
     parser.add_argument(
         "--length-factors",
         type=comma_list(positive_int),
-        help="evaluation lengths, as multiples of --seq-len",
+        help="evaluation lengths, as multiples of --seq-len (default: the preset's)",
     )
-    parser.add_argument("--eval-samples", type=positive_int, help="MQAR sequences per evaluation shape")
+    parser.add_argument(
+        "--eval-samples",
+        type=positive_int,
+        help="MQAR sequences per evaluation shape (default: the preset's)",
+    )
     parser.add_argument("--eval-batch-size", type=positive_int, default=64, help="lm-eval batch size")
     parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="seed of the models and the training data"
     )
-    parser.add_argument("--save-steps", type=positive_int, help="checkpoint every this many steps")
+    parser.add_argument(
+        "--save-steps",
+        type=positive_int,
+        help="checkpoint every this many steps (default: a fifth of --steps)",
+    )
     parser.add_argument(
         "--jobs",
         type=positive_int,
@@ -87,12 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-attention-accuracy",
         type=float,
-        help="fail when attention scores below this at its training shape (0 turns the check off)",
+        help="fail when attention scores below this at its training shape (0 turns the check off) (default: the preset's)",
     )
     parser.add_argument(
         "--checkpoints",
         type=comma_list(str),
-        help="evaluate these checkpoints (folders or hub names, comma-separated) instead of training",
+        help="evaluate these checkpoints (folders or hub names, comma-separated) instead of training (default: train)",
     )
 
 

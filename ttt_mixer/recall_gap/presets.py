@@ -6,12 +6,12 @@ one backbone (``BACKBONES``: token embedding, RMSNorms, untied output head, with
 MLPs) with the mixer swapped into every layer by :func:`ttt_mixer.adapters.swap_mixer`, so the
 mixers differ in nothing else.
 
-CPU default (measured on a 2-core CPU): the Mamba backbone (each layer the mixer alone: with the
+CPU default (each choice's measurements: docs/recall_gap.md): the Mamba backbone (each layer the mixer alone: with the
 Llama block's MLP after the mixer, Mamba-2 stayed on the unigram plateau, and so did GLA with small
 batches; docs/recall_gap.md), 2 layers of width 64 and one head (a single 64-wide attention
 head, as Zoology's attention baseline), 2000 steps of 16 sequences of 32 symbols with 4 key-value
-pairs (small steps run faster per sequence on this CPU than steps of 64, and Mamba-2 needs the
-updates: 0.81 after 1500 of them; docs/recall_gap.md). Evaluation at the training length and at
+pairs (small steps run faster per sequence on a CPU than steps of 64, and Mamba-2 needs that many
+updates). Evaluation at the training length and at
 2x and 4x it, once with the training's 4 pairs (length alone) and once with the pairs scaled with
 the length (8 at 64, 16 at 128: the same density, more to remember), which is where states of a
 fixed size fall behind.
@@ -123,8 +123,8 @@ class Preset:
 # A short convolution lets a recurrent layer bind a key to the value after it within one layer
 # (Zoology's finding). Mamba, Mamba-2, Longhorn and Gated DeltaNet have theirs by default; TTT, GLA
 # and Based get theirs here (for TTT its Mamba-backbone form; Based's, as in Zoology's Based layers,
-# which mix a short convolution into every layer): without it TTT and GLA learned nothing in the CPU
-# budget, and Based reached 0.41 (1.00 with it; docs/recall_gap.md).
+# which mix a short convolution into every layer): without it TTT, GLA and Based fell far short in the
+# CPU budget (docs/recall_gap.md has the runs).
 # (fla layers call it use_short_conv; TTT calls its form share_qk)
 TTT_SHORT_CONV = {"share_qk": True}
 SHORT_CONV = {"use_short_conv": True}
@@ -135,8 +135,8 @@ LACT_SHORT = {"mini_batch_size": 16, "window_size": 16}
 # backbone's (0.02 here): transformers' own 0.1, as Mamba-2's config has it
 MAMBA_INIT = {"initializer_range": 0.1}
 # The CPU budget's start for Mamba and Longhorn, the two mixers without a norm on their output: with
-# their authors' init they stalled on a plateau in this budget. At init their skip D x (D = 1) is 30x
-# (Mamba) and 3000x (Longhorn) the scan's output, so the layer starts as a per-token map and the
+# their authors' init they stalled on a plateau in this budget. At init their skip D x (D = 1) is
+# orders of magnitude above the scan's output (docs/recall_gap.md), so the layer starts as a per-token map and the
 # loss settles on per-token answers before the state's path carries anything; D starts at 0 here
 # (still trained). Mamba's S4D-real decays also forget most of its state within a few tokens, and
 # Longhorn's state path starts near zero under the backbone's N(0, 0.02) with every token writing
@@ -159,7 +159,8 @@ class MixerRecipe:
     """What the recall gap trains one mixer of ``ttt_mixer.adapters``' registry with."""
 
     cpu_learning_rate: float  # the CPU preset's (how each was chosen: at ``CPU`` below)
-    # seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
+    # seconds per training step relative to attention's on the CPU preset, to start the longest runs
+    # first; where each figure was measured: docs/recall_gap.md, "Relative training cost on CPU"
     relative_cpu_cost: float
     in_cpu_default: bool  # among the CPU preset's mixers (its 10-minute budget)
     options: Mapping[str, object] = field(default_factory=dict)  # swap_mixer options, every preset

@@ -193,8 +193,8 @@ def _training_arguments(
         per_device_train_batch_size=spec.batch_size // world_size,
         learning_rate=spec.learning_rate,
         # AdamW's beta2 of the Mamba, fla and Llama training recipes: with the default 0.999 the
-        # second moments remember the large gradients of the first steps for hundreds more, which
-        # kept Gated DeltaNet on the unigram plateau through 500 steps of the CPU preset's first recipe
+        # second moments remember the large gradients of the first steps for hundreds more, which kept
+        # Gated DeltaNet on the unigram plateau (the runs: docs/recall_gap.md, "AdamW's beta2 0.95")
         adam_beta2=0.95,
         weight_decay=0.1,
         lr_scheduler_type="cosine",
