@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ttt_mixer.adapters.distill import distill, perplexity
+from ttt_mixer.adapters.distill import check_precision, distill, perplexity
 from ttt_mixer.adapters.mixers import MIXER_NAMES
 from ttt_mixer.adapters.swap import INITS, swap_mixer
 from ttt_mixer.arguments import int_at_least, non_negative_int, positive_float, positive_int
@@ -91,6 +92,14 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=positive_float, default=1e-3)
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory, about a third more compute)",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 mixed precision (a CUDA GPU that supports it)"
+    )
     add_overwrite_argument(parser)
 
 
@@ -107,11 +116,16 @@ def text_windows(tokenizer: Any, path: Path, seq_len: int) -> torch.Tensor:
 
 def distill_command(args: argparse.Namespace) -> None:
     """Distil a swapped checkpoint from its original (layer-wise, then optionally end to end); print
-    the perplexity on the text's last tenth (held out) before and after."""
+    the perplexity on the text's last tenth (held out) before and after. Under ``torchrun`` or
+    ``accelerate launch`` every process trains its share of each batch; the first one evaluates and
+    saves."""
     torch.manual_seed(args.seed)
+    check_precision(args.gradient_checkpointing, args.bf16)
     if not args.text.is_file():
         raise FileNotFoundError(f"--text {args.text}: no such file")
     teacher_source, student_source = checkpoint_source(args.teacher), checkpoint_source(args.student)
+    # every process checks the folder (nothing is written before the end) and measures "before": the
+    # processes learn their ranks when the Trainer sets them up
     prepare_output_folder(args.destination, args.overwrite)
     teacher, student = _load(teacher_source), _load(student_source)
     windows = text_windows(AutoTokenizer.from_pretrained(args.student), args.text, args.seq_len)
@@ -127,9 +141,13 @@ def distill_command(args: argparse.Namespace) -> None:
         args.lr,
         args.batch_size,
         args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
     )
-    print(
-        f"held-out perplexity: teacher {perplexity(teacher, test):.3f}, "
-        f"student before {before:.3f}, after {perplexity(student, test):.3f}"
-    )
-    _save(student, args.student, args.destination)
+    if PartialState().is_main_process:
+        print(
+            f"held-out perplexity: teacher {perplexity(teacher, test):.3f}, "
+            f"student before {before:.3f}, after {perplexity(student, test):.3f}"
+        )
+        _save(student, args.student, args.destination)
+    PartialState().wait_for_everyone()
