@@ -8,6 +8,7 @@ model swapped from a checkpoint keeps its fields.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 from typing import Any
 
@@ -33,6 +34,27 @@ def backbone_keys(backbone_config: type) -> frozenset[str]:
     return frozenset(backbone_config().to_dict())
 
 
+def own_fields(config: Any) -> set[str]:
+    """The fields a mixer config adds to its backbone's (``mixers``, ``mixer_options``, ...)."""
+    return {field.name for field in dataclasses.fields(config)} - backbone_keys(type(config).__bases__[-1])
+
+
+# how close (difflib's ratio) an unknown field must be to one of our own fields to be taken for a
+# misspelling of it: "mixer" (0.91), "num_head" (0.94) and "mixer_opts" (0.87) are; published fields
+# are not ("kv_heads" 0.71, "use_bias" 0.62, "num_key_value_heads" 0.64 to "num_heads")
+OWN_FIELD_CUTOFF = 0.8
+
+
+def reject_misspelt_own_fields(config: Any, kwargs: dict[str, Any]) -> None:
+    """TypeError for an unknown field that is a near-miss of one of the config's own fields: the
+    backbone's config would keep it silently and the field meant would be ignored. Other unknown
+    fields are kept, as transformers keeps them: a checkpoint's config carries fields of its own."""
+    own = own_fields(config)
+    unknown = set(kwargs) - known_fields(config)
+    misspelt = {name for name in unknown if difflib.get_close_matches(name, own, 1, OWN_FIELD_CUTOFF)}
+    reject_unknown_fields(type(config).__name__, dict.fromkeys(misspelt), own)
+
+
 def check_mixer_fields(mixers: list[str], mixer_options: dict[str, dict[str, Any]], num_layers: int) -> None:
     """ValueError unless ``mixers`` names a known mixer for each of ``num_layers`` layers and
     ``mixer_options`` maps known mixer names to dicts."""
@@ -51,7 +73,7 @@ def check_mixer_fields(mixers: list[str], mixer_options: dict[str, dict[str, Any
 
 class MixerFieldsMixin:
     """``__post_init__`` of a backbone's config with a mixer in each layer (list it before the
-    backbone's config): unknown fields refused, ``mixers`` a list (``default_mixer`` in every layer
+    backbone's config): unknown fields kept unless they misspell one of our own fields, ``mixers`` a list (``default_mixer`` in every layer
     when None), ``mixer_options`` a dict, the fields the config adds to its backbone's filled in or
     checked (its ``check_backbone_fields()``), then the mixers checked. Each config declares the
     fields itself: transformers makes a config class a dataclass of its own annotations and those of
@@ -60,7 +82,7 @@ class MixerFieldsMixin:
     default_mixer: str
 
     def __post_init__(self, **kwargs: Any) -> None:
-        reject_unknown_fields(type(self).__name__, kwargs, known_fields(self))
+        reject_misspelt_own_fields(self, kwargs)
         super().__post_init__(**kwargs)
         if self.mixers is None:
             self.mixers = [self.default_mixer] * self.num_hidden_layers

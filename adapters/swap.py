@@ -24,12 +24,18 @@ INITS = ("random", "attention")
 # mixers that ``init="attention"`` can start from an attention layer's q/k/v/o projections
 ATTENTION_INIT_MIXERS = ("attention", "ttt_linear", "ttt_mlp")
 # config keys that do not carry over: those that name a class or a file rather than describe the
-# network, and Mistral's and Qwen2's attention windows, checked not to bind (``_check_full_attention``)
+# network, Mistral's and Qwen2's attention windows, checked not to bind (``_check_full_attention``),
+# and how the source's weights were stored: a GGUF load leaves {"quant_method": "gguf", "gguf_file":
+# ...} although its weights are dequantised, and the swapped model holds plain tensors; carried over,
+# reloading the swapped model would attach transformers' GGUF quantizer, and the reloaded model would
+# then refuse save_pretrained ("not serializable") and Trainer ("purely quantized models"). Every
+# other field a checkpoint carries (SmolLM2's is_llama_config, a GGUF load's unk_token_id, ...) is kept.
 _NOT_CARRIED_KEYS = (
     "model_type",
     "architectures",
     "auto_map",
     "transformers_version",
+    "quantization_config",
     "mixers",
     "mixer_options",
     "sliding_window",
@@ -124,13 +130,29 @@ def rope_half_to_interleaved(head_dim: int) -> torch.Tensor:
     return torch.stack([half, half + head_dim // 2], dim=1).flatten()
 
 
+def _attention_head_options(mixer: str, config: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for a TTT mixer that ``init="attention"`` starts from the attention's layout: its
+    head_dim added when it is not hidden_size / num_attention_heads (Mistral-Nemo's 128 with 5120 /
+    32), a conflicting head_dim refused."""
+    if mixer not in ("ttt_linear", "ttt_mlp"):
+        return options
+    head_dim = config.head_dim
+    if "head_dim" in options and options["head_dim"] != head_dim:
+        raise ValueError(
+            f"init='attention': head_dim={options['head_dim']!r} differs from the attention's head_dim "
+            f"{head_dim}; leave head_dim out to take the attention's"
+        )
+    if head_dim == config.hidden_size // config.num_attention_heads:
+        return options
+    return options | {"head_dim": head_dim}
+
+
 def _init_ttt_from_attention(ttt: TTTLayer, attention: nn.Module, config: MixerLlamaConfig) -> None:
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     if (ttt.num_heads, ttt.head_dim) != (heads, head_dim):
         raise ValueError(
             f"init='attention': the TTT layer has {ttt.num_heads} heads of size {ttt.head_dim} but the "
-            f"attention has {heads} heads of size {head_dim}; give num_heads={heads} and a hidden size of "
-            "num_heads * head_dim"
+            f"attention has {heads} heads of size {head_dim}; give num_heads={heads} (or leave it out)"
         )
     if not hasattr(ttt, "k_proj"):
         raise ValueError("init='attention' needs separate key projections: share_qk must be False")
@@ -168,7 +190,9 @@ def swap_mixer(
     init: ``"random"`` (the mixer's own initialisation) or ``"attention"``: start from the attention
         layer it replaces. For TTT, theta_Q/K/V/O are the attention's q/k/v/o projections, key and value
         heads repeated for grouped-query attention, and query/key rows reordered from transformers'
-        half-split RoPE pairs to TTT's interleaved ones; an attention mixer copies the layer as is.
+        half-split RoPE pairs to TTT's interleaved ones; the TTT layer takes the attention's head_dim
+        (set in its options when it is not hidden_size / num_attention_heads); an attention mixer
+        copies the layer as is.
     """
     config_class, model_class, _, path = _family(model)
     if mixer not in MIXER_NAMES:
@@ -176,6 +200,8 @@ def swap_mixer(
     if init not in INITS:
         raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
     config = _mixer_config(model, config_class)
+    if init == "attention" and config_class is MixerLlamaConfig:
+        mixer_options = _attention_head_options(mixer, config, mixer_options)
     indices = parse_layers(layers, config.num_hidden_layers)
     kept = [config.mixers[i] for i in range(config.num_hidden_layers) if i not in indices]
     if mixer_options and mixer in kept and config.mixer_options.get(mixer, {}) != mixer_options:

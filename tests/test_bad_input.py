@@ -228,14 +228,14 @@ CASES = [
     Case("TTTConfig", "rms_norm_eps=0", lambda _: TTTConfig(rms_norm_eps=0), ValueError, "rms_norm_eps"),
     Case(
         "MixerLlamaConfig",
-        "mixer=[...] (unknown field)",
+        "mixer=[...] (a misspelt own field)",
         lambda _: MixerLlamaConfig(mixer=["attention"]),
         TypeError,
         "did you mean 'mixers'",
     ),
     Case(
         "MixerMambaConfig",
-        "num_head=2 (unknown field)",
+        "num_head=2 (a misspelt own field)",
         lambda _: MixerMambaConfig(num_head=2),
         TypeError,
         "did you mean 'num_heads'",

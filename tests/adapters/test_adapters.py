@@ -28,7 +28,9 @@ from transformers import (
 
 from ttt_mixer.adapters import (
     MIXER_NAMES,
+    MixerLlamaConfig,
     MixerLlamaForCausalLM,
+    MixerMambaConfig,
     MixerMambaForCausalLM,
     parse_layers,
     swap_mixer,
@@ -203,6 +205,56 @@ def test_full_attention_mistral_and_qwen2_swap_like_llama(make_base, tmp_path: P
         assert torch.equal(generated, greedy_without_cache(hybrid_model, ids, 4, mask))
 
 
+# fields that published or GGUF-loaded checkpoints carry beyond their transformers config's own
+CHECKPOINT_FIELDS = {
+    "llama": {
+        "is_llama_config": True,
+        "rope_interleaved": False,
+        "_model_name_or_path": "SmolLM2",
+        "unk_token_id": 0,
+    },
+    "mamba": {"n_layer": 2, "d_model": 32, "fused_add_norm": True, "rms_norm": True, "ssm_cfg": {}},
+}
+GGUF_QUANTIZATION = {"quant_method": "gguf", "gguf_file": "model.gguf", "dequantize": False}
+
+
+@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+def test_checkpoint_fields_are_kept_through_swap_save_and_reload(backbone: str, tmp_path: Path) -> None:
+    """A checkpoint's own config fields stay in the swapped config, its saved config.json and the
+    reloaded config; a GGUF load's quantization_config does not (its weights are dequantised), so the
+    reloaded model gets no quantizer and can be saved again."""
+    base = tiny_llama() if backbone == "llama" else tiny_mamba()
+    base.config.update(CHECKPOINT_FIELDS[backbone] | {"quantization_config": GGUF_QUANTIZATION})
+    model = swap(base, "ttt_linear", [1])
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    model_class = MixerLlamaForCausalLM if backbone == "llama" else MixerMambaForCausalLM
+    reloaded = model_class.from_pretrained(tmp_path)
+    for name, value in CHECKPOINT_FIELDS[backbone].items():
+        assert getattr(model.config, name) == saved[name] == getattr(reloaded.config, name) == value, name
+    assert "quantization_config" not in saved
+    assert getattr(reloaded, "hf_quantizer", None) is None
+    reloaded.save_pretrained(tmp_path / "again")
+
+
+@pytest.mark.parametrize(
+    ("config_class", "field", "meant"),
+    [
+        (MixerLlamaConfig, "mixer", "mixers"),
+        (MixerLlamaConfig, "mixer_option", "mixer_options"),
+        (MixerLlamaConfig, "qkvbias", "qkv_bias"),
+        (MixerMambaConfig, "num_head", "num_heads"),
+        (MixerMambaConfig, "mixers_options", "mixer_options"),
+    ],
+)
+def test_misspelt_own_fields_are_refused(config_class: type, field: str, meant: str) -> None:
+    """Our own fields are what a user types: a near-miss of one is a TypeError naming it, while a
+    field unlike any of ours is kept as transformers keeps it."""
+    with pytest.raises(TypeError, match=f"'{field}' \\(did you mean '{meant}'\\?\\)"):
+        config_class(**{field: 1})
+    assert config_class(unrelated_checkpoint_field=1).to_dict()["unrelated_checkpoint_field"] == 1
+
+
 def test_mamba_layers_reproduce_mamba() -> None:
     base = perturb_(tiny_mamba(2), seed=2, scale=0.05).eval()
     model = swap(base, "attention", [1])
@@ -317,15 +369,30 @@ def test_save_and_reload_in_fresh_process(tmp_path: Path) -> None:
             assert torch.equal(torch.load(tmp_path / f"{name}.pt"), model(ids).logits), name
 
 
+def tiny_own_head_dim(seed: int = 0) -> MistralForCausalLM:
+    """A Mistral model with Mistral-Nemo's layout: head_dim (12) is not hidden_size / num_heads (8)."""
+    return tiny_attention_model(
+        MistralForCausalLM, MistralConfig, seed, head_dim=12, max_position_embeddings=64
+    )
+
+
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
-def test_init_from_attention_maps_q_k_v_o_with_gqa_and_rope_order(mixer: str) -> None:
-    base = perturb_(tiny_llama(kv_heads=2), seed=4)
+@pytest.mark.parametrize("layout", ["head_dim_is_width_over_heads", "own_head_dim"])
+def test_init_from_attention_maps_q_k_v_o_with_gqa_and_rope_order(mixer: str, layout: str) -> None:
+    base = perturb_(
+        tiny_llama(kv_heads=2) if layout == "head_dim_is_width_over_heads" else tiny_own_head_dim(), seed=4
+    )
     model = swap(base, mixer, init="attention")
-    head_dim, groups = 8, 2
+    head_dim, groups = base.config.head_dim, 2
     order = rope_half_to_interleaved(head_dim)
-    assert order.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    if head_dim == 8:
+        assert order.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+        assert "head_dim" not in model.config.mixer_options.get(mixer, {})
+    else:
+        assert model.config.mixer_options[mixer]["head_dim"] == head_dim
     attention = base.model.layers[0].self_attn
     ttt = model.model.layers[0].self_attn
+    assert ttt.head_dim == head_dim and ttt.q_proj.weight.shape == (4 * head_dim, 32)
     for head in range(4):
         rows = slice(head * head_dim, (head + 1) * head_dim)
         kv_rows = slice((head // groups) * head_dim, (head // groups + 1) * head_dim)
@@ -336,6 +403,11 @@ def test_init_from_attention_maps_q_k_v_o_with_gqa_and_rope_order(mixer: str) ->
     # the reordering moves each RoPE pair (i, i + d/2) to (2i, 2i + 1) and keeps every q.k product
     q, k = attention.q_proj.weight[:head_dim], attention.k_proj.weight[:head_dim]
     assert torch.allclose(q.T @ k, ttt.q_proj.weight[:head_dim].T @ ttt.k_proj.weight[:head_dim], atol=1e-6)
+    # the swapped model runs and decodes exactly with its cache
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, greedy_without_cache(model, ids, 4))
 
 
 def test_init_attention_copies_attention_layers() -> None:
@@ -366,6 +438,17 @@ def test_init_attention_copies_attention_layers() -> None:
             ValueError,
             "heads of size",
         ),
+        (
+            lambda: swap_mixer(tiny_own_head_dim(), "ttt_linear", init="attention", head_dim=8),
+            ValueError,
+            "head_dim=8 differs from the attention's head_dim 12",
+        ),
+        (
+            lambda: swap_mixer(tiny_llama(), "ttt_linear", head_dim=0),
+            ValueError,
+            "head_dim must be an int >= 1",
+        ),
+        (lambda: swap_mixer(tiny_llama(), "ttt_linear", head_dim="8"), TypeError, "head_dim must be an int"),
         (
             lambda: swap_mixer(swap(tiny_llama(), "ttt_linear", [0]), "ttt_linear", [1], mini_batch_size=8),
             ValueError,

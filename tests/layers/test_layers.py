@@ -42,9 +42,8 @@ def reference_forward(
     """The layer re-assembled by hand from its own parameters, with ``ttt_primal`` for TTT; the base
     learning rate defaults to docs/math.md's (1.0 for TTT-Linear, 0.1 for TTT-MLP)."""
     base_lr = BASE_LR[inner_model] if base_lr is None else base_lr
-    batch, seq_len, hidden = x.shape
-    heads, b = layer.num_heads, layer.mini_batch_size
-    d = hidden // heads
+    batch, seq_len, _ = x.shape
+    heads, b, d = layer.num_heads, layer.mini_batch_size, layer.head_dim
     if layer.share_qk:
         shared = x @ layer.q_proj.weight.T
         q = causal_depthwise_conv(shared, layer.q_conv1d)
@@ -71,7 +70,7 @@ def reference_forward(
         eps=1e-6,
     )
     o = F.layer_norm(
-        z.reshape(batch, seq_len, hidden), (hidden,), layer.post_norm.weight, layer.post_norm.bias, 1e-6
+        z.reshape(batch, seq_len, heads * d), (heads * d,), layer.post_norm.weight, layer.post_norm.bias, 1e-6
     )
     if layer.use_gate:
         o = F.gelu(x @ layer.g_proj.weight.T, approximate="tanh") * o
@@ -139,6 +138,26 @@ def test_layer_matches_hand_assembled_primal(inner_model: str, conv_gate: bool, 
     assert attentions is None and past is None
     assert o.shape == x.shape and o.dtype == torch.float64
     assert_close(o, reference_forward(layer, x, inner_model))
+
+
+@inner_models
+@conv_gates
+@pytest.mark.parametrize("head_dim", [6, 12], ids=["narrower", "wider"])
+def test_own_head_dim_matches_hand_assembled_primal(inner_model: str, conv_gate: bool, head_dim: int) -> None:
+    """head_dim other than hidden_size / num_heads (as Mistral-Nemo's attention has): q, k, v project
+    to num_heads * head_dim, o_proj maps it back to hidden_size."""
+    layer = make_layer(inner_model, conv_gate, hidden_size=HIDDEN, mini_batch_size=B, head_dim=head_dim)
+    assert layer.head_dim == head_dim and layer.q_proj.weight.shape == (2 * head_dim, HIDDEN)
+    assert layer.o_proj.weight.shape == (HIDDEN, 2 * head_dim) and layer.w1.shape[1] == head_dim
+    x = randn(3, 11, HIDDEN, seed=1)
+    o = layer(x)[0]
+    assert o.shape == x.shape
+    assert_close(o, reference_forward(layer, x, inner_model))
+    # prefill then continuation through the cache, split inside a mini-batch, equals one pass
+    _, one_pass = run_in_chunks(layer, x, [11])
+    chunked, cache = run_in_chunks(layer, x, [5, 1, 5])
+    assert_close(chunked, o)
+    assert_states_close(state_tensors(cache), state_tensors(one_pass))
 
 
 @inner_models
@@ -365,8 +384,21 @@ def test_parameter_gradients_match_reference(inner_model: str, conv_gate: bool) 
         ({"mini_batch_size": 0}, ValueError, "mini_batch_size"),
         ({"inner_model": "rnn"}, ValueError, "inner_model"),
         ({"colour": "blue"}, TypeError, "colour"),
+        ({"head_dim": 0}, ValueError, "head_dim must be an int >= 1"),
+        ({"head_dim": 8.0}, TypeError, "head_dim must be an int"),
+        ({"head_dim": True}, TypeError, "head_dim must be an int"),
+        ({"head_dim": 5}, ValueError, "head_dim must be even with use_rope=True"),
     ],
-    ids=["indivisible_heads", "mini_batch_0", "unknown_inner_model", "unknown_keyword"],
+    ids=[
+        "indivisible_heads",
+        "mini_batch_0",
+        "unknown_inner_model",
+        "unknown_keyword",
+        "head_dim_0",
+        "head_dim_float",
+        "head_dim_bool",
+        "head_dim_odd_with_rope",
+    ],
 )
 def test_constructor_rejects_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
@@ -448,3 +480,8 @@ def test_bad_input_leaves_cache_untouched() -> None:
 def test_head_dim_is_hidden_over_heads() -> None:
     layer = TTTLayer(hidden_size=24, num_heads=3, mini_batch_size=2)
     assert layer.head_dim == 8 and math.isclose(layer.base_lr, 1.0)
+    # an own head_dim frees hidden_size from being a multiple of num_heads, as in transformers' attention
+    layer = TTTLayer(hidden_size=10, num_heads=3, head_dim=4, mini_batch_size=2)
+    assert layer.key_dim == 12 and layer.o_proj.weight.shape == (10, 12)
+    # without RoPE an odd head_dim is fine
+    assert TTTLayer(hidden_size=16, num_heads=2, head_dim=5, use_rope=False).head_dim == 5

@@ -36,13 +36,21 @@ def check_layer_options(options: dict[str, object], names: dict[str, str] | None
     names = names or {}
     for option, value in options.items():
         name = names.get(option, option)
-        if option in ("hidden_size", "num_heads", "mini_batch_size", "conv_size"):
+        if option in ("hidden_size", "num_heads", "mini_batch_size", "conv_size") or (
+            option == "head_dim" and value is not None
+        ):
             check_int(name, value)
         elif option in ("share_qk", "use_gate", "use_rope"):
             check_bool(name, value)
         elif option in ("rope_theta", "norm_eps") or (option == "base_lr" and value is not None):
             check_positive_float(name, value)
-    check_heads_divide_width(options, names)
+    head_dim = options.get("head_dim")
+    if head_dim is None:
+        check_heads_divide_width(options, names)
+        head_dim = options["hidden_size"] // options["num_heads"]
+    if options.get("use_rope", True) and head_dim % 2:
+        # RoPE rotates pairs of a head's dimensions
+        raise ValueError(f"head_dim must be even with use_rope=True, got {head_dim}")
 
 
 class TTTLayer(PackedMixerLayer):
@@ -50,7 +58,10 @@ class TTTLayer(PackedMixerLayer):
 
     Args:
         hidden_size: model width D.
-        num_heads: heads H; the head dim d = D / H.
+        num_heads: heads H.
+        head_dim: the head dim d; None takes D / H. As in fla's layers and transformers' attention,
+            q, k and v project D to H * d and the output projection maps H * d back to D, so d need
+            not be D / H (Mistral-Nemo: D = 5120, H = 32, d = 128).
         inner_model: ``"linear"`` (TTT-Linear) or ``"mlp"`` (TTT-MLP, hidden width 4d).
         mini_batch_size: TTT mini-batch size b.
         base_lr: eta_base of the learning-rate gate; None takes 1.0 (linear) or 0.1 (mlp).
@@ -72,6 +83,7 @@ class TTTLayer(PackedMixerLayer):
         self,
         hidden_size: int = 1024,
         num_heads: int = 8,
+        head_dim: int | None = None,
         inner_model: str = "linear",
         mini_batch_size: int = 16,
         base_lr: float | None = None,
@@ -92,6 +104,7 @@ class TTTLayer(PackedMixerLayer):
             {
                 "hidden_size": hidden_size,
                 "num_heads": num_heads,
+                "head_dim": head_dim,
                 "mini_batch_size": mini_batch_size,
                 "base_lr": base_lr,
                 "share_qk": share_qk,
@@ -104,7 +117,9 @@ class TTTLayer(PackedMixerLayer):
         )
         self.hidden_size = hidden_size
         self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
+        self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        # the width of q, k, v and of the output before o_proj (fla's name for H * d)
+        self.key_dim = num_heads * self.head_dim
         self.mini_batch_size = mini_batch_size
         self.base_lr = DEFAULT_BASE_LR[inner_model] if base_lr is None else float(base_lr)
         self.share_qk = share_qk
@@ -115,16 +130,16 @@ class TTTLayer(PackedMixerLayer):
         self.norm_eps = norm_eps
         self.layer_idx = layer_idx
 
-        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         if share_qk:
-            self.q_conv1d = DepthwiseCausalConv(hidden_size, conv_size)
-            self.k_conv1d = DepthwiseCausalConv(hidden_size, conv_size)
+            self.q_conv1d = DepthwiseCausalConv(self.key_dim, conv_size)
+            self.k_conv1d = DepthwiseCausalConv(self.key_dim, conv_size)
         else:
-            self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+            self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.o_proj = nn.Linear(self.key_dim, hidden_size, bias=False)
         if use_gate:
-            self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+            self.g_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         # the learning-rate gate x . w_h + c_h of every head at once
         self.lr_proj = nn.Linear(hidden_size, num_heads, bias=True)
         self.token_offset = nn.Parameter(torch.empty(mini_batch_size))
@@ -134,7 +149,7 @@ class TTTLayer(PackedMixerLayer):
         for i, (d_in, d_out) in enumerate(self.inner.layer_shapes(self.head_dim), start=1):
             self.register_parameter(f"w{i}", nn.Parameter(torch.empty(num_heads, d_in, d_out)))
             self.register_parameter(f"b{i}", nn.Parameter(torch.empty(num_heads, d_out)))
-        self.post_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
+        self.post_norm = nn.LayerNorm(self.key_dim, eps=norm_eps)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
