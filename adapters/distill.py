@@ -314,9 +314,16 @@ def distill(
             if layerwise_steps:
                 stage = SwappedMixers(mixers, gradient_checkpointing).train()
                 collator = TeacherTargets(teacher, layers, bf16)
-                report.layerwise_losses = _train(
-                    stage, data, collator, layerwise_steps, options, workers, output_dir
-                )
+                # the teacher's worker keeps one core busy: the student's step takes the others
+                # (more threads than cores spin against each other)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(max(1, threads - workers))
+                try:
+                    report.layerwise_losses = _train(
+                        stage, data, collator, layerwise_steps, options, workers, output_dir
+                    )
+                finally:
+                    torch.set_num_threads(threads)
                 _check_finite_weights("layer-wise", parameters)
             if finetune_steps:
                 student.train()

