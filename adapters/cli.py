@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ttt_mixer.adapters.distill import distill, perplexity
+from ttt_mixer.adapters.distill import check_precision, distill, perplexity
 from ttt_mixer.adapters.mixers import MIXER_NAMES
 from ttt_mixer.adapters.mixers.registry import mixer_help
 from ttt_mixer.adapters.swap import INITS, swap_mixer
@@ -112,12 +113,17 @@ def text_windows(tokenizer: Any, path: Path, seq_len: int) -> torch.Tensor:
 
 def distill_command(args: argparse.Namespace) -> None:
     """Distil a swapped checkpoint from its original (layer-wise, then optionally end to end); print
-    the perplexity on the text's last tenth (held out) before and after."""
+    the perplexity on the text's last tenth (held out) before and after. Under ``torchrun`` or
+    ``accelerate launch`` every process trains its share of each batch; the first one evaluates and
+    saves."""
     torch.manual_seed(args.seed)
+    check_precision(args.gradient_checkpointing, args.bf16)
     if not args.text.is_file():
         raise FileNotFoundError(f"--text {args.text}: no such file")
     teacher_source, student_source = checkpoint_source(args.teacher), checkpoint_source(args.student)
     require_tokenizer(student_source, "the student")  # one line with the fix, before any loading
+    # every process checks the folder (nothing is written before the end) and measures "before": the
+    # processes learn their ranks when the Trainer sets them up
     prepare_output_folder(args.destination, args.overwrite)
     teacher, student = _load(teacher_source), _load(student_source)
     windows = text_windows(AutoTokenizer.from_pretrained(args.student), args.text, args.seq_len)
@@ -133,9 +139,13 @@ def distill_command(args: argparse.Namespace) -> None:
         args.lr,
         args.batch_size,
         args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
     )
-    print(
-        f"held-out perplexity: teacher {perplexity(teacher, test):.3f}, "
-        f"student before {before:.3f}, after {perplexity(student, test):.3f}"
-    )
-    _save(student, args.student, args.destination)
+    if PartialState().is_main_process:
+        print(
+            f"held-out perplexity: teacher {perplexity(teacher, test):.3f}, "
+            f"student before {before:.3f}, after {perplexity(student, test):.3f}"
+        )
+        _save(student, args.student, args.destination)
+    PartialState().wait_for_everyone()

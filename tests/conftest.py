@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 # Without a GPU, the Triton tests (tests/ops/test_triton.py, the fla kernels compared in
@@ -142,3 +144,12 @@ def greedy_without_cache(
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     return ids
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct as a float32 checkpoint folder with its tokenizer (ttt_mixer.real_model:
+    made once from the GGUF file scripts/setup.sh installs, cached in ~/.cache/ttt-mixer)."""
+    from ttt_mixer.real_model import smollm2_checkpoint
+
+    return smollm2_checkpoint()

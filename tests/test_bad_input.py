@@ -67,11 +67,13 @@ def llama_hybrid(num_layers: int = 4) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def distill_once(lr: float) -> Callable[[Path], object]:
+def distill_once(lr: float, ids: torch.Tensor | None = None) -> Callable[[Path], object]:
     def run(_: Path) -> object:
         teacher = llama_hybrid()
         student = swap_mixer(teacher, "ttt_linear", [1], mini_batch_size=4)
-        return distill(student, teacher, IDS.repeat(2, 1), 2, 0, lr, 2, progress=False)
+        return distill(
+            student, teacher, IDS.repeat(2, 1) if ids is None else ids, 2, 0, lr, 2, progress=False
+        )
 
     return run
 
@@ -350,6 +352,14 @@ CASES = [
         NonFiniteTrainingError,
         "non-finite",
     ),
+    Case(
+        "distill",
+        "a token id of 50 in a vocabulary of 50",
+        distill_once(1e-3, torch.cat([IDS, torch.full((2, 1), 50)], dim=1)),
+        ValueError,
+        "input_ids must be token ids in [0, 50)",
+    ),
+    Case("distill", "0 sequences", distill_once(1e-3, IDS[:0]), ValueError, "input_ids holds no tokens"),
     # evaluation-task options
     Case(
         "ttt_recall options",

@@ -180,11 +180,19 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         "--finetune-steps",
         type=non_negative_int,
         default=0,
-        help="steps training the whole student on the teacher's next-token distribution afterwards",
+        help="steps training the swapped mixers end to end on the text's next-token loss afterwards",
     )
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per step")
     parser.add_argument("--seed", type=int, default=0, help="seed of the window order and of torch")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory, about a third more compute)",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 mixed precision (a CUDA GPU that supports it)"
+    )
     add_overwrite_argument(parser)
 
 

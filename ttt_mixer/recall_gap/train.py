@@ -21,7 +21,6 @@ from transformers import (
     MambaConfig,
     MambaForCausalLM,
     PreTrainedModel,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
 )
@@ -29,7 +28,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
 from ttt_mixer.adapters import swap_mixer
-from ttt_mixer.adapters.distill import NonFiniteTrainingError
+from ttt_mixer.adapters.distill import FiniteLossTrainer
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, mqar_tokenizer
 from ttt_mixer.recall_gap.presets import MQARShape, check_backbone
@@ -152,22 +151,10 @@ class ProgressFile(TrainerCallback):
             self.written = now
 
 
-class RecallTrainer(Trainer):
-    """transformers' ``Trainer``, leaving out of weight decay the parameters their layers mark
-    ``_no_weight_decay`` (Mamba's A_log and D, Gated DeltaNet's A_log and dt_bias), as their own
-    libraries' training recipes do, and stopping at a non-finite loss, before the optimiser steps
-    and before anything more is saved."""
-
-    def training_step(
-        self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any
-    ) -> torch.Tensor:
-        loss = super().training_step(model, inputs, *args, **kwargs)
-        if not torch.isfinite(loss):
-            raise NonFiniteTrainingError(
-                f"training became non-finite at step {self.state.global_step + 1} (loss {loss.item():.4g}); "
-                "lower the learning rate. Nothing of this step was saved"
-            )
-        return loss
+class RecallTrainer(FiniteLossTrainer):
+    """transformers' ``Trainer``, stopping at a non-finite loss (``FiniteLossTrainer``) and leaving
+    out of weight decay the parameters their layers mark ``_no_weight_decay`` (Mamba's A_log and D,
+    Gated DeltaNet's A_log and dt_bias), as their own libraries' training recipes do."""
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         exempt = {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
