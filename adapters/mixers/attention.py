@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import (
 
 from ttt_mixer.adapters.mixers.common import check_inputs, reject_cu_seqlens, zero_padding
 from ttt_mixer.layers.checks import check_cache_batch
+from ttt_mixer.models.packing import checked_position_ids
 
 
 class CachedAttention(LlamaAttention):
@@ -116,16 +117,7 @@ class CachedAttention(LlamaAttention):
         """[B, T] RoPE positions of the new tokens (see the class docstring)."""
         batch_size, q_len = real.shape
         if position_ids is not None:
-            if (
-                position_ids.dim() != 2
-                or position_ids.shape[0] not in (1, batch_size)
-                or position_ids.shape[1] != q_len
-            ):
-                raise ValueError(
-                    f"position_ids must have shape [batch_size or 1, seq_len] = [{batch_size}, {q_len}], "
-                    f"got {list(position_ids.shape)}"
-                )
-            return position_ids.expand(batch_size, -1)
+            return checked_position_ids(position_ids, batch_size, q_len)
         if past is None:
             seen = real.new_zeros(batch_size, dtype=torch.long)
         elif len(past) > 2:
