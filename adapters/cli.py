@@ -1,6 +1,6 @@
 """``ttt-mixer swap`` and ``ttt-mixer distill``: the adapters on saved checkpoints. ttt_mixer/cli.py
-imports this module only for these two commands: swap's options are here (they read the mixer
-registry), distill's in ttt_mixer/cli.py (read without importing the adapters)."""
+imports this module only to run these two commands; their options are in ttt_mixer/cli.py (read
+without importing the adapters)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ttt_mixer.adapters.distill import check_precision, distill, perplexity
-from ttt_mixer.adapters.mixers import MIXER_NAMES
-from ttt_mixer.adapters.mixers.registry import mixer_help
-from ttt_mixer.adapters.swap import INITS, swap_mixer
-from ttt_mixer.arguments import add_overwrite_argument
+from ttt_mixer.adapters.swap import swap_mixer
 from ttt_mixer.paths import checkpoint_source, prepare_output_folder
 from ttt_mixer.tokenizer import require_tokenizer
 
@@ -47,39 +44,6 @@ def _save(model: Any, source: str, destination: Path) -> None:
     if Path(source, "tokenizer_config.json").exists():
         AutoTokenizer.from_pretrained(source).save_pretrained(destination)
     print(f"wrote {destination}")
-
-
-def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a swapped model)",
-    )
-    parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
-    parser.add_argument(
-        "--mixer",
-        choices=MIXER_NAMES,
-        required=True,
-        metavar="MIXER",
-        help="the mixer put in place of the swapped layers' own: " + mixer_help(),
-    )
-    parser.add_argument(
-        "--layers", default="all", help="the layers to swap: 'all', 'every:k' or indices such as 0,2,5"
-    )
-    parser.add_argument(
-        "--init",
-        choices=INITS,
-        default="random",
-        help="random: the new mixers start from their own initialisation; attention: they start from "
-        "the replaced attention's projections where the mixer has matching ones (Llama backbones)",
-    )
-    parser.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the mixer's constructor, e.g. num_heads=4 (repeat for several)",
-    )
-    add_overwrite_argument(parser)
 
 
 def swap_command(args: argparse.Namespace) -> None:

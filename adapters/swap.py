@@ -18,11 +18,10 @@ from transformers import (
 )
 
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMamba2Config, MixerMambaConfig
-from ttt_mixer.adapters.mixers import MIXER_NAMES
+from ttt_mixer.adapters.mixers.registry import INITS, MIXER_NAMES
 from ttt_mixer.adapters.modeling import MixerLlamaForCausalLM, MixerMamba2ForCausalLM, MixerMambaForCausalLM
 from ttt_mixer.layers import TTTLayer
 
-INITS = ("random", "attention")
 # mixers that ``init="attention"`` can start from an attention layer's q/k/v/o projections
 ATTENTION_INIT_MIXERS = ("attention", "ttt_linear", "ttt_mlp")
 # config keys that do not carry over: those that name a class or a file rather than describe the

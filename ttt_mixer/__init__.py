@@ -14,6 +14,12 @@ __version__ = "0.1.0"
 __all__ = ["TTTMLP", "TTTConfig", "TTTForCausalLM", "TTTLayer", "TTTLinear", "TTTModel", "import_library"]
 
 
+def library_deferred() -> bool:
+    """Whether the ``ttt-mixer`` launcher has deferred the heavy imports (of this package and of
+    ``ttt_mixer.adapters``) in this process."""
+    return getattr(sys.modules.get("ttt_mixer_cli"), "library_deferred", False)
+
+
 def import_library() -> None:
     """Import fla (keeping transformers' model types, ``_registry``), the layers and the models, which
     registers the TTT classes with transformers' Auto classes. ``import ttt_mixer`` runs it; a second
@@ -47,5 +53,5 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'ttt_mixer' has no attribute {name!r}")
 
 
-if not getattr(sys.modules.get("ttt_mixer_cli"), "library_deferred", False):
+if not library_deferred():
     import_library()

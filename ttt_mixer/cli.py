@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ttt_mixer.adapters.mixers.registry import INITS, MIXER_NAMES, mixer_help
 from ttt_mixer.arguments import (
     HelpFormatter,
     add_overwrite_argument,
@@ -166,7 +167,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("teacher", help="the original checkpoint folder")
     parser.add_argument("student", help="the swapped checkpoint folder (ttt-mixer swap); needs a tokenizer")
     parser.add_argument("destination", type=Path, help="folder for the distilled checkpoint")
-    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to distil on")
+    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to distil on; required")
     parser.add_argument(
         "--seq-len", type=int_at_least(2), default=256, help="tokens per training window of the text"
     )
@@ -196,6 +197,39 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     add_overwrite_argument(parser)
 
 
+def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a swapped model)",
+    )
+    parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
+    parser.add_argument(
+        "--mixer",
+        choices=MIXER_NAMES,
+        required=True,
+        metavar="MIXER",
+        help="the mixer put in place of the swapped layers' own (required): " + mixer_help(),
+    )
+    parser.add_argument(
+        "--layers", default="all", help="the layers to swap: 'all', 'every:k' or indices such as 0,2,5"
+    )
+    parser.add_argument(
+        "--init",
+        choices=INITS,
+        default="random",
+        help="random: the new mixers start from their own initialisation; attention: they start from "
+        "the replaced attention's projections where the mixer has matching ones (Llama backbones)",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the mixer's constructor, e.g. num_heads=4 (repeat for several; default: none)",
+    )
+    add_overwrite_argument(parser)
+
+
 def swap(args: argparse.Namespace) -> None:
     """Swap the mixer of some or all layers of a saved checkpoint and save the result."""
     from ttt_mixer.adapters.cli import swap_command
@@ -211,9 +245,8 @@ def distill(args: argparse.Namespace) -> None:
     distill_command(args)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The command line. ``swap``'s options come from the mixer registry, whose import takes seconds
-    (fla): they are added only when ``command`` is None (every command's options) or "swap"."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. ``swap``'s options come from the mixer registry, which imports nothing heavy."""
     parser = argparse.ArgumentParser(prog="ttt-mixer", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -299,17 +332,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="folder for the PNGs (created if missing); required"
     )
     p.set_defaults(func=plot, needs_library=False)
-    p = subcommand("recall-gap", RECALL_GAP_DESCRIPTION)
+    p = subcommand(
+        "recall-gap",
+        "train mixers on MQAR and report their recall at the training length and beyond it",
+        description=RECALL_GAP_DESCRIPTION,
+    )
     add_recall_gap_arguments(p)
     p.set_defaults(func=recall_gap)
     p = subcommand("swap", "swap the mixer of some or all layers of a saved checkpoint and save the result")
-    if command in (None, "swap"):
-        import ttt_mixer
-
-        ttt_mixer.import_library()  # before the adapters import fla: _registry's guarantee
-        from ttt_mixer.adapters.cli import add_swap_arguments
-
-        add_swap_arguments(p)
+    add_swap_arguments(p)
     p.set_defaults(func=swap)
     p = subcommand(
         "distill",
@@ -332,13 +363,14 @@ def main(argv: list[str] | None = None) -> None:
             command="eval", func=evaluate, lm_eval_args=argv[1:], needs_library=not help_only
         )
     else:
-        args = build_parser(argv[0] if argv else "").parse_args(argv)
+        args = build_parser().parse_args(argv)
     reported: tuple[type[Exception], ...] = (ValueError, TypeError, OSError)
     if getattr(args, "needs_library", True):
-        # fla's import keeps transformers' model types only as ttt_mixer's own import does it
-        import ttt_mixer
+        # the library and the adapters' backbones registered with transformers' Auto classes, as
+        # importing ttt_mixer.adapters does outside the launcher (checkpoints of swapped models load)
+        import ttt_mixer.adapters
 
-        ttt_mixer.import_library()
+        ttt_mixer.adapters.import_adapters()
         from ttt_mixer.adapters.distill import NonFiniteTrainingError
         from ttt_mixer.progress import plain_output_for_logs
 

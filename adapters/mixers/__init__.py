@@ -5,17 +5,13 @@
 
 with their state in fla's ``Cache`` at ``mixer.layer_idx`` and a 2-D padding mask whose last T
 columns cover the new tokens. Every mixer runs on CPU in plain PyTorch; on CUDA the fla mixers run
-fla's Triton kernels. ``registry`` lists them: one ``MixerSpec`` per mixer.
+fla's Triton kernels. ``registry`` lists them: one ``MixerSpec`` per mixer, naming the module of each
+(``attention``, ``mamba``, ``based``, ...). This package imports only the registry, which imports
+nothing heavy; a mixer's module is imported when the mixer is built.
 """
 
 from __future__ import annotations
 
-from ttt_mixer.adapters.mixers.attention import CachedAttention
-from ttt_mixer.adapters.mixers.based import BasedMixer
-from ttt_mixer.adapters.mixers.gated_deltanet import GatedDeltaNetMixer
-from ttt_mixer.adapters.mixers.gla import GLAMixer
-from ttt_mixer.adapters.mixers.longhorn import LonghornMixer
-from ttt_mixer.adapters.mixers.mamba import CachedMambaMixer, MambaLayerState
 from ttt_mixer.adapters.mixers.registry import (
     MIXER_NAMES,
     MIXERS,
@@ -25,18 +21,4 @@ from ttt_mixer.adapters.mixers.registry import (
     recurrent_state_size,
 )
 
-__all__ = [
-    "MIXERS",
-    "MIXER_NAMES",
-    "BasedMixer",
-    "CachedAttention",
-    "CachedMambaMixer",
-    "GLAMixer",
-    "GatedDeltaNetMixer",
-    "LonghornMixer",
-    "MambaLayerState",
-    "MixerSpec",
-    "build_mixer",
-    "mixer_spec",
-    "recurrent_state_size",
-]
+__all__ = ["MIXERS", "MIXER_NAMES", "MixerSpec", "build_mixer", "mixer_spec", "recurrent_state_size"]

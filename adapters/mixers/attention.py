@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import (
     repeat_kv,
 )
 
-from ttt_mixer.adapters.mixers.common import check_inputs, reject_cu_seqlens, zero_padding
+from ttt_mixer.adapters.mixers.common import check_inputs, config_with, reject_cu_seqlens, zero_padding
 from ttt_mixer.layers.checks import check_cache_batch
 from ttt_mixer.models.packing import checked_position_ids
 
@@ -125,3 +125,26 @@ class CachedAttention(LlamaAttention):
         else:
             seen = torch.full((batch_size,), past[0].shape[1], dtype=torch.long, device=real.device)
         return (seen[:, None] + real.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def build_attention(
+    hidden_size: int, num_heads: int, layer_idx: int, backbone_config: Any, options: dict[str, Any]
+) -> CachedAttention:
+    """``build_mixer``'s builder of "attention": ``CachedAttention`` on ``backbone_config`` when it is
+    a LlamaConfig, else on a LlamaConfig of hidden_size and num_heads; ``options`` are LlamaConfig
+    fields (e.g. rope_theta, num_key_value_heads)."""
+    if isinstance(backbone_config, LlamaConfig):
+        if (backbone_config.hidden_size, backbone_config.num_attention_heads) != (hidden_size, num_heads):
+            raise ValueError(
+                f"hidden_size {hidden_size} and num_heads {num_heads} differ from the LlamaConfig's "
+                f"({backbone_config.hidden_size}, {backbone_config.num_attention_heads})"
+            )
+        config = config_with(LlamaConfig, backbone_config, options, {}) if options else backbone_config
+    else:
+        defaults = {
+            "hidden_size": hidden_size,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_heads,
+        }
+        config = config_with(LlamaConfig, None, options, defaults)
+    return CachedAttention(config, layer_idx)

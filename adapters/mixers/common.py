@@ -4,12 +4,14 @@ input checks, reading a layer's fla cache entry, the padding-aware short convolu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
+from fla.models.utils import Cache
 from torch import nn
 
 from ttt_mixer.layers.checks import check_cache_batch, check_hidden_states, padding_mask, resolve_backend
@@ -40,6 +42,59 @@ def backbone_layer_count(backbone_config: Any, layer_idx: int) -> int:
     by it under ``rescale_prenorm_residual``), at least layer_idx + 1 (the mixer reads
     ``config.layer_types[layer_idx]``)."""
     return max(layer_idx + 1, getattr(backbone_config, "num_hidden_layers", None) or 0)
+
+
+def config_with(config_class: type, base: Any, options: dict[str, Any], defaults: dict[str, Any]) -> Any:
+    """A ``config_class`` (a transformers config) from the fields of ``base`` (when it is one) or
+    ``defaults``, then ``options``; TypeError for an option that is no field of ``config_class``
+    (transformers would store it silently)."""
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(options) - fields - {"rope_theta"})
+    if unknown:
+        raise TypeError(f"unknown {config_class.__name__} option(s) {unknown}")
+    values = {name: getattr(base, name) for name in fields if hasattr(base, name)} if base is not None else {}
+    values = {**defaults, **values, **options}
+    if "rope_theta" in options and "rope_parameters" in values:
+        # a config's rope_parameters would override a plain rope_theta
+        values["rope_parameters"] = {**(values["rope_parameters"] or {}), "rope_theta": options["rope_theta"]}
+        values.pop("rope_theta")
+    return config_class(**values)
+
+
+def cached_state_size(mixer_module: nn.Module) -> int:
+    """How many numbers one sequence's state holds in ``mixer_module`` (recurrent and convolution
+    states together, as fla's Cache stores them): one token run through the mixer on its own device
+    and dtype, without gradients, at layer_idx 0 and in eval mode (both restored after)."""
+    parameter = next(mixer_module.parameters())
+    cache = Cache()
+    hidden = torch.zeros(1, 1, mixer_module.hidden_size, device=parameter.device, dtype=parameter.dtype)
+    layer_idx = mixer_module.layer_idx
+    was_training = mixer_module.training
+    try:
+        # layer_idx 0 keeps the cache to one entry; a mixer without one gets one for this call
+        mixer_module.layer_idx = 0
+        mixer_module.eval()
+        with torch.no_grad():
+            mixer_module(hidden, past_key_values=cache, use_cache=True)
+    finally:
+        mixer_module.layer_idx = layer_idx
+        mixer_module.train(was_training)
+    entry = cache[0]
+
+    def count(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel()
+        if isinstance(value, (tuple, list)):
+            return sum(count(item) for item in value)
+        return 0
+
+    return count(entry["recurrent_state"]) + count(entry["conv_state"])
+
+
+def grows_with_length(mixer_module: nn.Module) -> None:
+    """The state-size rule of a mixer whose cache grows with the length (attention's keys and
+    values): no fixed size."""
+    return None
 
 
 def torch_activation(name: str, parameter: str) -> Callable[[torch.Tensor], torch.Tensor]:

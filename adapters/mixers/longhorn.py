@@ -39,6 +39,7 @@ Not pinned down, and chosen here:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -192,3 +193,11 @@ class LonghornMixer(ScanMixerMixin, nn.Module):
         )
         y = (y + x * self.D) * F.silu(z)
         return y, final_state, conv_state
+
+
+def build_longhorn(
+    hidden_size: int, num_heads: int, layer_idx: int, backbone_config: Any, options: dict[str, Any]
+) -> LonghornMixer:
+    """``build_mixer``'s builder of "longhorn": ``LonghornMixer`` with the authors' defaults
+    (num_heads unused), ``options`` its arguments."""
+    return LonghornMixer(hidden_size=hidden_size, layer_idx=layer_idx, **options)

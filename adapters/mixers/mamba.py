@@ -15,7 +15,7 @@ from transformers import initialization as init
 from transformers.models.mamba.modeling_mamba import MambaMixer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
-from ttt_mixer.adapters.mixers.common import ScanMixerMixin
+from ttt_mixer.adapters.mixers.common import ScanMixerMixin, backbone_layer_count, config_with
 from ttt_mixer.adapters.mixers.selective_scan import selective_scan
 from ttt_mixer.layers.checks import check_finite_float, check_positive_float
 
@@ -204,3 +204,32 @@ class CachedMambaMixer(ScanMixerMixin, MambaMixer):
         )
         y = (y + x * rounded_as_transformers(self.D, self.D.float())) * F.silu(gate)
         return y, final_state, conv_state
+
+
+def build_mamba(
+    hidden_size: int, num_heads: int, layer_idx: int, backbone_config: Any, options: dict[str, Any]
+) -> CachedMambaMixer:
+    """``build_mixer``'s builder of "mamba": ``CachedMambaMixer`` on ``backbone_config`` when it is a
+    MambaConfig, else on a MambaConfig of hidden_size (num_heads unused); ``options`` are MambaConfig
+    fields (e.g. state_size, expand, conv_kernel) and ``CachedMambaMixer``'s ``A_init`` and
+    ``D_init``."""
+    options = dict(options)
+    # the mixer's, not MambaConfig fields
+    inits = {name: options.pop(name) for name in ("A_init", "D_init") if name in options}
+    if isinstance(backbone_config, MambaConfig):
+        if backbone_config.hidden_size != hidden_size:
+            raise ValueError(
+                f"hidden_size {hidden_size} differs from the MambaConfig's {backbone_config.hidden_size}"
+            )
+        config = config_with(MambaConfig, backbone_config, options, {}) if options else backbone_config
+    else:
+        defaults = {
+            "hidden_size": hidden_size,
+            "num_hidden_layers": backbone_layer_count(backbone_config, layer_idx),
+        }
+        config = config_with(MambaConfig, None, options, defaults)
+    if not 0 <= layer_idx < config.num_hidden_layers:
+        raise ValueError(
+            f"layer_idx {layer_idx} is outside the MambaConfig's {config.num_hidden_layers} layers"
+        )
+    return CachedMambaMixer(config, layer_idx, **inits)

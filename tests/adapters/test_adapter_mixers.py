@@ -24,18 +24,12 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotary
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from ttt_mixer.adapters import swap_mixer
-from ttt_mixer.adapters.mixers import (
-    MIXER_NAMES,
-    BasedMixer,
-    CachedAttention,
-    CachedMambaMixer,
-    GatedDeltaNetMixer,
-    GLAMixer,
-    build_mixer,
-    recurrent_state_size,
-)
-from ttt_mixer.adapters.mixers.based import taylor_features
-from ttt_mixer.adapters.mixers.mamba import MAMBA_CACHE_ARGUMENT
+from ttt_mixer.adapters.mixers import MIXER_NAMES, build_mixer, recurrent_state_size
+from ttt_mixer.adapters.mixers.attention import CachedAttention
+from ttt_mixer.adapters.mixers.based import BasedMixer, taylor_features
+from ttt_mixer.adapters.mixers.gated_deltanet import GatedDeltaNetMixer
+from ttt_mixer.adapters.mixers.gla import GLAMixer
+from ttt_mixer.adapters.mixers.mamba import MAMBA_CACHE_ARGUMENT, CachedMambaMixer
 
 TOL = 1e-5  # float32
 HIDDEN, HEADS = 32, 4

@@ -15,8 +15,8 @@ from recurrent_mixer_checks import EXACT, max_err, randn
 from transformers import MambaConfig, MambaForCausalLM
 
 from ttt_mixer.adapters import swap_mixer
-from ttt_mixer.adapters.mixers import LonghornMixer, build_mixer, recurrent_state_size
-from ttt_mixer.adapters.mixers.longhorn import longhorn_scan, longhorn_scan_reference
+from ttt_mixer.adapters.mixers import build_mixer, recurrent_state_size
+from ttt_mixer.adapters.mixers.longhorn import LonghornMixer, longhorn_scan, longhorn_scan_reference
 
 HIDDEN = 32
 

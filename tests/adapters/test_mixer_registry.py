@@ -29,18 +29,18 @@ from ttt_mixer.adapters import (
     build_mixer,
     recurrent_state_size,
 )
-from ttt_mixer.adapters.cli import add_swap_arguments
 from ttt_mixer.adapters.mixers.registry import (
     BACKBONES,
+    GROWS_WITH_LENGTH,
     MIXER_TABLE_BEGIN,
     MIXER_TABLE_END,
     MIXERS,
     MixerSpec,
-    grows_with_length,
     mixer_spec,
     mixer_table,
     spec_of,
 )
+from ttt_mixer.cli import add_swap_arguments
 from ttt_mixer.recall_gap import DESCRIPTION
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
 from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, CPU_MIXERS, RECALL_GAP_MIXERS, ZOOLOGY_GPU
@@ -104,21 +104,19 @@ def test_an_entry_builds_its_mixer_in_every_backbone_it_names(spec: MixerSpec) -
         hidden = torch.randn(2, 5, HIDDEN)
         output = mixer(hidden)[0]
         assert output.shape == hidden.shape and torch.isfinite(output).all(), backbone
-        assert spec_of(mixer).state_size is spec.state_size
+        assert spec_of(mixer).state_size == spec.state_size
         size = recurrent_state_size(mixer)
-        if spec.state_size is grows_with_length:
+        if spec.state_size == GROWS_WITH_LENGTH:
             assert size is None
         else:
             assert isinstance(size, int) and size > 0, (backbone, size)
-    assert [s.name for s in MIXERS if s.state_size is grows_with_length] == ["attention"]
+    assert [s.name for s in MIXERS if s.state_size == GROWS_WITH_LENGTH] == ["attention"]
 
 
 def test_entries_of_one_layer_class_share_its_state_size_rule_and_other_modules_have_none() -> None:
     """``recurrent_state_size`` finds a mixer's entry by its class (Titans and LaCT share one)."""
     for spec in MIXERS:
-        assert all(
-            other.state_size is spec.state_size for other in MIXERS if other.layer_class is spec.layer_class
-        )
+        assert all(other.state_size == spec.state_size for other in MIXERS if other.layer == spec.layer)
     with pytest.raises(TypeError, match=r"registered mixers .* got Linear"):
         recurrent_state_size(nn.Linear(4, 4))
 

@@ -12,9 +12,8 @@ from fla.models.utils import Cache
 from transformers import DynamicCache, MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
-from ttt_mixer.adapters.mixers import CachedMambaMixer
 from ttt_mixer.adapters.mixers.common import causal_conv
-from ttt_mixer.adapters.mixers.mamba import MAMBA_CACHE_ARGUMENT
+from ttt_mixer.adapters.mixers.mamba import MAMBA_CACHE_ARGUMENT, CachedMambaMixer
 from ttt_mixer.adapters.mixers.selective_scan import (
     online_scan,
     selective_scan,
