@@ -18,12 +18,10 @@ from transformers import (
 )
 
 from ttt_mixer.adapters.configuration import MixerLlamaConfig, MixerMamba2Config, MixerMambaConfig
-from ttt_mixer.adapters.mixers.registry import INITS, MIXER_NAMES
+from ttt_mixer.adapters.mixers.registry import INITS, MIXER_NAMES, attention_start_mixers, mixer_spec
 from ttt_mixer.adapters.modeling import MixerLlamaForCausalLM, MixerMamba2ForCausalLM, MixerMambaForCausalLM
 from ttt_mixer.layers import TTTLayer
 
-# mixers that ``init="attention"`` can start from an attention layer's q/k/v/o projections
-ATTENTION_INIT_MIXERS = ("attention", "ttt_linear", "ttt_mlp")
 # config keys that do not carry over: those that name a class or a file rather than describe the
 # network, Mistral's and Qwen2's attention windows, checked not to bind (``_check_full_attention``),
 # and how the source's weights were stored: a GGUF load leaves {"quant_method": "gguf", "gguf_file":
@@ -46,17 +44,18 @@ _NOT_CARRIED_KEYS = (
 )
 
 
-def _family(model: nn.Module) -> tuple[type, type, str, str]:
-    """(config class, model class, default mixer, module path of layer i's mixer) of a supported model."""
+def _family(model: nn.Module) -> tuple[type, type, str]:
+    """(config class, model class, module path of layer i's mixer) of a supported model; the config
+    class's ``default_mixer`` is the backbone's own mixer."""
     if isinstance(model, (MistralForCausalLM, Qwen2ForCausalLM)):
         _check_full_attention(model)
     if isinstance(model, (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixerLlamaForCausalLM)):
-        return MixerLlamaConfig, MixerLlamaForCausalLM, "attention", "model.layers.{}.self_attn"
+        return MixerLlamaConfig, MixerLlamaForCausalLM, "model.layers.{}.self_attn"
     # (a MixerMamba2ForCausalLM is a MixerMambaForCausalLM: tested first)
     if isinstance(model, (Mamba2ForCausalLM, MixerMamba2ForCausalLM)):
-        return MixerMamba2Config, MixerMamba2ForCausalLM, "mamba2", "backbone.layers.{}.mixer"
+        return MixerMamba2Config, MixerMamba2ForCausalLM, "backbone.layers.{}.mixer"
     if isinstance(model, (MambaForCausalLM, MixerMambaForCausalLM)):
-        return MixerMambaConfig, MixerMambaForCausalLM, "mamba", "backbone.layers.{}.mixer"
+        return MixerMambaConfig, MixerMambaForCausalLM, "backbone.layers.{}.mixer"
     raise TypeError(
         "swap_mixer takes a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MambaForCausalLM, "
         "Mamba2ForCausalLM or a model swap_mixer returned (MixerLlamaForCausalLM, MixerMambaForCausalLM, "
@@ -82,12 +81,12 @@ def _check_full_attention(model: MistralForCausalLM | Qwen2ForCausalLM) -> None:
 
 def mixer_path(model: nn.Module) -> str:
     """Module path of layer i's mixer, to ``.format(i)``."""
-    return _family(model)[3]
+    return _family(model)[2]
 
 
 def mixer_names(model: nn.Module) -> list[str]:
     """The mixer of each layer: the config's list, or the plain backbone's own mixer everywhere."""
-    _, _, default_mixer, _ = _family(model)
+    default_mixer = _family(model)[0].default_mixer
     return list(getattr(model.config, "mixers", [default_mixer] * model.config.num_hidden_layers))
 
 
@@ -144,10 +143,10 @@ def _attention_layout(attention: nn.Module) -> tuple[int, int, int]:
 
 
 def _attention_head_options(mixer: str, attention: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` for a TTT mixer that ``init="attention"`` starts from ``attention`` (every attention
-    layer of a model has one layout): its head_dim added when it is not hidden_size / num_heads
-    (Mistral-Nemo's 128 with 5120 / 32), a conflicting head_dim refused."""
-    if mixer not in ("ttt_linear", "ttt_mlp"):
+    """``options`` for a mixer that ``init="attention"`` starts from ``attention``'s projections (every
+    attention layer of a model has one layout): its head_dim added when it is not hidden_size /
+    num_heads (Mistral-Nemo's 128 with 5120 / 32), a conflicting head_dim refused."""
+    if mixer_spec(mixer).from_attention != "projections":
         return options
     heads, _, head_dim = _attention_layout(attention)
     if "head_dim" in options and options["head_dim"] != head_dim:
@@ -203,13 +202,14 @@ def swap_mixer(
     mixer: one of ``MIXER_NAMES``; ``mixer_options`` go to its constructor (e.g. ``mini_batch_size``).
     layers: ``"all"``, ``"every:k"`` (every k-th layer: k-1, 2k-1, ...) or a list of indices.
     init: ``"random"`` (the mixer's own initialisation) or ``"attention"``: start from the attention
-        layer it replaces. For TTT, theta_Q/K/V/O are the attention's q/k/v/o projections, key and value
-        heads repeated for grouped-query attention, and query/key rows reordered from transformers'
-        half-split RoPE pairs to TTT's interleaved ones; the TTT layer takes the attention's head_dim
-        (set in its options when it is not hidden_size / num_attention_heads); an attention mixer
-        copies the layer as is.
+        layer it replaces, as the mixer's registry entry says (``MixerSpec.from_attention``; the
+        mixers that can: ``attention_start_mixers()``). "projections" (TTT): theta_Q/K/V/O are the
+        attention's q/k/v/o projections, key and value heads repeated for grouped-query attention,
+        and query/key rows reordered from transformers' half-split RoPE pairs to TTT's interleaved
+        ones; the TTT layer takes the attention's head_dim (set in its options when it is not
+        hidden_size / num_attention_heads). "copy" (attention): the layer is copied as is.
     """
-    config_class, model_class, _, path = _family(model)
+    config_class, model_class, path = _family(model)
     if mixer not in MIXER_NAMES:
         raise ValueError(f"mixer must be one of {list(MIXER_NAMES)}, got {mixer!r}")
     if init not in INITS:
@@ -217,8 +217,10 @@ def swap_mixer(
     config = _mixer_config(model, config_class)
     indices = parse_layers(layers, config.num_hidden_layers)
     if init == "attention":
-        if mixer not in ATTENTION_INIT_MIXERS:
-            raise ValueError(f"init='attention' supports mixers {list(ATTENTION_INIT_MIXERS)}, not {mixer!r}")
+        if mixer_spec(mixer).from_attention is None:
+            raise ValueError(
+                f"init='attention' supports mixers {list(attention_start_mixers())}, not {mixer!r}"
+            )
         not_attention = [i for i in indices if config.mixers[i] != "attention"]
         if not_attention:
             raise ValueError(f"init='attention': layers {not_attention} hold no attention to start from")
@@ -248,9 +250,9 @@ def swap_mixer(
     if init == "attention":
         for i in indices:
             old, new = model.get_submodule(path.format(i)), swapped.get_submodule(path.format(i))
-            if isinstance(new, TTTLayer):
+            if mixer_spec(mixer).from_attention == "projections":
                 _init_ttt_from_attention(new, old)
-            else:
+            else:  # "copy"
                 new.load_state_dict(old.state_dict())
     swapped.generation_config = copy.deepcopy(model.generation_config)
     swapped.train(model.training)

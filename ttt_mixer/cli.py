@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ttt_mixer.adapters.mixers.registry import INITS, MIXER_NAMES, mixer_help
+from ttt_mixer.adapters.mixers.registry import INITS, MIXER_NAMES, attention_start_mixers, mixer_help
 from ttt_mixer.arguments import (
     HelpFormatter,
     add_overwrite_argument,
@@ -218,7 +218,7 @@ def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
         choices=INITS,
         default="random",
         help="random: the new mixers start from their own initialisation; attention: they start from "
-        "the replaced attention's projections where the mixer has matching ones (Llama backbones)",
+        f"the attention they replace (Llama backbones; mixers {', '.join(attention_start_mixers())})",
     )
     parser.add_argument(
         "--option",

@@ -1,6 +1,6 @@
 """The registry of mixers: one ``MixerSpec`` per mixer, the only list of them. ``build_mixer``,
-``recurrent_state_size``, ``MIXER_NAMES``, ``swap_mixer``'s and the configs' checks, the command
-line's choices and help and the README's mixer table all read it; the recall gap keys its own
+``recurrent_state_size``, ``MIXER_NAMES``, ``swap_mixer``'s and the configs' checks, ``swap_mixer``'s
+start from attention, the command line's choices and help and the README's mixer table all read it; the recall gap keys its own
 per-mixer table (learning rates, options, costs) by these names.
 
 Reading it imports nothing heavy (no torch, transformers or fla): an entry names its layer class and
@@ -30,6 +30,10 @@ Builder = Callable[[int, int, int, Any, "dict[str, Any]"], "nn.Module"]
 BACKBONES = {"llama": "Llama", "mamba": "Mamba", "mamba2": "Mamba-2"}
 # how swap_mixer may start a swapped mixer: from its own init, or from the attention it replaces
 INITS = ("random", "attention")
+# how a mixer starts from the attention it replaces (``MixerSpec.from_attention``, swap_mixer's
+# init="attention"): "copy": the attention layer copied as is; "projections": its query, key, value
+# and output projections start from the attention's, in the attention's head layout (TTT)
+ATTENTION_STARTS = ("copy", "projections")
 # the state-size rules (``MixerSpec.state_size``)
 CACHED_STATE_SIZE = "ttt_mixer.adapters.mixers.common:cached_state_size"
 GROWS_WITH_LENGTH = "ttt_mixer.adapters.mixers.common:grows_with_length"
@@ -61,6 +65,12 @@ class MixerSpec:
     state_size: the state-size rule: numbers in one sequence's state (``CACHED_STATE_SIZE``), or
         None where the cache grows with the length (``GROWS_WITH_LENGTH``).
     backbones: the backbones (keys of ``BACKBONES``) it can be built in.
+    from_attention: how it starts from the attention it replaces (one of ``ATTENTION_STARTS``), or
+        None where it cannot.
+
+    The mixer's own parameter init is its layer's ``reset_parameters``: the backbones' weight init
+    reruns it after their own (``MixerPreTrainedMixin._init_weights``), so a mixer starts in a model
+    as it starts alone (tests/adapters/test_mixer_init.py).
     """
 
     name: str
@@ -70,6 +80,7 @@ class MixerSpec:
     constructor_defaults: Callable[[int, int], dict[str, Any]] = _no_defaults
     state_size: str = CACHED_STATE_SIZE
     backbones: tuple[str, ...] = tuple(BACKBONES)
+    from_attention: str | None = None
 
     @property
     def layer_class(self) -> type[nn.Module]:
@@ -95,11 +106,13 @@ MIXERS: tuple[MixerSpec, ...] = (
         "ttt_linear",
         "TTT-Linear (Sun et al. 2024), a linear model trained on the sequence by a gradient step per mini-batch",
         "ttt_mixer.layers:TTTLinear",
+        from_attention="projections",
     ),
     MixerSpec(
         "ttt_mlp",
         "TTT-MLP (Sun et al. 2024), TTT with a two-layer MLP as the inner model",
         "ttt_mixer.layers:TTTMLP",
+        from_attention="projections",
     ),
     MixerSpec(
         "attention",
@@ -107,6 +120,7 @@ MIXERS: tuple[MixerSpec, ...] = (
         "ttt_mixer.adapters.mixers.attention:CachedAttention",
         "ttt_mixer.adapters.mixers.attention:build_attention",
         state_size=GROWS_WITH_LENGTH,
+        from_attention="copy",
     ),
     MixerSpec(
         "based",
@@ -203,6 +217,11 @@ def recurrent_state_size(mixer_module: nn.Module) -> int | None:
     recurrent and convolution states together, as the cache stores them), or None for attention,
     whose cache grows with the length."""
     return spec_of(mixer_module).state_numbers(mixer_module)
+
+
+def attention_start_mixers() -> tuple[str, ...]:
+    """The mixers that can start from the attention they replace (``MixerSpec.from_attention``)."""
+    return tuple(spec.name for spec in MIXERS if spec.from_attention is not None)
 
 
 def mixer_help() -> str:

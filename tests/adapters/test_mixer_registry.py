@@ -4,10 +4,15 @@ choices, the recall gap's table, the README's table) equals it.
 
 What an entry must provide, checked for every entry:
 - a name (a lowercase identifier) and a one-line description (no table separator);
-- a layer class (where it initialises parameters specially, its ``reset_parameters``, which a
-  backbone's init reruns: tests/adapters/test_mixer_init.py checks every entry's start in models);
-- a builder that builds that class in every backbone it names, at a tiny size, and runs;
+- a layer class, named by module path (where it initialises parameters specially, its
+  ``reset_parameters``, which a backbone's init reruns: tests/adapters/test_mixer_init.py checks every
+  entry's start in models);
+- a builder (its own, or the layer's constructor) that builds that class in every backbone it names,
+  at a tiny size, and runs;
+- option checks: an unknown option is a TypeError naming the mixer;
 - a state-size rule that gives a positive int, or None for a cache that grows (attention only);
+- how it starts from the attention it replaces, or None: swap_mixer(init="attention") follows it and
+  refuses the entries without one;
 - a row in the recall gap's table whose options build the mixer.
 """
 
@@ -24,12 +29,15 @@ from torch import nn
 from ttt_mixer.adapters import (
     MIXER_NAMES,
     MixerLlamaConfig,
+    MixerLlamaForCausalLM,
     MixerMamba2Config,
     MixerMambaConfig,
     build_mixer,
     recurrent_state_size,
+    swap_mixer,
 )
 from ttt_mixer.adapters.mixers.registry import (
+    ATTENTION_STARTS,
     BACKBONES,
     GROWS_WITH_LENGTH,
     MIXER_TABLE_BEGIN,
@@ -38,6 +46,7 @@ from ttt_mixer.adapters.mixers.registry import (
     MixerSpec,
     mixer_spec,
     mixer_table,
+    resolve,
     spec_of,
 )
 from ttt_mixer.cli import add_swap_arguments
@@ -87,6 +96,44 @@ def test_an_entry_names_and_describes_its_mixer(spec: MixerSpec) -> None:
     assert spec.description and "\n" not in spec.description and "|" not in spec.description
     assert issubclass(spec.layer_class, nn.Module)
     assert spec.backbones and set(spec.backbones) <= set(BACKBONES)
+
+
+@entries
+def test_an_entry_names_code_that_exists(spec: MixerSpec) -> None:
+    """Its layer class and builder are ``"module:name"`` references, imported when used."""
+    assert isinstance(resolve(spec.layer), type)
+    assert spec.builder is None or callable(resolve(spec.builder))
+    assert callable(resolve(spec.state_size))
+    assert spec.from_attention is None or spec.from_attention in ATTENTION_STARTS
+
+
+@entries
+def test_an_entry_checks_its_options(spec: MixerSpec) -> None:
+    with pytest.raises(TypeError, match=rf"mixer '{spec.name}': bad options \['no_such_option'\]"):
+        build_mixer(spec.name, HIDDEN, HEADS, 0, None, no_such_option=1)
+
+
+@entries
+def test_an_entry_starts_from_attention_as_it_says(spec: MixerSpec) -> None:
+    """swap_mixer(init="attention") in a tiny Llama: "copy" keeps the attention's weights, and
+    "projections" its value and output projections (whose rows need no reordering); an entry
+    without a start from attention is refused."""
+    torch.manual_seed(0)
+    llama = MixerLlamaForCausalLM(tiny_backbone_config("llama", "attention"))
+    options = TINY_MIXER_OPTIONS.get(spec.name, {})
+    if spec.from_attention is None:
+        with pytest.raises(ValueError, match="init='attention' supports mixers"):
+            swap_mixer(llama, spec.name, init="attention", **options)
+        return
+    swapped = swap_mixer(llama, spec.name, init="attention", **options)
+    old, new = llama.model.layers[0].self_attn, swapped.model.layers[0].self_attn
+    assert type(new) is spec.layer_class
+    if spec.from_attention == "copy":
+        new_state = new.state_dict()
+        assert all(torch.equal(value, new_state[key]) for key, value in old.state_dict().items())
+    else:
+        assert torch.equal(new.v_proj.weight, old.v_proj.weight)
+        assert torch.equal(new.o_proj.weight, old.o_proj.weight)
 
 
 @entries
