@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ttt_mixer.adapters.swap import mixer_names, mixer_path
+from ttt_mixer.training import FiniteLossTrainer, NonFiniteTrainingError
 
 
 @dataclass
@@ -49,26 +50,6 @@ def swapped_layers(student: PreTrainedModel, teacher: PreTrainedModel) -> list[i
 
 def _output(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, tuple) else value
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Training produced a non-finite loss or weights; the student must not be used or saved."""
-
-
-class FiniteLossTrainer(Trainer):
-    """transformers' ``Trainer``, stopping at a non-finite loss, before the optimiser steps and
-    before anything more is saved."""
-
-    def training_step(
-        self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any
-    ) -> torch.Tensor:
-        loss = super().training_step(model, inputs, *args, **kwargs)
-        if not torch.isfinite(loss):
-            raise NonFiniteTrainingError(
-                f"training became non-finite at step {self.state.global_step + 1} (loss {loss.item():.4g}); "
-                "lower the learning rate. Nothing of this step was saved"
-            )
-        return loss
 
 
 def _check_finite_weights(stage: str, parameters: list[nn.Parameter]) -> None:

@@ -32,8 +32,23 @@ the model's ``max_length`` (lm-eval's, from ``--model_args max_length=...`` or t
 MQAR documents must fit it too. So lm-eval never cuts a prompt, which would remove the needle, keys
 or queries. Options, set with
 ``--metadata '{"context_lengths": [512, 1024], "mqar_num_kv_pairs": 16}'``, and their defaults are
-``recall.OPTION_DEFAULTS``; a malformed value, a length too short for its prompt or an unknown option
-with a task's prefix raises ValueError naming it.
+in ``options.OPTION_GROUPS``; a malformed value, a length too short for its prompt or an unknown
+option with a task's prefix raises ValueError naming it.
+
+Modules: one per task family, each with its YAMLs, and the helpers they share. Dependencies point
+from the families to the helpers, never back.
+
+- families: ``recall`` (``ttt_recall_synthetic``: MQAR, phonebook, passkey), ``recall_data``
+  (``ttt_recall_data``), ``perplexity`` (``ttt_ppl``); the YAMLs name their functions by module path
+  (``!function ttt_mixer.eval_tasks.recall.mqar_dataset``).
+- helpers: ``options`` (every group's options and defaults, ``OPTION_GROUPS``, and reading them from
+  lm-eval's metadata), ``tokens`` (the model's tokenizer, token counts, the model's ``max_length``,
+  prompts sized in tokens), ``documents`` (documents generated in code: an RNG per document, the test
+  split, exact-match scoring per length), ``per_length`` (the task class of metrics scored per length).
+
+A new family: its module (reading its options with ``options.task_options`` and the helpers above),
+its row in ``options.OPTION_GROUPS``, its YAMLs (and, for a group, the group's YAML), and its lines in
+``ttt-mixer eval --help`` (``ttt_mixer.cli.EVAL_EPILOG``).
 """
 
 from __future__ import annotations

@@ -47,17 +47,9 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
 
 from .options import task_options
-from .recall import Tokenizer, model_max_length, resolve_tokenizer
+from .tokens import Tokenizer, model_max_length, resolve_tokenizer
 
-OPTION_DEFAULTS: dict[str, Any] = {
-    "ppl_files": None,  # local text files, one document each: a glob or a list of paths/globs
-    "ppl_dataset": "emozilla/pg19-test",  # else this dataset (hub id or local folder)
-    "ppl_dataset_split": "test",
-    "ppl_text_column": "text",
-    "ppl_bucket_edges": [0, 512, 1024, 2048, 4096, 8192, 16384, 32768],  # tokens
-    "ppl_max_tokens": 32768,  # documents are cut to this many tokens
-}
-OPTION_PREFIX = "ppl_"
+GROUP = "ttt_ppl"  # its options: the group's row of options.OPTION_GROUPS
 # characters kept per token before tokenizing a document, so a whole book is not tokenized to keep
 # its first ppl_max_tokens tokens; no tokenizer makes a token longer than this of ordinary text
 CHARS_PER_TOKEN_BOUND = 64
@@ -88,7 +80,7 @@ def _positive_int(option: str, value: Any) -> int:
 def parse_options(metadata: Mapping[str, Any]) -> PerplexityOptions:
     """This module's options from lm-eval's task ``metadata``, defaults filled in; raises ValueError
     naming the option for a malformed value or an unknown ``ppl_`` key."""
-    get = task_options(metadata, OPTION_DEFAULTS, OPTION_PREFIX, "ttt_ppl").__getitem__
+    get = task_options(metadata, GROUP).__getitem__
     files = get("ppl_files")
     if files is not None:
         files = [files] if isinstance(files, str) else files
@@ -170,7 +162,7 @@ def _documents(
     tokenizer: Tokenizer | None, metadata: Mapping[str, Any], max_tokens: int
 ) -> list[dict[str, Any]]:
     options = parse_options(metadata)
-    tokenizer = resolve_tokenizer(metadata, tokenizer, "ttt_ppl")
+    tokenizer = resolve_tokenizer(metadata, tokenizer, GROUP)
     docs = []
     for name, text in load_texts(options):
         text, ids = truncate(tokenizer, text.strip(), min(max_tokens, options.max_tokens))
@@ -255,7 +247,7 @@ def buckets(tokenizer: Tokenizer, ids: Sequence[int], edges: Sequence[int]) -> l
 def position_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[str, datasets.Dataset]:
     options = parse_options(metadata)
     max_tokens = min(options.max_tokens, options.bucket_edges[-1])
-    tok = resolve_tokenizer(metadata, tokenizer, "ttt_ppl")
+    tok = resolve_tokenizer(metadata, tokenizer, GROUP)
     docs = _documents(tok, metadata, max_tokens)
     limit = model_max_length(metadata, tok)
     longest = max(len(d["ids"]) for d in docs)

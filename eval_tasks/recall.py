@@ -3,10 +3,12 @@ and ``ttt_passkey``.
 
 lm-eval calls the ``*_dataset`` functions (``custom_dataset`` in the task YAMLs) with the task's
 ``metadata``: the YAML's own (``version``), the parsed ``--model_args`` (``pretrained``,
-``trust_remote_code``, ...) and the ``--metadata`` JSON, merged. :func:`parse_options` reads this
-module's options from it (see ``OPTION_DEFAULTS``); other keys belong to the model or lm-eval and
-are ignored, except that a key with one of this module's prefixes (``mqar_``, ``phonebook_``,
-``passkey_``, ``ttt_recall_``) that is not an option is rejected, to catch typos.
+``trust_remote_code``, ...) and the ``--metadata`` JSON, merged. :func:`parse_options` reads the
+group's options from it (their defaults: the ``ttt_recall`` row of ``options.OPTION_GROUPS``); other
+keys belong to the model or lm-eval and are ignored, except that a key with one of the group's
+prefixes (``mqar_``, ``phonebook_``, ``passkey_``, ``ttt_recall_``) that is not an option is
+rejected, to catch typos. The tokenizer that sizes prompts and the model's ``max_length`` come from
+``tokens``, the documents' RNG, split and exact-match scoring from ``documents``.
 
 Every document records its context length, and the ``*_process_results`` functions score it under a
 key named after that length (``acc@128``, ``exact_match@1024``), which lm-eval averages over the
@@ -14,7 +16,7 @@ documents of that length: the results JSON holds one number per task, metric and
 documents are interleaved across lengths (sample 0 at every length, then sample 1, ...), so that a
 small ``--limit`` still covers every length.
 
-Every document fits the model's ``max_length`` as lm-eval reads it (:func:`model_max_length`), so
+Every document fits the model's ``max_length`` as lm-eval reads it (``tokens.model_max_length``), so
 lm-eval never cuts a prompt (it drops the start of one that is too long, and with it a needle, the
 keys or the queries). A phonebook or passkey length L is the model's whole window: the prompt, as
 lm-eval tokenizes it, takes at most L minus the task's ``max_gen_toks`` tokens (lm-eval keeps that
@@ -24,33 +26,24 @@ context and each choice, scored by log-likelihood) longer than ``max_length`` is
 
 from __future__ import annotations
 
-import functools
 import itertools
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .options import task_options
+from .documents import document_rng, exact_match_results, test_split
+from .options import OPTION_GROUPS, task_options
+from .tokens import TokenCounter, Tokenizer, fill_to_length, model_max_length, token_counter
 
 if TYPE_CHECKING:
     import datasets
 
 # ---------------------------------------------------------------------------------------- options
 
-OPTION_DEFAULTS: dict[str, Any] = {
-    "seed": 1234,  # every document is drawn from an RNG seeded with (seed, task, length, sample)
-    "num_samples": 50,  # documents per length (MQAR: sequences per length, each giving one per query)
-    "context_lengths": [1024, 2048, 4096],  # phonebook, passkey: prompt + max_gen_toks, model's tokens
-    "mqar_seq_lengths": [64, 128, 256],  # Zoology's input_seq_len, in symbols (keys, values, filler)
-    "mqar_num_kv_pairs": 8,  # key-value pairs per sequence; every key is queried once
-    "mqar_power_a": 0.01,  # query gaps g = 0, 1, ... are drawn with p(g) ∝ (g + 1) ** (power_a - 1)
-    "passkey_digits": 5,  # digits of the passkey
-    "passkey_depths": [0.0, 0.25, 0.5, 0.75, 1.0],  # where the needle sits in the filler, cycled
-}
-OPTION_PREFIXES = ("mqar_", "phonebook_", "passkey_", "ttt_recall_")
+GROUP = "ttt_recall"
+OPTION_DEFAULTS = OPTION_GROUPS[GROUP].defaults  # (the group's row of options.OPTION_GROUPS)
 
 
 @dataclass(frozen=True)
@@ -87,7 +80,7 @@ def _int_list(name: str, value: Any, minimum: int) -> tuple[int, ...]:
 def parse_options(metadata: Mapping[str, Any]) -> RecallOptions:
     """This module's options from lm-eval's task ``metadata``, defaults filled in; raises ValueError
     naming the option for a malformed value or an unknown prefixed key."""
-    get = task_options(metadata, OPTION_DEFAULTS, OPTION_PREFIXES, "ttt_recall").__getitem__
+    get = task_options(metadata, GROUP).__getitem__
     power_a = get("mqar_power_a")
     if isinstance(power_a, bool) or not isinstance(power_a, int | float) or not 0 < power_a <= 1:
         raise ValueError(f"ttt_recall option 'mqar_power_a' must be a number in (0, 1], got {power_a!r}")
@@ -107,87 +100,6 @@ def parse_options(metadata: Mapping[str, Any]) -> RecallOptions:
         passkey_digits=_int("passkey_digits", get("passkey_digits"), 1, 20),  # max_gen_toks is 32
         passkey_depths=tuple(float(d) for d in depths),
     )
-
-
-def _rng(seed: int, task: int, length: int, sample: int) -> np.random.Generator:
-    """Independent of the other lengths and of num_samples: adding a length changes no document."""
-    return np.random.default_rng([seed, task, length, sample])
-
-
-def _dataset(docs: list[dict[str, Any]]) -> dict[str, datasets.Dataset]:
-    import datasets  # here, not at the top: the command line's help reads this module's constants
-
-    return {"test": datasets.Dataset.from_list(docs, split=datasets.Split.TEST)}
-
-
-# -------------------------------------------------------------------------------------- tokenizer
-
-Tokenizer = Any  # a transformers tokenizer: anything with __call__(text).input_ids
-TokenCounter = Callable[[str], int]
-
-
-@functools.cache
-def _load_tokenizer(name: str, trust_remote_code: bool) -> Tokenizer:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-
-
-def resolve_tokenizer(metadata: Mapping[str, Any], tokenizer: Tokenizer | None, group: str) -> Tokenizer:
-    """The model's tokenizer, as lm-eval's RULER tasks find it: ``tokenizer`` in the metadata, else
-    the model's ``pretrained`` (both arrive from ``--model_args``, or ``tokenizer`` from
-    ``--metadata``); an explicit ``tokenizer`` object (tests) wins."""
-    if tokenizer is not None:
-        return tokenizer
-    name = metadata.get("tokenizer") or metadata.get("pretrained")
-    if not isinstance(name, str) or not name:
-        raise ValueError(
-            f"{group} option 'tokenizer': these tasks count tokens with the model's tokenizer; "
-            "pass --model_args pretrained=... or --metadata '{\"tokenizer\": ...}'"
-        )
-    return _load_tokenizer(name, bool(_flag(metadata, "trust_remote_code")))
-
-
-def _flag(metadata: Mapping[str, Any], name: str) -> bool | None:
-    value = metadata.get(name)
-    return None if value is None else str(value).lower() == "true"
-
-
-def token_counter(metadata: Mapping[str, Any], tokenizer: Tokenizer | None = None) -> TokenCounter:
-    """Counts the tokens lm-eval's hf model feeds the model for a text: the tokenizer's own special
-    tokens included (a BOS token, for a tokenizer that adds one) unless ``add_bos_token`` of
-    ``--model_args`` says otherwise, as ``HFLM.tok_encode`` and ``tok_batch_encode`` encode."""
-    tokenizer = resolve_tokenizer(metadata, tokenizer, "ttt_recall")
-    add_bos = _flag(metadata, "add_bos_token")
-    special = {} if add_bos is None else {"add_special_tokens": add_bos}
-    return lambda text: len(tokenizer(text, **special).input_ids)
-
-
-def model_max_length(metadata: Mapping[str, Any], tokenizer: Tokenizer | None = None) -> int | None:
-    """The most tokens lm-eval's hf model reads (``HFLM.max_length``): ``max_length`` of
-    ``--model_args`` (or ``--metadata``), else lm-eval's own ``resolve_max_length`` of the model's
-    config and tokenizer. None when no config can be read (no ``pretrained``, or a model lm-eval
-    loads otherwise): then nothing is checked against it."""
-    value = metadata.get("max_length")
-    if value not in (None, ""):
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"model argument 'max_length' must be a positive integer, got {value!r}")
-        return value
-    name = metadata.get("pretrained")
-    if not isinstance(name, str) or not name:
-        return None
-    from lm_eval.models.utils import DEFAULT_MAX_LENGTH, resolve_max_length
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(
-            name, trust_remote_code=bool(_flag(metadata, "trust_remote_code"))
-        )
-    except (OSError, ValueError):  # no config transformers reads (lm-eval may load it otherwise)
-        return None
-    return resolve_max_length(config, tokenizer, default=DEFAULT_MAX_LENGTH)
 
 
 # ------------------------------------------------------------------------------------------- MQAR
@@ -261,10 +173,10 @@ def mqar_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[st
     each choice, as lm-eval encodes them) must fit it."""
     options = parse_options(metadata)
     for length in options.mqar_seq_lengths:  # all lengths checked before any is built
-        mqar_sequence(_rng(0, 0, 0, 0), length, options.mqar_num_kv_pairs, options.mqar_power_a)
+        mqar_sequence(document_rng(0, 0, 0, 0), length, options.mqar_num_kv_pairs, options.mqar_power_a)
     sequences = {
         (length, i): mqar_sequence(
-            _rng(options.seed, 0, length, i), length, options.mqar_num_kv_pairs, options.mqar_power_a
+            document_rng(options.seed, 0, length, i), length, options.mqar_num_kv_pairs, options.mqar_power_a
         )
         for length in options.mqar_seq_lengths
         for i in range(options.num_samples)
@@ -286,7 +198,7 @@ def mqar_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[st
         )
     limit = model_max_length(metadata, tokenizer)
     if limit is not None:
-        count = token_counter(metadata, tokenizer)
+        count = token_counter(metadata, tokenizer, GROUP)
         for doc in docs:
             # lm-eval scores a choice on context + " " + choice, read as one sequence
             tokens = max(count(f"{doc['context']} {choice}") for choice in doc["choices"])
@@ -297,7 +209,7 @@ def mqar_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[st
                     "its start; lower mqar_seq_lengths, or pass --model_args ...,max_length=N for a "
                     "model that reads more"
                 )
-    return _dataset(docs)
+    return test_split(docs)
 
 
 def mqar_process_results(doc: Mapping[str, Any], results: Sequence[tuple[float, bool]]) -> dict[str, float]:
@@ -313,23 +225,7 @@ def mqar_process_results(doc: Mapping[str, Any], results: Sequence[tuple[float, 
     }
 
 
-# ------------------------------------------------------------------- token-sized prompts (shared)
-
-
-def _fill_to_length(
-    build: Callable[[int], str], count: TokenCounter, length: int, max_units: int
-) -> tuple[str, int]:
-    """The prompt ``build(n)`` with the most filler units ``n <= max_units`` that stays within
-    ``length`` tokens; assumes the token count grows with ``n``. Bisection: ~log2(max_units)
-    tokenizations."""
-    lo, hi = 0, max_units
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count(build(mid)) <= length:
-            lo = mid
-        else:
-            hi = mid - 1
-    return build(lo), lo
+# ------------------------------------------------------------- context lengths (phonebook, passkey)
 
 
 def _check_lengths(lengths: Sequence[int], minimum: int, what: str, limit: int | None) -> None:
@@ -346,12 +242,6 @@ def _check_lengths(lengths: Sequence[int], minimum: int, what: str, limit: int |
             f"lm-eval would cut the start of such a prompt; pass lengths <= {limit}, or --model_args "
             "...,max_length=N for a model that reads more"
         )
-
-
-def _exact_match_results(doc: Mapping[str, Any], results: Sequence[str], pattern: str) -> dict[str, float]:
-    """``exact_match@L``: the first match of ``pattern`` in the generation equals the answer."""
-    found = re.search(pattern, results[0])
-    return {f"exact_match@{doc['length']}": float(found is not None and found.group(0) == doc["answer"])}
 
 
 # -------------------------------------------------------------------------------------- phonebook
@@ -403,7 +293,7 @@ def phonebook_doc(rng: np.random.Generator, count: TokenCounter, length: int) ->
         kept = others[: max(n, 1)]
         return [*kept[: round(depth * len(kept))], queried, *kept[round(depth * len(kept)) :]]
 
-    prompt, n = _fill_to_length(
+    prompt, n = fill_to_length(
         lambda n: phonebook_prompt(entries(n), queried[0]),
         count,
         length - PHONEBOOK_MAX_GEN_TOKS,
@@ -414,17 +304,17 @@ def phonebook_doc(rng: np.random.Generator, count: TokenCounter, length: int) ->
 
 def phonebook_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[str, datasets.Dataset]:
     options = parse_options(metadata)
-    count = token_counter(metadata, tokenizer)
-    minimum = count(phonebook_prompt(phonebook_entries(_rng(0, 1, 0, 0), 2), "Zuzuzu Zuzuzu")) + 8
+    count = token_counter(metadata, tokenizer, GROUP)
+    minimum = count(phonebook_prompt(phonebook_entries(document_rng(0, 1, 0, 0), 2), "Zuzuzu Zuzuzu")) + 8
     _check_lengths(
         options.context_lengths,
         minimum + PHONEBOOK_MAX_GEN_TOKS,
         "phonebook prompt with two entries",
         model_max_length(metadata, tokenizer),
     )
-    return _dataset(
+    return test_split(
         [
-            phonebook_doc(_rng(options.seed, 1, length, i), count, length)
+            phonebook_doc(document_rng(options.seed, 1, length, i), count, length)
             for i in range(options.num_samples)
             for length in options.context_lengths
         ]
@@ -432,7 +322,7 @@ def phonebook_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> di
 
 
 def phonebook_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, float]:
-    return _exact_match_results(doc, results, PHONE_PATTERN)
+    return exact_match_results(doc, results, PHONE_PATTERN)
 
 
 # ---------------------------------------------------------------------------------------- passkey
@@ -461,13 +351,13 @@ def passkey_doc(
 ) -> dict[str, Any]:
     key = "".join(str(d) for d in [rng.integers(1, 10), *rng.integers(0, 10, size=digits - 1)])
     budget = length - PASSKEY_MAX_GEN_TOKS  # tokens lm-eval leaves the prompt
-    prompt, _ = _fill_to_length(lambda n: passkey_prompt(key, n, depth), count, budget, budget)
+    prompt, _ = fill_to_length(lambda n: passkey_prompt(key, n, depth), count, budget, budget)
     return {"context": prompt, "answer": key, "length": length, "depth": depth}
 
 
 def passkey_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[str, datasets.Dataset]:
     options = parse_options(metadata)
-    count = token_counter(metadata, tokenizer)
+    count = token_counter(metadata, tokenizer, GROUP)
     minimum = count(passkey_prompt("9" * options.passkey_digits, 0, 0.0)) + 8
     _check_lengths(
         options.context_lengths,
@@ -476,10 +366,10 @@ def passkey_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict
         model_max_length(metadata, tokenizer),
     )
     depths = options.passkey_depths
-    return _dataset(
+    return test_split(
         [
             passkey_doc(
-                _rng(options.seed, 2, length, i),
+                document_rng(options.seed, 2, length, i),
                 count,
                 length,
                 options.passkey_digits,
@@ -492,4 +382,4 @@ def passkey_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict
 
 
 def passkey_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, float]:
-    return _exact_match_results(doc, results, r"\d+")
+    return exact_match_results(doc, results, r"\d+")

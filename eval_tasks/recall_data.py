@@ -69,16 +69,13 @@ COLUMNS = {
     "squad_completion": ("text", "value"),
 }
 TWICE_COLUMNS = ("context", "question")  # SQuAD's twice prompt
-OPTION_DEFAULTS: dict[str, Any] = {"recall_data_files": {}}
-OPTION_PREFIX = "recall_data"
+GROUP = "ttt_recall_data"  # its options: the group's row of options.OPTION_GROUPS
 SWDE_SUMMARY = "Summary of information above..."
 
 
 def data_files(metadata: Mapping[str, Any]) -> dict[str, str]:
     """The ``recall_data_files`` option: dataset name -> local file; ValueError naming it."""
-    files = (
-        task_options(metadata, OPTION_DEFAULTS, OPTION_PREFIX, "ttt_recall_data")["recall_data_files"] or {}
-    )
+    files = task_options(metadata, GROUP)["recall_data_files"] or {}
     if not isinstance(files, Mapping) or not all(
         name in DATASETS and isinstance(path, str) and path for name, path in files.items()
     ):

@@ -18,7 +18,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from ttt_mixer import TTTConfig, TTTLayer
 from ttt_mixer.adapters import MixerLlamaConfig, MixerMambaConfig, swap_mixer
-from ttt_mixer.adapters.distill import NonFiniteTrainingError, distill
+from ttt_mixer.adapters.distill import distill
 from ttt_mixer.cli import main
 from ttt_mixer.convert import CONFIG_FIELDS, LAYER_KEYS, MODEL_KEYS, from_ttt_lm_pytorch
 from ttt_mixer.eval_tasks.perplexity import parse_options as ppl_options
@@ -27,6 +27,7 @@ from ttt_mixer.models.causal_lm import CACHE_FIELD
 from ttt_mixer.ops import ttt_chunk, ttt_primal, ttt_step
 from ttt_mixer.ops.ttt_family import FamilySpec, ttt_family_chunk
 from ttt_mixer.ops.ttt_family.inner import param_shapes
+from ttt_mixer.training import NonFiniteTrainingError
 
 
 @dataclass(frozen=True)

@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         import ttt_mixer.adapters
 
         ttt_mixer.adapters.import_adapters()
-        from ttt_mixer.adapters.distill import NonFiniteTrainingError
         from ttt_mixer.progress import plain_output_for_logs
+        from ttt_mixer.training import NonFiniteTrainingError
 
         reported += (NonFiniteTrainingError,)
         plain_output_for_logs()  # (it imports transformers and datasets)

@@ -18,7 +18,7 @@ from eval_models import save_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ttt_mixer.eval_tasks import recall, tasks_path
+from ttt_mixer.eval_tasks import recall, tasks_path, tokens
 
 MAX_LENGTH = 256
 GEN_TOKS = {"passkey": recall.PASSKEY_MAX_GEN_TOKS, "phonebook": recall.PHONEBOOK_MAX_GEN_TOKS}
@@ -110,9 +110,9 @@ def test_generation_tokens_match_the_task_configs() -> None:
         pass
 
     Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    for task, tokens in GEN_TOKS.items():
+    for task, max_gen_toks in GEN_TOKS.items():
         config = yaml.load(Path(tasks_path(), f"ttt_{task}.yaml").read_text(), Loader=Loader)
-        assert config["generation_kwargs"]["max_gen_toks"] == tokens
+        assert config["generation_kwargs"]["max_gen_toks"] == max_gen_toks
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +137,11 @@ def test_model_max_length_is_lm_evals(checkpoint: Path) -> None:
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=str(checkpoint), device="cpu")
-    assert recall.model_max_length({"pretrained": str(checkpoint)}, TOKENIZER) == lm.max_length == MAX_LENGTH
-    assert recall.model_max_length({"pretrained": str(checkpoint), "max_length": "100"}) == 100
-    assert recall.model_max_length({"tokenizer": "x"}) is None  # no model config to read
+    assert tokens.model_max_length({"pretrained": str(checkpoint)}, TOKENIZER) == lm.max_length == MAX_LENGTH
+    assert tokens.model_max_length({"pretrained": str(checkpoint), "max_length": "100"}) == 100
+    assert tokens.model_max_length({"tokenizer": "x"}) is None  # no model config to read
     with pytest.raises(ValueError, match="'max_length'"):
-        recall.model_max_length({"max_length": 0})
+        tokens.model_max_length({"max_length": 0})
     # lm-eval encodes a prompt as the task counts it
     prompt = recall.passkey_dataset(tokenizer=TOKENIZER, context_lengths=[128], num_samples=1)["test"][0]
     assert lm.tok_batch_encode([prompt["context"]])[0].shape[1] == input_tokens(prompt["context"])

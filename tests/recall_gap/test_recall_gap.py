@@ -327,8 +327,8 @@ def test_training_stops_at_a_non_finite_loss(tmp_path: Path) -> None:
     """A diverged run raises before its optimiser step and saves no checkpoint."""
     from transformers import TrainingArguments
 
-    from ttt_mixer.adapters.distill import NonFiniteTrainingError
     from ttt_mixer.recall_gap.train import RecallTrainer
+    from ttt_mixer.training import NonFiniteTrainingError
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(

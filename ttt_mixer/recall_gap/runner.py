@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from ttt_mixer.adapters.distill import NonFiniteTrainingError
 from ttt_mixer.progress import Progress, on_terminal
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.evaluate import StateSize, evaluate_checkpoint, write_lm_eval_results
 from ttt_mixer.recall_gap.presets import RECALL_GAP_MIXERS, MQARShape, Preset
 from ttt_mixer.recall_gap.report import Row
 from ttt_mixer.recall_gap.train import MODEL_DIR, ProgressFile, RunSpec, load_train_result, train_run
+from ttt_mixer.training import NonFiniteTrainingError
 
 RUNS_DIR, SPEC_FILE, EVAL_FILE, LM_EVAL_FILE = "runs", "run.json", "evaluation.json", "lm_eval_results.json"
 LOG_FILE, PROGRESS_FILE = "log.txt", "progress.json"

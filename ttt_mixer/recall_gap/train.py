@@ -28,10 +28,10 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
 from ttt_mixer.adapters import swap_mixer
-from ttt_mixer.adapters.distill import FiniteLossTrainer
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, mqar_tokenizer
 from ttt_mixer.recall_gap.presets import MQARShape, check_backbone
+from ttt_mixer.training import FiniteLossTrainer
 
 MODEL_DIR, TRAINER_DIR, TRAIN_RESULT = "model", "trainer", "train.json"
 
