@@ -142,6 +142,20 @@ def test_eval_help_adds_the_projects_tasks(capsys: pytest.CaptureFixture) -> Non
         assert name in out, name
 
 
+def test_eval_help_gives_every_task_option_with_its_default() -> None:
+    """The help's list of --metadata options is written by hand: it must name every option of
+    every group (``OPTION_GROUPS``) as ``name (default``."""
+    import json
+
+    from ttt_mixer.cli import EVAL_EPILOG
+    from ttt_mixer.eval_tasks.options import OPTION_GROUPS
+
+    for group in OPTION_GROUPS.values():
+        for name, default in group.defaults.items():
+            shown = "none" if default is None else json.dumps(default)
+            assert f"{name} ({shown}" in EVAL_EPILOG, name
+
+
 def test_byte_tokenizer_maps_each_byte_to_its_value_and_back(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
