@@ -1,7 +1,8 @@
 """The ``ttt-mixer`` command's entry point. It lives outside the ``ttt_mixer`` package because
 importing anything inside it runs ``ttt_mixer/__init__.py``, whose imports (fla, torch,
-transformers) take seconds: with ``library_deferred`` set here first, the package skips them, the
-command line is read, and ``ttt_mixer.cli`` imports the library only for a command that needs it."""
+transformers) take seconds: with ``library_deferred`` set here first, the package (and
+``ttt_mixer.adapters``, whose mixer registry swap's help reads) skips them, the command line is read,
+and ``ttt_mixer.cli`` imports the library only for a command that needs it."""
 
 from __future__ import annotations
 
