@@ -25,6 +25,7 @@ from ttt_mixer.adapters.mixers.based import BasedMixer
 from ttt_mixer.adapters.mixers.common import backbone_layer_count
 from ttt_mixer.adapters.mixers.gated_deltanet import GatedDeltaNetMixer
 from ttt_mixer.adapters.mixers.gla import GLAMixer
+from ttt_mixer.adapters.mixers.jrt_rnn import JRTRNNMixer
 from ttt_mixer.adapters.mixers.longhorn import LonghornMixer
 from ttt_mixer.adapters.mixers.mamba import CachedMambaMixer
 from ttt_mixer.adapters.mixers.mamba2 import CachedMamba2Mixer, build_mamba2
@@ -214,6 +215,12 @@ MIXERS: tuple[MixerSpec, ...] = (
         "Based (Arora et al. 2024), fla's Taylor-feature linear attention (feature_dim 16)",
         BasedMixer,
         _constructor(BasedMixer, lambda hidden_size, num_heads: {"feature_dim": 16}),
+    ),
+    MixerSpec(
+        "jrt_rnn",
+        "JRT-RNN (Arora et al. 2024), prefix linear attention: Based's feature map, an encoder state over the first prefix_length tokens (required option)",
+        JRTRNNMixer,
+        _constructor(JRTRNNMixer, _no_defaults),
     ),
     MixerSpec(
         "mamba",
