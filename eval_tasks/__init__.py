@@ -10,7 +10,7 @@ Point lm-eval at this folder with ``lm_eval --include_path $(ttt-mixer tasks-pat
   ``ttt_ppl_position`` (``ppl@a-b`` per token-position bucket, one state through the whole
   document) on local text files (``ppl_files``) or PG19's test split (``perplexity.py``).
 
-The ``ttt_recall_synthetic`` group holds three synthetic tasks, generated in code (``recall.py``),
+The ``ttt_recall_synthetic`` group holds five synthetic tasks, generated in code (``recall.py``, ``set_disjointness.py``),
 deterministic given a seed, and scored per context length (one metric key per length in the results
 JSON):
 
@@ -24,6 +24,10 @@ JSON):
   ``exact_match@L`` of the first phone number in the generation, L in ``context_lengths``.
 - ``ttt_passkey``: a passkey of random digits hidden at a depth in filler text filling L tokens;
   ``exact_match@L`` of the first number in the generation, L in ``context_lengths``.
+- ``ttt_set_disjointness`` and ``ttt_set_disjointness_twice`` (``set_disjointness.py``): the JRT
+  paper's set disjointness, two sets of symbols sharing one element, the answer that element; the
+  twice variant gives both sets twice. ``acc@L`` and ``exact_match@L`` as MQAR's, L in ``sd_lengths``
+  (symbols in both sets), the first set's share ``sd_first_fraction``.
 
 Phonebook and passkey lengths are tokens of the model's tokenizer (``pretrained`` from
 ``--model_args``, or ``tokenizer`` in ``--metadata``), as in lm-eval's RULER tasks: a length L holds
@@ -32,7 +36,7 @@ the model's ``max_length`` (lm-eval's, from ``--model_args max_length=...`` or t
 MQAR documents must fit it too. So lm-eval never cuts a prompt, which would remove the needle, keys
 or queries. Options, set with
 ``--metadata '{"context_lengths": [512, 1024], "mqar_num_kv_pairs": 16}'``, and their defaults are
-``recall.OPTION_DEFAULTS``; a malformed value, a length too short for its prompt or an unknown option
+``recall.OPTION_DEFAULTS`` and ``set_disjointness.OPTION_DEFAULTS``; a malformed value, a length too short for its prompt or an unknown option
 with a task's prefix raises ValueError naming it.
 """
 

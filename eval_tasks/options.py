@@ -23,12 +23,13 @@ LM_EVAL_KEYS = {"version"}
 @functools.cache
 def all_option_names() -> frozenset[str]:
     """Every group's options: a misspelling is recognised against all of them, whichever tasks run."""
-    from . import perplexity, recall, recall_data
+    from . import perplexity, recall, recall_data, set_disjointness
 
     return (
         frozenset(recall.OPTION_DEFAULTS)
         | frozenset(perplexity.OPTION_DEFAULTS)
         | frozenset(recall_data.OPTION_DEFAULTS)
+        | frozenset(set_disjointness.OPTION_DEFAULTS)
     )
 
 
