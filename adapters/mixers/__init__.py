@@ -14,6 +14,7 @@ from ttt_mixer.adapters.mixers.attention import CachedAttention
 from ttt_mixer.adapters.mixers.based import BasedMixer
 from ttt_mixer.adapters.mixers.gated_deltanet import GatedDeltaNetMixer
 from ttt_mixer.adapters.mixers.gla import GLAMixer
+from ttt_mixer.adapters.mixers.jrt_rnn import JRTRNNMixer
 from ttt_mixer.adapters.mixers.longhorn import LonghornMixer
 from ttt_mixer.adapters.mixers.mamba import CachedMambaMixer, MambaLayerState
 from ttt_mixer.adapters.mixers.registry import (
@@ -33,6 +34,7 @@ __all__ = [
     "CachedMambaMixer",
     "GLAMixer",
     "GatedDeltaNetMixer",
+    "JRTRNNMixer",
     "LonghornMixer",
     "MambaLayerState",
     "MixerSpec",

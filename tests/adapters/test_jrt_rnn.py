@@ -2,19 +2,21 @@
 blocked prefix linear attention against its token-by-token reference (float64 outputs and gradients,
 float32 within float32 rounding), what the prefix is (non-causal inside, the first real tokens,
 closed after prefix_length), exact caching at every split after the prefix and the refusal of one
-inside it, padding, the layer against the op on its own projections, and bad input."""
+inside it, padding, the layer against the op on its own projections, models with it (swap, save and
+reload, generation with a prefix of several tokens), and bad input."""
 
 from __future__ import annotations
 
 import pytest
 import recurrent_mixer_checks as checks
 import torch
-from conftest import perturb_
+from conftest import assert_same_model_outputs, perturb_
 from fla.models.utils import Cache
 from recurrent_mixer_checks import EXACT, GRADIENT_TOLERANCE, max_err, randn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
-from ttt_mixer.adapters.mixers import build_mixer, recurrent_state_size
-from ttt_mixer.adapters.mixers.jrt_rnn import JRTRNNMixer
+from ttt_mixer.adapters import swap_mixer
+from ttt_mixer.adapters.mixers import JRTRNNMixer, build_mixer, recurrent_state_size
 from ttt_mixer.ops.taylor_linear_attention import (
     BLOCK_SIZE,
     PrefixState,
@@ -228,3 +230,41 @@ def test_bad_options_name_the_parameter(options: dict, error: type, match: str) 
         build_mixer("jrt_rnn", HIDDEN, HEADS, 0, **options)
     with pytest.raises(ValueError, match="divisible"):
         build_mixer("jrt_rnn", HIDDEN, 3, 0, prefix_length=4)
+
+
+@pytest.mark.parametrize("backbone", ["llama", "mamba"])
+def test_a_swapped_model_reloads_and_generates_exactly_with_a_prefix_of_several_tokens(
+    backbone: str, tmp_path
+) -> None:
+    """Every layer JRT-RNN with a 4-token prefix: the saved model reloads to the same logits, and
+    greedy decoding with the cache after left-padded prompts of 6 and 4 real tokens gives the tokens
+    of recomputing every step without it."""
+    torch.manual_seed(0)
+    fields = {
+        "vocab_size": 40,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": 2,
+        "pad_token_id": 0,
+        "eos_token_id": None,
+    }
+    if backbone == "llama":
+        base = LlamaForCausalLM(LlamaConfig(**fields, intermediate_size=64, num_attention_heads=HEADS))
+    else:
+        base = MambaForCausalLM(MambaConfig(**fields, state_size=8))
+    model = perturb_(swap_mixer(base, "jrt_rnn", "all", prefix_length=4, feature_dim=FEATURES), seed=2).eval()
+    ids = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert_same_model_outputs(
+            reloaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        sequence, sequence_mask = ids, mask
+        for _ in range(5):
+            logits = model(sequence, attention_mask=sequence_mask, use_cache=False).logits[:, -1]
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], 1)
+            sequence_mask = torch.cat([sequence_mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(generated, sequence)
