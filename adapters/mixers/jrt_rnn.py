@@ -17,6 +17,7 @@ from ttt_mixer.adapters.mixers.common import (
     cached_states,
     check_inputs,
     conv_projections,
+    masked_short_conv,
     reject_cu_seqlens,
     zero_padding,
 )
@@ -42,7 +43,11 @@ class JRTRNNMixer(nn.Module):
     Triton kernel); ``cu_seqlens`` is refused.
 
     ``use_short_conv`` (off by default) puts fla's short convolution with SiLU on the decoder's q, k
-    and v, as the project's Based layer has it.
+    and v, as the project's Based layer has it, and on the encoder's k_enc and v_enc, so that the
+    encoder too can bind a key to the value after it (the authors' models get that from the short
+    convolution layers between their mixers). The encoder's windows are not cached: a sequence's
+    encoder tokens all come in one call (a split inside the prefix is refused), after nothing but
+    padding, so they always start from an empty window.
     """
 
     def __init__(
@@ -89,6 +94,10 @@ class JRTRNNMixer(nn.Module):
                 ShortConvolution(size, conv_size, bias=conv_bias, activation="silu")
                 for size in (key_size, key_size, hidden_size)
             )
+            self.k_enc_conv1d, self.v_enc_conv1d = (
+                ShortConvolution(size, conv_size, bias=conv_bias, activation="silu")
+                for size in (key_size, hidden_size)
+            )
 
     def forward(
         self,
@@ -110,6 +119,11 @@ class JRTRNNMixer(nn.Module):
         else:
             q, k, v = (proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
         k_enc, v_enc = self.k_enc_proj(hidden_states), self.v_enc_proj(hidden_states)
+        if self.use_short_conv:
+            k_enc, v_enc = (
+                masked_short_conv(conv, x, mask, None, False)[0]
+                for conv, x in ((self.k_enc_conv1d, k_enc), (self.v_enc_conv1d, v_enc))
+            )
         q, k, k_enc = (rearrange(x, "... (h f) -> ... h f", f=self.feature_dim) for x in (q, k, k_enc))
         v, v_enc = (rearrange(x, "... (h d) -> ... h d", d=self.head_v_dim) for x in (v, v_enc))
         o, state = prefix_taylor_linear_attention(

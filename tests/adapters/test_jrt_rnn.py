@@ -146,27 +146,24 @@ def make_mixer(seed: int = 0, **options) -> JRTRNNMixer:
 def test_the_layer_is_the_op_on_its_projections(conv: bool) -> None:
     mixer = make_mixer(use_short_conv=conv, conv_bias=conv)
     x = randn(2, 9, HIDDEN, seed=7)
+    pairs = [(mixer.q_proj, "q"), (mixer.k_proj, "k"), (mixer.v_proj, "v")]
+    pairs += [(mixer.k_enc_proj, "k_enc"), (mixer.v_enc_proj, "v_enc")]
     with torch.no_grad():
-        if conv:
-            # each short convolution is causal: its output on the whole input, then SiLU
-            q, k, v = (
-                torch.nn.functional.silu(
-                    torch.nn.functional.conv1d(
-                        torch.nn.functional.pad(proj(x).transpose(1, 2), (3, 0)),
-                        conv_layer.weight,
-                        conv_layer.bias,
-                        groups=conv_layer.weight.shape[0],
-                    ).transpose(1, 2)
+        inputs = []
+        for proj, name in pairs:
+            y = proj(x)
+            if conv:
+                # each short convolution is causal: its output on the whole input, then SiLU
+                conv_layer = getattr(mixer, f"{name}_conv1d")
+                y = torch.nn.functional.conv1d(
+                    torch.nn.functional.pad(y.transpose(1, 2), (3, 0)),
+                    conv_layer.weight,
+                    conv_layer.bias,
+                    groups=conv_layer.weight.shape[0],
                 )
-                for proj, conv_layer in (
-                    (mixer.q_proj, mixer.q_conv1d),
-                    (mixer.k_proj, mixer.k_conv1d),
-                    (mixer.v_proj, mixer.v_conv1d),
-                )
-            )
-        else:
-            q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
-        heads = [t.reshape(2, 9, HEADS, -1) for t in (q, k, v, mixer.k_enc_proj(x), mixer.v_enc_proj(x))]
+                y = torch.nn.functional.silu(y.transpose(1, 2))
+            inputs.append(y)
+        heads = [t.reshape(2, 9, HEADS, -1) for t in inputs]
         o = prefix_taylor_linear_attention_reference(*heads, PREFIX)
         expected = mixer.o_proj(o.reshape(2, 9, HIDDEN))
         assert max_err(mixer(x)[0], expected) <= EXACT
@@ -181,8 +178,11 @@ def test_the_layer_caches_exactly_at_every_split_after_the_prefix_and_through_gr
     checks.assert_split_gradients_match(mixer, x, randn(2, 16, HIDDEN, seed=9), split_at=7)
 
 
-def test_the_layer_skips_padding_and_refuses_a_cached_split_inside_the_prefix() -> None:
-    mixer = make_mixer()
+@pytest.mark.parametrize("conv", [False, True], ids=["plain", "short_conv"])
+def test_the_layer_skips_padding_and_refuses_a_cached_split_inside_the_prefix(conv: bool) -> None:
+    """Padded pieces, one row's prefix in its third piece (its encoder windows start empty there, as
+    alone); a continuation inside the prefix is refused."""
+    mixer = make_mixer(use_short_conv=conv)
     x = randn(3, 14, HIDDEN, seed=10)
     mask = torch.ones(3, 14, dtype=torch.long)
     mask[0, :2] = 0  # left padding: 6 real tokens in the first piece
@@ -194,14 +194,16 @@ def test_the_layer_skips_padding_and_refuses_a_cached_split_inside_the_prefix() 
         mixer(x[:, :3], past_key_values=cache, use_cache=True)
         with pytest.raises(ValueError, match="prefix_length=5"):
             mixer(x[:, 3:4], past_key_values=cache, use_cache=True)
-        # a sequence shorter than the prefix, in one call, is its own prefix
-        alone = mixer(x[:1, :3])[0]
-    heads_in = x[:1, :3]
-    projections = [p(heads_in).reshape(1, 3, HEADS, -1) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj)]
-    encoder = [p(heads_in).reshape(1, 3, HEADS, -1) for p in (mixer.k_enc_proj, mixer.v_enc_proj)]
+
+
+def test_a_sequence_shorter_than_the_prefix_is_its_own_prefix() -> None:
+    mixer = make_mixer()
+    x = randn(1, 3, HIDDEN, seed=11)
     with torch.no_grad():
+        projections = [p(x).reshape(1, 3, HEADS, -1) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj)]
+        encoder = [p(x).reshape(1, 3, HEADS, -1) for p in (mixer.k_enc_proj, mixer.v_enc_proj)]
         o = prefix_taylor_linear_attention_reference(*projections, *encoder, PREFIX)
-        assert max_err(alone, mixer.o_proj(o.reshape(1, 3, HIDDEN))) <= EXACT
+        assert max_err(mixer(x)[0], mixer.o_proj(o.reshape(1, 3, HIDDEN))) <= EXACT
 
 
 def test_the_state_size_and_the_parameters() -> None:
