@@ -10,7 +10,8 @@ Point lm-eval at this folder with ``lm_eval --include_path $(ttt-mixer tasks-pat
   ``ttt_ppl_position`` (``ppl@a-b`` per token-position bucket, one state through the whole
   document) on local text files (``ppl_files``) or PG19's test split (``perplexity.py``).
 
-The ``ttt_recall_synthetic`` group holds five synthetic tasks, generated in code (``recall.py``, ``set_disjointness.py``),
+The ``ttt_recall_synthetic`` group holds six synthetic tasks, generated in code (``recall.py``, ``mqar_twice.py``,
+``set_disjointness.py``),
 deterministic given a seed, and scored per context length (one metric key per length in the results
 JSON):
 
@@ -20,6 +21,8 @@ JSON):
   law (filler symbols elsewhere). One document per query; metrics ``acc@L`` (the bound value is the
   likeliest of the sequence's values, chance 1/num_kv_pairs) and ``exact_match@L`` (greedy decoding
   writes it, Zoology's argmax accuracy), L in ``mqar_seq_lengths`` (symbols).
+- ``ttt_mqar_twice`` (``mqar_twice.py``): ``ttt_mqar``'s documents with the key-value pairs given
+  twice before the queries (the JRT prompt); the same options and metrics.
 - ``ttt_phonebook``: "Name: ddd-dddd" lines filling L tokens, then a question for one name;
   ``exact_match@L`` of the first phone number in the generation, L in ``context_lengths``.
 - ``ttt_passkey``: a passkey of random digits hidden at a depth in filler text filling L tokens;

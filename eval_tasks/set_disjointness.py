@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .document_fit import check_choices_fit
 from .options import task_options
 from .recall import (
     MQAR_KEYS,
@@ -33,8 +34,6 @@ from .recall import (
     _int,
     _int_list,
     _rng,
-    model_max_length,
-    token_counter,
 )
 
 if TYPE_CHECKING:
@@ -110,16 +109,15 @@ def _documents(
                 "length": length,
             }
         )
-    limit = model_max_length(metadata, tokenizer)
-    if limit is not None:
-        count = token_counter(metadata, tokenizer)
-        for doc in docs:
-            tokens = max(count(f"{doc['context']} {choice}") for choice in doc["choices"])
-            if tokens > limit:
-                raise ValueError(
-                    f"ttt_set_disjointness option 'sd_lengths': {doc['length']} symbols take {tokens} "
-                    f"tokens, more than the model's max_length {limit}; lower sd_lengths"
-                )
+    check_choices_fit(
+        docs,
+        metadata,
+        tokenizer,
+        lambda doc, tokens, limit: (
+            f"ttt_set_disjointness option 'sd_lengths': {doc['length']} symbols take {tokens} tokens, "
+            f"more than the model's max_length {limit}; lower sd_lengths"
+        ),
+    )
     return _dataset(docs)
 
 

@@ -34,8 +34,8 @@ EVAL_EPILOG = """ttt-mixer eval runs lm-eval's command line (above) with ttt_mix
 load with --model hf --model_args pretrained=FOLDER, and with ttt-mixer's task folder included
 (ttt-mixer tasks-path), so these tasks need no --include_path:
 
-  ttt_recall_synthetic (group): ttt_mqar (acc@L, exact_match@L), ttt_phonebook and ttt_passkey
-      (exact_match@L), ttt_set_disjointness and ttt_set_disjointness_twice (acc@L,
+  ttt_recall_synthetic (group): ttt_mqar and ttt_mqar_twice (acc@L, exact_match@L), ttt_phonebook
+      and ttt_passkey (exact_match@L), ttt_set_disjointness and ttt_set_disjointness_twice (acc@L,
       exact_match@L), one metric per context length L
   ttt_recall_data (group): ttt_swde, ttt_fda, ttt_squad_completion and their _twice variants
       (contains); hub datasets, or local files with recall_data_files

@@ -204,6 +204,7 @@ def test_lm_eval_command_line_scores_the_group_per_length(tmp_path: Path, kind: 
     results = json.loads(run_lm_eval(args, tmp_path).read_text())["results"]
     expected = {
         "ttt_mqar": ["acc@16", "acc@24", "exact_match@16", "exact_match@24"],
+        "ttt_mqar_twice": ["acc@16", "acc@24", "exact_match@16", "exact_match@24"],
         "ttt_phonebook": ["exact_match@192", "exact_match@256"],
         "ttt_passkey": ["exact_match@192", "exact_match@256"],
         **{

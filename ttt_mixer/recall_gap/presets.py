@@ -178,7 +178,7 @@ RECALL_GAP_MIXERS = {
     # a query or an answer (the loss is on the answers, after the prefix, as the paper's decoder-only
     # loss); left out of the CPU default's 10-minute budget
     "jrt_rnn": MixerRecipe(
-        cpu_learning_rate=1e-2,
+        cpu_learning_rate=3e-3,
         relative_cpu_cost=3.0,
         in_cpu_default=False,
         options={"prefix_length": 8, **SHORT_CONV},
