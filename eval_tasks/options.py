@@ -64,6 +64,16 @@ OPTION_GROUPS: dict[str, OptionGroup] = {
         },
         prefixes=("ppl_",),
     ),
+    # set_disjointness.py: ttt_set_disjointness and ttt_set_disjointness_twice
+    "ttt_set_disjointness": OptionGroup(
+        defaults={
+            "seed": 1234,  # every document is drawn from an RNG seeded with (seed, task, length, sample)
+            "num_samples": 50,  # documents per length
+            "sd_lengths": [16, 32, 64],  # symbols in the two sets together
+            "sd_first_fraction": 0.25,  # the first set's share of them
+        },
+        prefixes=("sd_",),
+    ),
     # recall_data.py: ttt_swde, ttt_fda, ttt_squad_completion and their _twice variants
     "ttt_recall_data": OptionGroup(defaults={"recall_data_files": {}}, prefixes=("recall_data",)),
 }
@@ -98,3 +108,25 @@ def task_options(metadata: Mapping[str, Any], group: str) -> dict[str, Any]:
                 f"unknown {group} option {key!r}{hint}; the options are: {', '.join(sorted(defaults))}"
             )
     return {**defaults, **{k: v for k, v in metadata.items() if k in defaults}}
+
+
+def int_option(group: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """``value`` of ``group``'s option ``name`` if it is an integer in bounds, else a ValueError naming
+    the option and the bounds."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{group} option {name!r} must be an integer {bounds}, got {value!r}")
+    return value
+
+
+def int_list_option(group: str, name: str, value: Any, minimum: int) -> tuple[int, ...]:
+    """``int_option`` for each of ``value`` (one integer or a non-empty list of them)."""
+    values = value if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise ValueError(f"{group} option {name!r} must list at least one length")
+    return tuple(int_option(group, name, v, minimum) for v in values)

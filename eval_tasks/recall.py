@@ -1,5 +1,5 @@
-"""Synthetic recall tasks of the ``ttt_recall`` group, built in code: ``ttt_mqar``, ``ttt_phonebook``
-and ``ttt_passkey``.
+"""Synthetic recall tasks of the ``ttt_recall`` group, built in code: ``ttt_mqar``, ``ttt_mqar_twice``
+(MQAR with the JRT prompt), ``ttt_phonebook`` and ``ttt_passkey``.
 
 lm-eval calls the ``*_dataset`` functions (``custom_dataset`` in the task YAMLs) with the task's
 ``metadata``: the YAML's own (``version``), the parsed ``--model_args`` (``pretrained``,
@@ -33,8 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .documents import document_rng, exact_match_results, test_split
-from .options import OPTION_GROUPS, task_options
+from .documents import (
+    KEY_SYMBOLS,
+    VALUE_SYMBOLS,
+    check_choices_fit,
+    document_rng,
+    exact_match_results,
+    test_split,
+)
+from .options import OPTION_GROUPS, int_list_option, int_option, task_options
 from .tokens import TokenCounter, Tokenizer, fill_to_length, model_max_length, token_counter
 
 if TYPE_CHECKING:
@@ -58,25 +65,6 @@ class RecallOptions:
     passkey_depths: tuple[float, ...]
 
 
-def _int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < minimum
-        or (maximum is not None and value > maximum)
-    ):
-        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"ttt_recall option {name!r} must be an integer {bounds}, got {value!r}")
-    return value
-
-
-def _int_list(name: str, value: Any, minimum: int) -> tuple[int, ...]:
-    values = value if isinstance(value, list | tuple) else [value]
-    if not values:
-        raise ValueError(f"ttt_recall option {name!r} must list at least one length")
-    return tuple(_int(name, v, minimum) for v in values)
-
-
 def parse_options(metadata: Mapping[str, Any]) -> RecallOptions:
     """This module's options from lm-eval's task ``metadata``, defaults filled in; raises ValueError
     naming the option for a malformed value or an unknown prefixed key."""
@@ -91,23 +79,24 @@ def parse_options(metadata: Mapping[str, Any]) -> RecallOptions:
     ):
         raise ValueError(f"ttt_recall option 'passkey_depths' must list numbers in [0, 1], got {depths!r}")
     return RecallOptions(
-        seed=_int("seed", get("seed"), 0),
-        num_samples=_int("num_samples", get("num_samples"), 1),
-        context_lengths=_int_list("context_lengths", get("context_lengths"), 1),
-        mqar_seq_lengths=_int_list("mqar_seq_lengths", get("mqar_seq_lengths"), 1),
-        mqar_num_kv_pairs=_int("mqar_num_kv_pairs", get("mqar_num_kv_pairs"), 1, len(MQAR_KEYS)),
+        seed=int_option(GROUP, "seed", get("seed"), 0),
+        num_samples=int_option(GROUP, "num_samples", get("num_samples"), 1),
+        context_lengths=int_list_option(GROUP, "context_lengths", get("context_lengths"), 1),
+        mqar_seq_lengths=int_list_option(GROUP, "mqar_seq_lengths", get("mqar_seq_lengths"), 1),
+        mqar_num_kv_pairs=int_option(GROUP, "mqar_num_kv_pairs", get("mqar_num_kv_pairs"), 1, len(MQAR_KEYS)),
         mqar_power_a=float(power_a),
-        passkey_digits=_int("passkey_digits", get("passkey_digits"), 1, 20),  # max_gen_toks is 32
+        passkey_digits=int_option(
+            GROUP, "passkey_digits", get("passkey_digits"), 1, 20
+        ),  # max_gen_toks is 32
         passkey_depths=tuple(float(d) for d in depths),
     )
 
 
 # ------------------------------------------------------------------------------------------- MQAR
 
-# Zoology's vocabulary split in two, rendered as two-letter words: keys from the first half of the
-# alphabet, values from the second, so no key is ever a value, whatever the tokenizer.
-MQAR_KEYS = tuple("".join(p) for p in itertools.product("abcdefghijklm", repeat=2))
-MQAR_VALUES = tuple("".join(p) for p in itertools.product("nopqrstuvwxyz", repeat=2))
+# Zoology's vocabulary split in two (documents.KEY_SYMBOLS, VALUE_SYMBOLS), so no key is ever a value
+MQAR_KEYS = KEY_SYMBOLS
+MQAR_VALUES = VALUE_SYMBOLS
 
 
 @dataclass(frozen=True)
@@ -226,6 +215,36 @@ def mqar_process_results(doc: Mapping[str, Any], results: Sequence[tuple[float, 
 
 
 # ------------------------------------------------------------- context lengths (phonebook, passkey)
+
+
+def read_pairs_twice(context: str, num_kv_pairs: int) -> str:
+    """A ``ttt_mqar`` context with its first ``num_kv_pairs`` key-value pairs put before it again."""
+    symbols = context.split(" ")
+    return " ".join(symbols[: 2 * num_kv_pairs] + symbols)
+
+
+def mqar_twice_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[str, datasets.Dataset]:
+    """``ttt_mqar_twice``'s documents: ``ttt_mqar``'s (same seed, order and scoring), each with its key-value
+    pairs read twice, as the JRT prompt (Arora et al. 2024, "Just read twice") gives them: ``k1 v1 ... kn vn``,
+    then the whole ``ttt_mqar`` sequence, so a recurrent model meets the pairs a second time knowing
+    them. Each document is 2 * mqar_num_kv_pairs symbols longer and must fit the model's max_length
+    too."""
+    pairs = parse_options(metadata).mqar_num_kv_pairs
+    docs = mqar_dataset(tokenizer, **metadata)["test"].to_list()
+    for doc in docs:
+        doc["context"] = read_pairs_twice(doc["context"], pairs)
+    check_choices_fit(
+        docs,
+        metadata,
+        tokenizer,
+        GROUP,
+        lambda doc, tokens, limit: (
+            f"ttt_recall option 'mqar_seq_lengths': a sequence of {doc['length']} symbols with its "
+            f"pairs read twice takes {tokens} tokens, more than the model's max_length {limit}; lower "
+            "mqar_seq_lengths, or pass --model_args ...,max_length=N for a model that reads more"
+        ),
+    )
+    return test_split(docs)
 
 
 def _check_lengths(lengths: Sequence[int], minimum: int, what: str, limit: int | None) -> None:

@@ -138,7 +138,16 @@ def test_eval_help_adds_the_projects_tasks(capsys: pytest.CaptureFixture) -> Non
     main(["eval", "--help"])
     out = capsys.readouterr().out
     assert out.index("lm-eval") < out.index("ttt-mixer's tasks")  # lm-eval's help, then ours
-    for name in ("ttt_mqar", "ttt_passkey", "ttt_ppl_position", "--metadata", "context_lengths", "ppl_files"):
+    for name in (
+        "ttt_mqar",
+        "ttt_passkey",
+        "ttt_set_disjointness",
+        "ttt_ppl_position",
+        "--metadata",
+        "context_lengths",
+        "ppl_files",
+        "sd_lengths",
+    ):
         assert name in out, name
 
 

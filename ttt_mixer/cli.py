@@ -35,8 +35,9 @@ EVAL_EPILOG = """ttt-mixer eval runs lm-eval's command line (above) with ttt_mix
 load with --model hf --model_args pretrained=FOLDER, and with ttt-mixer's task folder included
 (ttt-mixer tasks-path), so these tasks need no --include_path:
 
-  ttt_recall_synthetic (group): ttt_mqar (acc@L, exact_match@L), ttt_phonebook and ttt_passkey
-      (exact_match@L), one metric per context length L
+  ttt_recall_synthetic (group): ttt_mqar and ttt_mqar_twice (acc@L, exact_match@L), ttt_phonebook
+      and ttt_passkey (exact_match@L), ttt_set_disjointness and ttt_set_disjointness_twice (acc@L,
+      exact_match@L), one metric per context length L
   ttt_recall_data (group): ttt_swde, ttt_fda, ttt_squad_completion and their _twice variants
       (contains); hub datasets, or local files with recall_data_files
   ttt_ppl (group): ttt_ppl_rolling (word_perplexity, byte_perplexity, bits_per_byte) and
@@ -52,6 +53,8 @@ Their options go in --metadata as JSON, e.g. --metadata '{"context_lengths": [51
   mqar_seq_lengths ([64, 128, 256]), mqar_num_kv_pairs (8), mqar_power_a (0.01): MQAR's lengths (in
       symbols), key-value pairs and query-gap law
   passkey_digits (5), passkey_depths ([0.0, 0.25, 0.5, 0.75, 1.0])
+  sd_lengths ([16, 32, 64]), sd_first_fraction (0.25): set disjointness's symbols in both sets and
+      the first set's share of them
   ppl_files (none: the dataset below): a glob or a list of text files, one document each
   ppl_dataset ("emozilla/pg19-test"), ppl_dataset_split ("test"), ppl_text_column ("text")
   ppl_bucket_edges ([0, 512, 1024, 2048, 4096, 8192, 16384, 32768]), ppl_max_tokens (32768): tokens

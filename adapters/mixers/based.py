@@ -3,7 +3,6 @@ fla's layer with a recurrent state, a padding mask, an optional short convolutio
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -24,33 +23,11 @@ from ttt_mixer.adapters.mixers.common import (
     zero_padding,
 )
 from ttt_mixer.layers.checks import check_backend, resolve_backend
+from ttt_mixer.ops.taylor_linear_attention import taylor_linear_attention
 
 # the epsilon added to the normaliser by fla's causal kernels: parallel_based adds 1e-6, the
 # linear-attention kernels of the chunk modes 1e-10 (``eps``, 1e-12, is only forward_reference's)
 KERNEL_EPS = {"parallel": 1e-6, "chunk": 1e-10, "fused_chunk": 1e-10}
-# tokens per block of the PyTorch path: quadratic inside a block, through the state across blocks
-BLOCK_SIZE = 64
-
-
-def taylor_features(x: torch.Tensor) -> torch.Tensor:
-    """fla's TaylorFeatureMap in at least float32, [..., f] -> [..., 1 + f + f(f+1)/2]:
-    (1, x / f^(1/4), x_i^2 / sqrt(2f), x_i x_j / sqrt(f) for i < j), so that
-    phi(q).phi(k) = 1 + s + s^2 / 2 with s = q.k / sqrt(f). Computed here without fla's activation
-    checkpointing, which PyTorch warns about."""
-    x = at_least_float32(x)
-    dim = x.shape[-1]
-    outer = x[..., :, None] * x[..., None, :]
-    upper = torch.triu_indices(dim, dim, 1, device=x.device)
-    diagonal = torch.diagonal(outer, dim1=-2, dim2=-1)
-    return torch.cat(
-        [
-            torch.ones_like(x[..., :1]),
-            x / math.sqrt(math.sqrt(dim)),
-            diagonal / (math.sqrt(dim) * math.sqrt(2)),
-            outer[..., upper[0], upper[1]] / math.sqrt(dim),
-        ],
-        dim=-1,
-    )
 
 
 class BasedMixer(BasedLinearAttention):
@@ -139,7 +116,7 @@ class BasedMixer(BasedLinearAttention):
         if stateless and resolve_backend(self.backend, hidden_states.device) == "triton":
             o = self.fla_attention(q, k, v)
         else:
-            o, state = self.linear_attention(q, k, at_least_float32(v), mask, state)
+            o, state = taylor_linear_attention(q, k, at_least_float32(v), mask, state, self.kernel_eps)
             update_layer_cache(
                 self,
                 past_key_values,
@@ -158,43 +135,3 @@ class BasedMixer(BasedLinearAttention):
         attention = chunk_linear_attn if self.mode == "chunk" else fused_chunk_linear_attn
         o, _ = attention(q=self.feature_map(q), k=self.feature_map(k), v=v, scale=1, normalize=True)
         return o
-
-    def linear_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask: torch.Tensor | None,
-        state: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """q, k [B, T, H, f], v [B, T, H, dv] -> (o [B, T, H, dv] in at least float32, (S, z) after the last token),
-        in blocks: within a block the weights phi(q).phi(k) = 1 + s + s^2/2 as a matrix, from earlier
-        blocks through the state."""
-        batch_size, q_len, num_heads, _ = q.shape
-        phi_q, phi_k = taylor_features(q), taylor_features(k)
-        q, k = at_least_float32(q) / math.sqrt(self.head_k_dim), at_least_float32(k)
-        if state is None:
-            num_features = phi_k.shape[-1]
-            kv = v.new_zeros(batch_size, num_heads, num_features, v.shape[-1])
-            key_sum = v.new_zeros(batch_size, num_heads, num_features)
-        else:
-            kv, key_sum = state
-        if mask is not None:
-            phi_k = torch.where(mask[..., None, None], phi_k, 0)
-        outputs = []
-        for start in range(0, q_len, BLOCK_SIZE):
-            end = min(start + BLOCK_SIZE, q_len)
-            s = torch.einsum("bthf,bshf->bhts", q[:, start:end], k[:, start:end])
-            weights = (1 + s + s.square() / 2).tril()
-            if mask is not None:
-                weights = torch.where(mask[:, None, None, start:end], weights, 0)
-            numerator = torch.einsum("bhts,bshd->bthd", weights, v[:, start:end]) + torch.einsum(
-                "bthf,bhfd->bthd", phi_q[:, start:end], kv
-            )
-            denominator = weights.sum(-1).transpose(1, 2) + torch.einsum(
-                "bthf,bhf->bth", phi_q[:, start:end], key_sum
-            )
-            outputs.append(numerator / (denominator[..., None] + self.kernel_eps))
-            kv = kv + torch.einsum("bshf,bshd->bhfd", phi_k[:, start:end], v[:, start:end])
-            key_sum = key_sum + phi_k[:, start:end].sum(1)
-        return torch.cat(outputs, dim=1), (kv, key_sum)

@@ -129,6 +129,11 @@ MIXERS: tuple[MixerSpec, ...] = (
         constructor_defaults=lambda hidden_size, num_heads: {"feature_dim": 16},
     ),
     MixerSpec(
+        "jrt_rnn",
+        "JRT-RNN (Arora et al. 2024), prefix linear attention: Based's feature map, an encoder state over the first prefix_length tokens (required option)",
+        "ttt_mixer.adapters.mixers.jrt_rnn:JRTRNNMixer",
+    ),
+    MixerSpec(
         "mamba",
         "Mamba (Gu and Dao 2023), transformers' Mamba mixer with an exact PyTorch selective scan",
         "ttt_mixer.adapters.mixers.mamba:CachedMambaMixer",

@@ -26,10 +26,11 @@ from transformers.models.mamba.modeling_mamba import MambaMixer
 from ttt_mixer.adapters import swap_mixer
 from ttt_mixer.adapters.mixers import MIXER_NAMES, build_mixer, recurrent_state_size
 from ttt_mixer.adapters.mixers.attention import CachedAttention
-from ttt_mixer.adapters.mixers.based import BasedMixer, taylor_features
+from ttt_mixer.adapters.mixers.based import BasedMixer
 from ttt_mixer.adapters.mixers.gated_deltanet import GatedDeltaNetMixer
 from ttt_mixer.adapters.mixers.gla import GLAMixer
 from ttt_mixer.adapters.mixers.mamba import MAMBA_CACHE_ARGUMENT, CachedMambaMixer
+from ttt_mixer.ops.taylor_linear_attention import taylor_features
 
 TOL = 1e-5  # float32
 HIDDEN, HEADS = 32, 4
@@ -44,6 +45,11 @@ CASES = {
     "mamba": ("mamba", {"state_size": 8}),
     "based": ("based", {"feature_dim": 8}),
     "based_conv": ("based", {"feature_dim": 8, "use_short_conv": True, "conv_bias": True}),
+    "jrt_rnn": ("jrt_rnn", {"feature_dim": 8, "prefix_length": 1}),
+    "jrt_rnn_conv": (
+        "jrt_rnn",
+        {"feature_dim": 8, "prefix_length": 1, "use_short_conv": True, "conv_bias": True},
+    ),
     "gla": ("gla", {}),
     "gla_conv_mqa": (
         "gla",
@@ -557,6 +563,7 @@ def test_recurrent_state_size() -> None:
         "attention": None,
         "mamba": 2 * HIDDEN * (4 + 8),  # conv window and SSM state of the 2x wide inner channels
         "based": HEADS * (1 + 8 + 36) * (d + 1),  # S and z over 1 + f + f(f+1)/2 features
+        "jrt_rnn": HEADS * (1 + 8 + 36) * (d + 1) + 1,  # S and z as Based's, and the tokens seen
         "gla": HEADS * (HIDDEN // 2 // HEADS) * d,
         "gla_conv_mqa": HEADS * (HIDDEN // 2 // HEADS) * d + 4 * (HIDDEN // 2 + HIDDEN // 4 + HIDDEN // 2),
         "gated_deltanet": HEADS * d * d + 4 * 3 * HIDDEN,

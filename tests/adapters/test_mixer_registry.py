@@ -52,7 +52,14 @@ from ttt_mixer.adapters.mixers.registry import (
 from ttt_mixer.cli import add_swap_arguments
 from ttt_mixer.recall_gap import DESCRIPTION
 from ttt_mixer.recall_gap import add_arguments as add_recall_gap_arguments
-from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, CPU_MIXERS, RECALL_GAP_MIXERS, ZOOLOGY_GPU
+from ttt_mixer.recall_gap.presets import (
+    ALL_MIXERS,
+    CPU,
+    CPU_MIXER_OPTIONS,
+    CPU_MIXERS,
+    RECALL_GAP_MIXERS,
+    ZOOLOGY_GPU,
+)
 from ttt_mixer.recall_gap.runner import RELATIVE_CPU_COST
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -180,7 +187,8 @@ def test_the_recall_gap_has_a_row_for_every_mixer_whose_options_build_it() -> No
         assert 0 < recipe.cpu_learning_rate < 1 and recipe.relative_cpu_cost > 0, name
         assert CPU.learning_rates[name] == recipe.cpu_learning_rate
         assert RELATIVE_CPU_COST[name] == recipe.relative_cpu_cost
-        for options in (recipe.options, recipe.cpu_options or {}):
+        # the CPU preset's options: cpu_options where given, else options
+        for options in (recipe.options, CPU_MIXER_OPTIONS.get(name, {})):
             assert isinstance(
                 build_mixer(name, width, heads, 0, None, **options), mixer_spec(name).layer_class
             )

@@ -192,6 +192,7 @@ def test_lm_eval_command_line_scores_the_group_per_length(tmp_path: Path, kind: 
         "context_lengths": [192, 256],
         "mqar_seq_lengths": [16, 24],
         "mqar_num_kv_pairs": 2,
+        "sd_lengths": [6, 10],
         "num_samples": 2,
     }
     args = [
@@ -203,8 +204,13 @@ def test_lm_eval_command_line_scores_the_group_per_length(tmp_path: Path, kind: 
     results = json.loads(run_lm_eval(args, tmp_path).read_text())["results"]
     expected = {
         "ttt_mqar": ["acc@16", "acc@24", "exact_match@16", "exact_match@24"],
+        "ttt_mqar_twice": ["acc@16", "acc@24", "exact_match@16", "exact_match@24"],
         "ttt_phonebook": ["exact_match@192", "exact_match@256"],
         "ttt_passkey": ["exact_match@192", "exact_match@256"],
+        **{
+            task: ["acc@6", "acc@10", "exact_match@6", "exact_match@10"]
+            for task in ("ttt_set_disjointness", "ttt_set_disjointness_twice")
+        },
     }
     for task, metrics in expected.items():
         for metric in metrics:

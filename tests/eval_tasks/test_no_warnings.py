@@ -34,6 +34,7 @@ def test_lm_eval_on_our_tasks_prints_no_warning_of_ours(tmp_path: Path) -> None:
         "context_lengths": [192, 256],
         "mqar_seq_lengths": [16, 24],
         "mqar_num_kv_pairs": 2,
+        "sd_lengths": [6, 10],
         "num_samples": 1,
         "ppl_files": str(tmp_path / "doc.txt"),
         "ppl_bucket_edges": [0, 64, 128],

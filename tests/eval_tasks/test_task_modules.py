@@ -12,7 +12,7 @@ import yaml
 
 from ttt_mixer.eval_tasks import tasks_path
 
-FAMILIES = {"recall", "recall_data", "perplexity"}
+FAMILIES = {"recall", "recall_data", "perplexity", "set_disjointness"}
 HELPERS = {"options", "tokens", "documents", "per_length"}
 PACKAGE = "ttt_mixer.eval_tasks"
 

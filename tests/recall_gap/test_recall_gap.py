@@ -33,7 +33,7 @@ from ttt_mixer.recall_gap import main
 from ttt_mixer.recall_gap.data import VOCAB, mqar_tokenizer
 from ttt_mixer.recall_gap.evaluate import StateSize, state_size
 from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, ZOOLOGY_GPU, MQARShape
-from ttt_mixer.recall_gap.report import PLOT_PNG, TABLE_JSON, TABLE_MD, Row, markdown_table
+from ttt_mixer.recall_gap.report import PLOT_PNG, TABLE_JSON, TABLE_MD, Row, jrt_prompt_table, markdown_table
 from ttt_mixer.recall_gap.train import (
     MODEL_DIR,
     TRAINER_DIR,
@@ -99,8 +99,8 @@ def test_every_mixer_trains_saves_reloads_and_is_evaluated_and_a_rerun_reuses_th
     assert [row["mixer"] for row in data["rows"]] == list(ALL_MIXERS)
     markdown = (out / TABLE_MD).read_text()
     for row in data["rows"]:
-        assert set(row["accuracy"]) == set(SHAPES)
-        assert all(0 <= acc <= 1 for acc in row["accuracy"].values())
+        assert set(row["accuracy"]) == set(row["accuracy_twice"]) == set(SHAPES)
+        assert all(0 <= acc <= 1 for acc in [*row["accuracy"].values(), *row["accuracy_twice"].values()])
         assert row["parameters"] > 0 and row["train_seconds"] > 0
         assert row["state_size"] > 0
         assert row["state_grows_with_length"] == (row["mixer"] == "attention")
@@ -109,8 +109,13 @@ def test_every_mixer_trains_saves_reloads_and_is_evaluated_and_a_rerun_reuses_th
         model = AutoModelForCausalLM.from_pretrained(row["checkpoint"], trust_remote_code=True)
         assert sum(p.numel() for p in model.parameters()) == row["parameters"]
         lm_eval_results = json.loads((Path(row["checkpoint"]).parent / "lm_eval_results.json").read_text())
-        assert set(lm_eval_results["results"]) == {"ttt_mqar_kv2", "ttt_mqar_kv4"}
+        assert set(lm_eval_results["results"]) == {
+            f"{task}_kv{pairs}" for task in ("ttt_mqar", "ttt_mqar_twice") for pairs in (2, 4)
+        }
         assert "Running loglikelihood requests" in (Path(row["checkpoint"]).parent / "log.txt").read_text()
+    # the JRT prompt's table: every mixer, each shape's accuracy with the pairs read twice
+    jrt = markdown.split("JRT prompt, the key-value pairs read twice (trained on MQAR L16-kv2)")[1]
+    assert all(f"| {row['mixer']} |" in jrt for row in data["rows"]) and "JRT prompt" in table
     assert (out / PLOT_PNG).stat().st_size > 10_000
     # three steps teach (almost) nothing: the rows below the bar are named as not learned
     below = [row["name"] for row in data["rows"] if row["accuracy"]["L16-kv2"] < CPU.learned_accuracy]
@@ -155,7 +160,8 @@ def test_every_mixer_trains_saves_reloads_and_is_evaluated_and_a_rerun_reuses_th
         f"based-d32-L16-kv2-lr{CPU.learning_rates['based']:g}/model",
         "llama",
     ]
-    assert [row["accuracy"] for row in given[:2]] == [row["accuracy"] for row in data["rows"][:2]]
+    for key in ("accuracy", "accuracy_twice"):
+        assert [row[key] for row in given[:2]] == [row[key] for row in data["rows"][:2]]
     assert [row["train_seconds"] for row in given] == [None, None, None]
     assert given[2]["state_size"] == 2 * 2 * 32 * 16 and given[2]["state_grows_with_length"]
 
@@ -181,6 +187,32 @@ def test_the_table_names_the_trained_rows_below_the_learned_bar_and_only_them() 
     assert "Not learned" not in checkpoints
     assert "Not learned" not in markdown_table([learned, stalled, given])
     assert "Not learned" not in markdown_table([learned], learned_accuracy=0.9)
+
+
+def test_the_jrt_prompt_table_gives_each_accuracy_read_twice_and_its_change() -> None:
+    shape, longer = MQARShape(32, 4), MQARShape(64, 4)
+    once = {shape: 0.5, longer: 0.25}
+    jrt = Row(
+        "based",
+        "/runs/based",
+        10,
+        StateSize(64),
+        once,
+        "based",
+        64,
+        1e-3,
+        shape,
+        12.0,
+        {shape: 0.75, longer: 0.2},
+    )
+    plain = Row("mamba", "/runs/mamba", 10, StateSize(64), once, "mamba", 64, 1e-3, shape, 12.0)
+    table = jrt_prompt_table([jrt, plain])
+    assert table.splitlines()[2:] == [
+        "| mixer | acc L=32 kv=4 | acc L=64 kv=4 |",
+        "|---|---|---|",
+        "| based | 0.750 (+0.250) | 0.200 (-0.050) |",
+    ]
+    assert jrt_prompt_table([plain]) == ""
 
 
 class StopAt(TrainerCallback):

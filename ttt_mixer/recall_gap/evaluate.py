@@ -1,6 +1,8 @@
 """Evaluation of a saved checkpoint through lm-eval: the project's ``ttt_mqar`` task on lm-eval's
 ``hf`` model (``HFLM``, what ``lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True``
-builds), at several MQAR shapes; and the checkpoint's size and recurrent state size.
+builds), at several MQAR shapes, and ``ttt_mqar_twice`` (the same sequences with their key-value
+pairs given twice before the queries: the JRT prompt) at the same shapes; and the checkpoint's size
+and recurrent state size.
 
 The task takes one number of key-value pairs per run, so the shapes are evaluated in one
 ``simple_evaluate`` call per pair count, all on the same loaded model. Under ``accelerate launch``
@@ -26,6 +28,7 @@ from ttt_mixer.eval_tasks import tasks_path
 from ttt_mixer.recall_gap.presets import MQARShape
 
 TASK = "ttt_mqar"
+TWICE_TASK = "ttt_mqar_twice"  # the JRT prompt: the pairs read twice
 METRIC = "acc"  # the bound value is the likeliest of the sequence's values; chance 1 / num_kv_pairs
 
 
@@ -44,7 +47,8 @@ class Evaluation:
     parameters: int
     state: StateSize
     accuracy: dict[MQARShape, float]
-    lm_eval_results: dict[str, Any]  # lm-eval's results, one task entry per pair count
+    lm_eval_results: dict[str, Any]  # lm-eval's results, one task entry per task and pair count
+    accuracy_twice: dict[MQARShape, float]  # with the JRT prompt (TWICE_TASK)
 
 
 def _kv_cache_size(config: Any, length: int) -> int | None:
@@ -85,9 +89,10 @@ def evaluate_checkpoint(
     batch_size: int,
     state_length: int,
 ) -> Evaluation | None:
-    """``acc`` of ``ttt_mqar`` at every shape (``samples`` sequences each, the task's own seed) of
-    the checkpoint loaded as lm-eval's ``hf`` model; its parameters and state size (an attention
-    cache's at ``state_length`` tokens). None on processes other than the main one."""
+    """``acc`` of ``ttt_mqar`` and of ``ttt_mqar_twice`` at every shape (``samples`` sequences each,
+    the task's own seed) of the checkpoint loaded as lm-eval's ``hf`` model; its parameters and
+    state size (an attention cache's at ``state_length`` tokens). None on processes other than the
+    main one."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -107,6 +112,7 @@ def evaluate_checkpoint(
     parameters = sum(p.numel() for p in lm.model.parameters())
     state = state_size(lm.model, state_length)
     accuracy: dict[MQARShape, float] = {}
+    accuracy_twice: dict[MQARShape, float] = {}
     merged: dict[str, Any] = {"results": {}, "n-samples": {}, "model_name": str(checkpoint)}
     by_pairs = itertools.groupby(
         sorted(shapes, key=lambda s: (s.num_kv_pairs, s.seq_len)), lambda s: s.num_kv_pairs
@@ -123,19 +129,20 @@ def evaluate_checkpoint(
         }
         tasks = TaskManager(include_path=tasks_path(), include_defaults=False, metadata=metadata)
         output = simple_evaluate(
-            model=lm, tasks=[TASK], task_manager=tasks, log_samples=False, verbosity="ERROR"
+            model=lm, tasks=[TASK, TWICE_TASK], task_manager=tasks, log_samples=False, verbosity="ERROR"
         )
         if output is None:  # not the main process
             continue
-        scores = output["results"][TASK]
-        name = f"{TASK}_kv{pairs}"
-        merged["results"][name] = scores
-        merged["n-samples"][name] = output.get("n-samples", {}).get(TASK)
-        for length in lengths:
-            accuracy[MQARShape(length, pairs)] = float(scores[f"{METRIC}@{length},none"])
+        for task, scores_of in ((TASK, accuracy), (TWICE_TASK, accuracy_twice)):
+            scores = output["results"][task]
+            name = f"{task}_kv{pairs}"
+            merged["results"][name] = scores
+            merged["n-samples"][name] = output.get("n-samples", {}).get(task)
+            for length in lengths:
+                scores_of[MQARShape(length, pairs)] = float(scores[f"{METRIC}@{length},none"])
     if not accuracy:
         return None
-    return Evaluation(parameters, state, accuracy, merged)
+    return Evaluation(parameters, state, accuracy, merged, accuracy_twice)
 
 
 def write_lm_eval_results(evaluation: Evaluation, path: Path) -> None:

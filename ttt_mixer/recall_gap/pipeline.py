@@ -13,7 +13,15 @@ import torch
 
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.presets import BACKBONES, Preset
-from ttt_mixer.recall_gap.report import Row, best_rows, markdown_table, not_learned, plot, write_tables
+from ttt_mixer.recall_gap.report import (
+    Row,
+    best_rows,
+    jrt_prompt_table,
+    markdown_table,
+    not_learned,
+    plot,
+    write_tables,
+)
 from ttt_mixer.recall_gap.runner import EvalSettings, distributed, evaluate_checkpoints, plan, run_all
 
 
@@ -102,6 +110,7 @@ def recall_gap(
             f"Files (for debugging): {', '.join(str(p) for p in written)}"
         )
     print(markdown_table(rows, preset.learned_accuracy))
+    print(jrt_prompt_table(rows))
     print(info["summary"])
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return rows

@@ -1,5 +1,6 @@
 """The results of ``ttt-mixer recall-gap``: one row per evaluated model, written as a markdown table,
-a JSON file and a PNG (accuracy against evaluation length, accuracy against recurrent state size).
+a JSON file and a PNG (accuracy against evaluation length, accuracy against recurrent state size),
+and a second markdown table: the accuracy with the JRT prompt (the pairs read twice) and its change.
 
 With a learning-rate sweep, every (mixer, width, training shape) keeps its best run at the training
 shape (Zoology's protocol); the JSON holds every run. Models trained on different shapes get
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ class Row:
     learning_rate: float | None = None
     train_shape: MQARShape | None = None
     train_seconds: float | None = None
+    # with the JRT prompt: the key-value pairs given twice before the queries (ttt_mqar_twice)
+    accuracy_twice: dict[MQARShape, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,7 @@ class Row:
             "state_grows_with_length": self.state.grows,
             "state_size_at_length": self.state.at_length,
             "accuracy": {shape.label: acc for shape, acc in sorted(self.accuracy.items())},
+            "accuracy_twice": {shape.label: acc for shape, acc in sorted(self.accuracy_twice.items())},
             "train_seconds": self.train_seconds,
             "checkpoint": self.checkpoint,
         }
@@ -145,6 +149,35 @@ def markdown_table(rows: Sequence[Row], learned_accuracy: float | None = None) -
     return "\n\n".join(parts) + "\n"
 
 
+def jrt_prompt_table(rows: Sequence[Row]) -> str:
+    """One markdown table per training shape of the rows evaluated with the JRT prompt: per mixer and
+    evaluated shape, the accuracy with the pairs read twice and its change from reading them once;
+    empty when no row has one."""
+    parts = []
+    for train_shape, group in _groups([row for row in rows if row.accuracy_twice]).items():
+        shapes = _column_order({shape for row in group for shape in row.accuracy_twice}, train_shape)
+        widths = len({row.width for row in group}) > 1
+        header = ["mixer", *(["width"] if widths else []), *(_shape_header(s) for s in shapes)]
+        where = f"trained on MQAR {train_shape.label}" if train_shape else "evaluated checkpoints"
+        lines = [
+            f"JRT prompt, the key-value pairs read twice ({where}): accuracy (change from reading once):",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+        ]
+        for row in group:
+            cells = [row.name, *([str(row.width)] if widths else [])]
+            cells += [
+                f"{row.accuracy_twice[s]:.3f} ({row.accuracy_twice[s] - row.accuracy[s]:+.3f})"
+                if s in row.accuracy_twice and s in row.accuracy
+                else ""
+                for s in shapes
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n" if parts else ""
+
+
 def write_tables(
     rows: Sequence[Row],
     all_rows: Sequence[Row],
@@ -152,11 +185,15 @@ def write_tables(
     info: dict[str, Any],
     learned_accuracy: float | None = None,
 ) -> list[Path]:
-    """``recall_gap.md`` (``rows``, with ``info['summary']`` above it; see ``markdown_table``) and
+    """``recall_gap.md`` (``rows``, with ``info['summary']`` above it; see ``markdown_table``; then
+    ``jrt_prompt_table``) and
     ``recall_gap.json`` (``info``, ``rows`` and every run in ``all_rows``)."""
     md, js = out / TABLE_MD, out / TABLE_JSON
     table = markdown_table(rows, learned_accuracy)
-    md.write_text(f"# MQAR recall gap\n\n{info.get('summary', '')}\n\n{table}")
+    twice = jrt_prompt_table(rows)
+    md.write_text(
+        f"# MQAR recall gap\n\n{info.get('summary', '')}\n\n{table}" + (f"\n{twice}" if twice else "")
+    )
     data = {**info, "rows": [row.to_json() for row in rows], "runs": [row.to_json() for row in all_rows]}
     js.write_text(json.dumps(data, indent=2))
     return [md, js]

@@ -5,8 +5,8 @@ interrupted; or, in checkpoints mode, the given checkpoints evaluated.
 
 Run folder: ``run.json`` (the spec; a different spec in the same folder is an error), ``trainer/``
 (Trainer checkpoints), ``model/`` (the final Hugging Face checkpoint and tokenizer), ``train.json``,
-``evaluation.json`` (accuracy, parameters, state size) and ``lm_eval_results.json`` (lm-eval's
-results); with ``jobs`` > 1 also ``log.txt`` (the worker's output) and ``progress.json``.
+``evaluation.json`` (accuracy, read once and with the JRT prompt, parameters, state size) and
+``lm_eval_results.json`` (lm-eval's results); with ``jobs`` > 1 also ``log.txt`` (the worker's output) and ``progress.json``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def plan(preset: Preset, seed: int) -> list[RunSpec]:
                             batch_size=preset.batch_size_for(shape.seq_len),
                             learning_rate=lr,
                             seed=seed,
-                            max_length=max(s.seq_len for s in preset.eval_shapes(shape)),
+                            # the longest evaluated sequence, with the JRT prompt's pairs again
+                            max_length=max(s.seq_len + 2 * s.num_kv_pairs for s in preset.eval_shapes(shape)),
                             mixer_options=dict(preset.mixer_options.get(mixer, {})),
                             backbone=preset.backbone,
                         )
@@ -95,8 +96,13 @@ def _load_evaluation(
     if not path.is_file():
         return None
     found = json.loads(path.read_text())
-    if found["samples"] != settings.samples or set(found["accuracy"]) != {s.label for s in shapes}:
-        return None  # evaluated with other settings: evaluate again
+    labels = {s.label for s in shapes}
+    if (
+        found["samples"] != settings.samples
+        or set(found["accuracy"]) != labels
+        or set(found.get("accuracy_twice", {})) != labels
+    ):
+        return None  # evaluated with other settings, or before the JRT prompt: evaluate again
     return found
 
 
@@ -113,6 +119,7 @@ def _row(
         parameters=evaluation["parameters"],
         state=StateSize(**evaluation["state"]),
         accuracy={s: evaluation["accuracy"][s.label] for s in shapes},
+        accuracy_twice={s: evaluation["accuracy_twice"][s.label] for s in shapes},
         mixer=spec.mixer,
         width=spec.width,
         learning_rate=spec.learning_rate,
@@ -156,6 +163,7 @@ def execute_run(
             "parameters": result.parameters,
             "state": asdict(result.state),
             "accuracy": {shape.label: acc for shape, acc in result.accuracy.items()},
+            "accuracy_twice": {shape.label: acc for shape, acc in result.accuracy_twice.items()},
         }
         (run_dir / EVAL_FILE).write_text(json.dumps(evaluation, indent=2))
     return _row(spec, run_dir, trained.train_seconds, evaluation, shapes)
@@ -360,5 +368,14 @@ def evaluate_checkpoints(
         if result is None:
             continue
         write_lm_eval_results(result, out / "checkpoints" / f"{name.replace('/', '__')}.json")
-        rows.append(Row(name, checkpoint, result.parameters, result.state, result.accuracy))
+        rows.append(
+            Row(
+                name,
+                checkpoint,
+                result.parameters,
+                result.state,
+                result.accuracy,
+                accuracy_twice=result.accuracy_twice,
+            )
+        )
     return rows
