@@ -31,7 +31,7 @@ from ttt_mixer.ops.ttt.inner import (
 from ttt_mixer.ops.ttt.spec import FamilySpec, ttt_spec
 from ttt_mixer.ops.ttt.state import State, pack_matrices, state_matrices
 from ttt_mixer.ops.ttt.state import initial_state as make_initial_state
-from ttt_mixer.ops.ttt.step import read_and_update
+from ttt_mixer.ops.ttt.step import matrix_rates, read_and_update
 from ttt_mixer.ops.ttt.update import column_norms
 
 
@@ -155,9 +155,9 @@ def ttt_family_reference(
             prediction = reference_inner_function(spec, kt[0][:, None], leaves, lnw, lnb, eps)
             loss = reference_token_loss(spec, prediction, vt[0][:, None])
             grads = torch.autograd.grad(loss, leaves, create_graph=True)
-            read, state = read_and_update(
-                spec, tau, state, [g[None] for g in grads], lrt, eta, alpha, targets
-            )
+            rates = matrix_rates(spec, lrt, per_matrix=lr.dim() == 4)
+            steps = [rate * g[None] for rate, g in zip(rates, grads, strict=True)]
+            read, state = read_and_update(spec, tau, state, steps, eta, alpha, targets)
             query = qt[0][:, None]
             outputs[t] = reference_inner_function(spec, query, [r[0] for r in read], lnw, lnb, eps)[:, 0]
         finals.append(pack_matrices(spec, *state))

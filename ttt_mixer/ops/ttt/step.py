@@ -40,34 +40,33 @@ def read_and_update(
     spec: FamilySpec,
     tau: torch.Tensor,
     state: MatrixState,
-    grads: Sequence[torch.Tensor],
-    lr: torch.Tensor,
+    steps: Sequence[torch.Tensor],
     eta: torch.Tensor | None,
     alpha: torch.Tensor | None,
     target_norms: list[torch.Tensor] | None,
 ) -> tuple[Matrices, MatrixState]:
     """One token per sequence: (the matrices its query reads, the state after it).
 
-    grads: the token's loss gradient of every matrix at the state's start weights, [N, H, d_in,
-    d_out]; lr [N, H] or [N, H, n] (one per matrix); eta, alpha [N, H] gates or None. Dual order: M <- eta M + lr G,
+    steps: the token's loss gradient G of every matrix at the state's start weights times its learning
+    rate, lr G [N, H, d_in, d_out]; eta, alpha [N, H] gates or None. Dual order: M <- eta M + lr G,
     S <- (1 - alpha) S + alpha W + M (M = lr G without momentum, S + M without forgetting), the query
     reads W - tau_i S, and the mini-batch's last token makes that the next start. Apply-then-update:
     the query reads W, S <- S + lr G, and the mini-batch's last token applies ``finish_minibatch``."""
     position, weights, sums, momenta, gate_sums = state
-    rates = matrix_rates(spec, lr, per_matrix=lr.dim() == 3)
-    steps = [rate * g for rate, g in zip(rates, grads, strict=True)]
     done = (position + 1 == spec.mini_batch_size)[:, None, None, None]
     if spec.order == "dual":
         if momenta is not None:
-            momenta = [eta[..., None, None] * s + u for s, u in zip(momenta, steps, strict=True)]
+            gate = eta[..., None, None]
+            momenta = [torch.addcmul(u, gate, s) for s, u in zip(momenta, steps, strict=True)]
             steps = momenta
         if alpha is not None:
             a = alpha[..., None, None]
-            sums = [(1.0 - a) * s + a * w + u for s, w, u in zip(sums, weights, steps, strict=True)]
+            # (1 - alpha) S + alpha W + M
+            sums = [torch.lerp(s, w, a) + u for s, w, u in zip(sums, weights, steps, strict=True)]
         else:
             sums = [s + u for s, u in zip(sums, steps, strict=True)]
         tau_i = tau[position][:, None, None, None]
-        read = [w - tau_i * s for w, s in zip(weights, sums, strict=True)]
+        read = [torch.addcmul(w, tau_i, s, value=-1.0) for w, s in zip(weights, sums, strict=True)]
         weights = [torch.where(done, r, w) for r, w in zip(read, weights, strict=True)]
         sums = [torch.where(done, 0.0, s) for s in sums]
     else:
@@ -157,12 +156,14 @@ def ttt_family_step(
     )
     offset = loss_offset(spec, kn, vn, lnw, lnb)
     inputs, output_grads = key_gradients(spec, first_input(spec, kn), offset, state[1], lnw, eps)
-    grads = [x.transpose(-1, -2) @ g for x, g in zip(inputs, output_grads, strict=True)]
+    rates = matrix_rates(spec, lrn, per_matrix=lr.dim() == 4)
+    # lr G = (lr X)^T g: the rate scales the inputs, the smaller side
+    steps = [(rate * x).transpose(-1, -2) @ g for rate, x, g in zip(rates, inputs, output_grads, strict=True)]
     targets = None
     if spec.weight_norm:
         targets = column_norms([m.to(dtype) for m in param_matrices(spec, params)])
     tau = token_scales(spec, token_offset, dtype, q.device)
-    read, new_state = read_and_update(spec, tau, state, grads, lrn, eta, alpha, targets)
+    read, new_state = read_and_update(spec, tau, state, steps, eta, alpha, targets)
     o = inner_output(qn, inner_forward(spec, qn, read), lnw, lnb, eps).squeeze(2)
     if lengths is not None:
         # tokens are packed in sequence order, so the sequences that hold one give the output rows
