@@ -22,7 +22,14 @@ from ops_cases import (
     spec_definition,
 )
 
-from ttt_mixer.ops import FamilySpec, param_shapes, ttt_family_chunk, ttt_family_reference, ttt_family_step
+from ttt_mixer.ops import (
+    FamilySpec,
+    family_ops,
+    param_shapes,
+    ttt_family_chunk,
+    ttt_family_reference,
+    ttt_family_step,
+)
 from ttt_mixer.ops.ttt.update import newton_schulz
 
 B, H, D = 2, 2, 4
@@ -344,3 +351,20 @@ def test_bad_input_raises_before_work(op, change, error: type, message: str) -> 
 def test_bad_spec_raises(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         replace(FamilySpec(), **fields)
+
+
+def test_family_ops_choose_triton_for_ttt_only() -> None:
+    """One dispatcher for every spec: PyTorch runs them all; Triton runs TTT-Linear and TTT-MLP and
+    refuses any other spec, a gate, or an unknown backend, before any work."""
+    assert family_ops(SPECS["titans-linear"], "torch") == (ttt_family_chunk, ttt_family_step)
+    with pytest.raises(ValueError, match="Triton kernels cover TTT-Linear and TTT-MLP only"):
+        family_ops(SPECS["titans-linear"], "triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        family_ops(SPECS["ttt-mlp-b3"], "cuda")
+    spec = SPECS["ttt-mlp-b3"]
+    chunk_op, _ = family_ops(spec, "triton")
+    kwargs = family_kwargs(spec, seq_len=5)
+    with pytest.raises(ValueError, match="momentum and forget must be None"):
+        chunk_op(**kwargs | {"momentum": kwargs["lr"]})
+    with pytest.raises(ValueError, match=r"token_offset must have shape \[mini_batch_size\] = \[3\]"):
+        chunk_op(**kwargs | {"token_offset": kwargs["token_offset"][:2]})
