@@ -122,7 +122,7 @@ def _zeros(*shape: int, settings: Settings) -> torch.Tensor:
 
 
 def _ttt_inputs(inner_model: str, settings: Settings) -> Callable[[int, int], dict[str, torch.Tensor]]:
-    from ttt_mixer.ops.ttt.inner import get_inner_model
+    from ttt_mixer.ops import param_shapes, ttt_spec
 
     H, d, b = settings.heads, settings.head_dim, settings.mini_batch
 
@@ -132,9 +132,10 @@ def _ttt_inputs(inner_model: str, settings: Settings) -> Callable[[int, int], di
         inputs["token_offset"] = _zeros(b, settings=settings)
         inputs["ln_weight"] = _zeros(H, d, settings=settings) + 1
         inputs["ln_bias"] = _zeros(H, d, settings=settings)
-        for layer, (d_in, d_out) in enumerate(get_inner_model(inner_model).layer_shapes(d), start=1):
-            inputs[f"w{layer}"] = _randn(H, d_in, d_out, settings=settings, scale=0.02)
-            inputs[f"b{layer}"] = _zeros(H, d_out, settings=settings)
+        shapes = param_shapes(ttt_spec(inner_model, b), H, d)
+        for layer, (w_shape, b_shape) in enumerate(zip(shapes[::2], shapes[1::2], strict=True), start=1):
+            inputs[f"w{layer}"] = _randn(*w_shape, settings=settings, scale=0.02)
+            inputs[f"b{layer}"] = _zeros(*b_shape, settings=settings)
         return inputs
 
     return make

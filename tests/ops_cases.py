@@ -3,10 +3,10 @@
 ``make_inputs`` builds seeded random arguments of ``ttt_primal`` / ``ttt_chunk`` / ``ttt_step`` in a
 realistic range; ``make_state`` builds a random recurrent state (possibly in the middle of a
 mini-batch); the remaining functions compare, slice and stack state tuples, whose layout is
-``(position [N] int64, W1, b1, [W2, b2,] S_W1, S_b1, [S_W2, S_b2])`` (see ``ttt_mixer.ops.ttt.state``).
+``(position [N] int64, W1, b1, [W2, b2,] S_W1, S_b1, [S_W2, S_b2])`` for TTT (see ``ttt_mixer.ops.ttt.state``).
 ``run`` calls any op (PyTorch or Triton) the same way, ``assert_matches`` compares what two ops give
-within the TOLERANCE of docs/conventions.md section 6, and ``output_and_state_loss`` is the loss the gradient
-tests differentiate.
+within the TOLERANCE of docs/conventions.md section 6, ``output_and_state_loss`` is the loss the gradient
+tests differentiate, and ``spec_definition`` is TTT written out independently of the ops.
 """
 
 from __future__ import annotations
@@ -15,9 +15,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
-from ttt_mixer.ops import pack_state, state_position, state_tensors
-from ttt_mixer.ops.ttt.inner import get_inner_model
+from ttt_mixer.ops import (
+    FamilySpec,
+    pack_state,
+    param_shapes,
+    state_position,
+    state_tensors,
+    token_scale,
+    ttt_spec,
+)
 
 State = tuple[torch.Tensor, ...]
 Op = Callable[..., tuple[torch.Tensor, State | None]]
@@ -141,9 +149,7 @@ def make_inputs(
     lr = base_lr * torch.sigmoid(_randn(g, B, T, H)) / d
     token_offset = 0.05 * _randn(g, b)
     ln_weight, ln_bias = (1.0 + 0.1 * _randn(g, H, d), 0.1 * _randn(g, H, d)) if layer_norm else (None, None)
-    params = []
-    for d_in, d_out in get_inner_model(inner_model).layer_shapes(d):
-        params += [0.1 * _randn(g, H, d_in, d_out), 0.1 * _randn(g, H, d_out)]
+    params = [0.1 * _randn(g, *shape) for shape in param_shapes(ttt_spec(inner_model, b), H, d)]
     cast = [None if t is None else t.to(dtype) for t in (q, k, v, lr, token_offset, ln_weight, ln_bias)]
     return TTTInputs(inner_model, *cast, params=tuple(p.to(dtype) for p in params))
 
@@ -163,11 +169,10 @@ def make_state(
     position = torch.tensor(positions, dtype=torch.long)
     N, H = len(positions), num_heads
     weights, sums = [], []
-    for d_in, d_out in get_inner_model(inner_model).layer_shapes(head_dim):
-        for shape in ((N, H, d_in, d_out), (N, H, d_out)):
-            weights.append(0.1 * _randn(g, *shape))
-            started = (position > 0).to(torch.float64).reshape(N, *[1] * (len(shape) - 1))
-            sums.append(0.01 * _randn(g, *shape) * started)
+    for shape in param_shapes(FamilySpec(inner_model), H, head_dim):
+        weights.append(0.1 * _randn(g, N, *shape))
+        started = (position > 0).to(torch.float64).reshape(N, *[1] * len(shape))
+        sums.append(0.01 * _randn(g, N, *shape) * started)
     return pack_state(position, [t.to(dtype) for t in weights], [t.to(dtype) for t in sums])
 
 
@@ -236,3 +241,36 @@ def output_and_state_loss(o: torch.Tensor, state: State, seed: int = 1) -> torch
         weight = torch.randn(t.shape, generator=g, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
         loss = loss + (t * weight).sum() / t.numel() ** 0.5
     return loss
+
+
+def spec_definition(inputs: TTTInputs, eps: float = 1e-6) -> tuple[torch.Tensor, State]:
+    """docs/math.md sections 1-5 written out independently of the ops: the token gradients by autograd of
+    1/2 ||f(k_j; W) - v_j||^2 (f built from F.layer_norm and F.gelu), W_bar_i = W - tau_i S_i with
+    S_i = sum_{j <= i} lr_j G_j, o_i = f(q_i; W_bar_i), and W <- W_bar_b at the end of a mini-batch."""
+    layer_norm = inputs.ln_weight is not None
+
+    def f(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:  # x [H, d]
+        z = torch.einsum("hi,hio->ho", x, weights[0]) + weights[1]
+        if len(weights) == 4:
+            z = torch.einsum("hi,hio->ho", F.gelu(z, approximate="tanh"), weights[2]) + weights[3]
+        if not layer_norm:
+            return z
+        return x + F.layer_norm(z, z.shape[-1:], eps=eps) * inputs.ln_weight + inputs.ln_bias
+
+    b, tau = inputs.mini_batch_size, token_scale(inputs.token_offset)
+    outputs, finals = [], []
+    for q, k, v, lr in zip(inputs.q, inputs.k, inputs.v, inputs.lr, strict=True):  # one row at a time
+        weights = list(inputs.params)
+        sums = [torch.zeros_like(w) for w in weights]
+        for t in range(inputs.seq_len):
+            leaves = [w.detach().requires_grad_() for w in weights]
+            token_loss = 0.5 * ((f(k[t], leaves) - v[t]) ** 2).sum()  # heads are independent
+            grads = torch.autograd.grad(token_loss, leaves)
+            sums = [s + lr[t].reshape(-1, *[1] * (g.dim() - 1)) * g for s, g in zip(sums, grads, strict=True)]
+            weights_bar = [w - tau[t % b] * s for w, s in zip(weights, sums, strict=True)]
+            outputs.append(f(q[t], weights_bar))
+            if t % b == b - 1:
+                weights, sums = weights_bar, [torch.zeros_like(w) for w in weights]
+        finals.append((torch.tensor([inputs.seq_len % b]), *(w[None] for w in weights + sums)))
+    o = torch.stack(outputs).reshape(inputs.q.shape)
+    return o, cat_states(finals)

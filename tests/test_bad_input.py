@@ -24,9 +24,7 @@ from ttt_mixer.convert import CONFIG_FIELDS, LAYER_KEYS, MODEL_KEYS, from_ttt_lm
 from ttt_mixer.eval_tasks.perplexity import parse_options as ppl_options
 from ttt_mixer.eval_tasks.recall import parse_options as recall_options
 from ttt_mixer.models.causal_lm import CACHE_FIELD
-from ttt_mixer.ops import ttt_chunk, ttt_primal, ttt_step
-from ttt_mixer.ops.ttt_family import FamilySpec, ttt_family_chunk
-from ttt_mixer.ops.ttt_family.inner import param_shapes
+from ttt_mixer.ops import FamilySpec, param_shapes, ttt_chunk, ttt_family_chunk, ttt_primal, ttt_step
 from ttt_mixer.training import NonFiniteTrainingError
 
 

@@ -175,7 +175,7 @@ def test_without_rope_and_explicit_base_lr(inner_model: str, conv_gate: bool) ->
 def test_subclasses_are_the_layer_with_their_inner_model(cls: type, inner_model: str) -> None:
     layer = make_layer(inner_model, hidden_size=HIDDEN, mini_batch_size=B)
     sub = cls(hidden_size=HIDDEN, num_heads=2, mini_batch_size=B, layer_idx=0).to(torch.float64)
-    assert sub.inner.name == inner_model and sub.base_lr == BASE_LR[inner_model]
+    assert sub.spec.inner_model == inner_model and sub.base_lr == BASE_LR[inner_model]
     sub.load_state_dict(layer.state_dict())
     x = randn(2, 7, HIDDEN, seed=3)
     assert_same_model_outputs(sub(x)[0], layer(x)[0])

@@ -83,7 +83,7 @@ def test_backbone_layout(ttt_layer_type: str, backbone: str) -> None:
     for block in model.model.layers:
         assert (block.pre_conv is not None) == mamba
         assert block.attn.share_qk == mamba and block.attn.use_gate == mamba
-        assert block.attn.inner.name == ttt_layer_type
+        assert block.attn.spec.inner_model == ttt_layer_type
         assert block.attn.mini_batch_size == B
     expected_lr = {"linear": 1.0, "mlp": 0.1}[ttt_layer_type]
     assert model.model.layers[0].attn.base_lr == expected_lr

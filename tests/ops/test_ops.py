@@ -27,6 +27,7 @@ from ops_cases import (
     output_and_state_loss,
     run,
     select_state,
+    spec_definition,
 )
 
 from ttt_mixer.ops import (
@@ -36,10 +37,11 @@ from ttt_mixer.ops import (
     token_scale,
     ttt_chunk,
     ttt_primal,
+    ttt_spec,
     ttt_step,
 )
-from ttt_mixer.ops.ttt.inner import GeluTanhWithGrad, LayerNormL2Grad, get_inner_model, with_ones
-from ttt_mixer.ops.ttt.naive import reference_gelu_tanh_grad, reference_ln_fused_l2_grad
+from ttt_mixer.ops.ttt.inner import GeluTanhWithGrad, LayerNormL2Grad, param_shapes, with_ones
+from ttt_mixer.ops.ttt.reference import reference_gelu_tanh_grad, reference_ln_fused_l2_grad
 
 GRAD_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
@@ -67,7 +69,8 @@ def run_in_pieces(
 
 def fresh_state(inputs: TTTInputs, num_sequences: int) -> State:
     """The explicit state before any token (the inner model's own weights, position 0)."""
-    return initial_state(get_inner_model(inputs.inner_model), list(inputs.params), num_sequences)
+    spec = ttt_spec(inputs.inner_model, inputs.mini_batch_size)
+    return initial_state(spec, list(inputs.params), num_sequences)
 
 
 # ttt_chunk against the primal form ----------------------------------------------------------------
@@ -99,39 +102,6 @@ def test_chunk_matches_primal(inner_model: str, dtype: torch.dtype, shape: tuple
     assert_matches(run(ttt_chunk, inputs), (o_ref.to(dtype), state_ref), TOLERANCE[dtype])
 
 
-def spec_definition(inputs: TTTInputs, eps: float = 1e-6) -> tuple[torch.Tensor, State]:
-    """docs/math.md sections 1-5 written out independently of the ops: the token gradients by autograd of
-    1/2 ||f(k_j; W) - v_j||^2 (f built from F.layer_norm and F.gelu), W_bar_i = W - tau_i S_i with
-    S_i = sum_{j <= i} lr_j G_j, o_i = f(q_i; W_bar_i), and W <- W_bar_b at the end of a mini-batch."""
-    layer_norm = inputs.ln_weight is not None
-
-    def f(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:  # x [H, d]
-        z = torch.einsum("hi,hio->ho", x, weights[0]) + weights[1]
-        if len(weights) == 4:
-            z = torch.einsum("hi,hio->ho", F.gelu(z, approximate="tanh"), weights[2]) + weights[3]
-        if not layer_norm:
-            return z
-        return x + F.layer_norm(z, z.shape[-1:], eps=eps) * inputs.ln_weight + inputs.ln_bias
-
-    b, tau = inputs.mini_batch_size, token_scale(inputs.token_offset)
-    outputs, finals = [], []
-    for q, k, v, lr in zip(inputs.q, inputs.k, inputs.v, inputs.lr, strict=True):  # one row at a time
-        weights = list(inputs.params)
-        sums = [torch.zeros_like(w) for w in weights]
-        for t in range(inputs.seq_len):
-            leaves = [w.detach().requires_grad_() for w in weights]
-            token_loss = 0.5 * ((f(k[t], leaves) - v[t]) ** 2).sum()  # heads are independent
-            grads = torch.autograd.grad(token_loss, leaves)
-            sums = [s + lr[t].reshape(-1, *[1] * (g.dim() - 1)) * g for s, g in zip(sums, grads, strict=True)]
-            weights_bar = [w - tau[t % b] * s for w, s in zip(weights, sums, strict=True)]
-            outputs.append(f(q[t], weights_bar))
-            if t % b == b - 1:
-                weights, sums = weights_bar, [torch.zeros_like(w) for w in weights]
-        finals.append((torch.tensor([inputs.seq_len % b]), *(w[None] for w in weights + sums)))
-    o = torch.stack(outputs).reshape(inputs.q.shape)
-    return o, cat_states(finals)
-
-
 @inner_models
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["LN", "no-LN"])
 def test_primal_matches_spec_definition(inner_model: str, layer_norm: bool) -> None:
@@ -150,10 +120,10 @@ def test_final_state_layout(inner_model: str, op: Op) -> None:
     # only the decode step returns its state by default
     assert (default_state is not None) == (op is ttt_step)
     _, state = run(op, inputs)
-    inner = get_inner_model(inner_model)
-    assert len(state) == state_length(inner)
+    spec = ttt_spec(inner_model, 4)
+    assert len(state) == state_length(spec)
     assert state[0].dtype == torch.long and state[0].tolist() == [1, 1, 1]
-    shapes = [s for d_in, d_out in inner.layer_shapes(4) for s in ((d_in, d_out), (d_out,))]
+    shapes = [s[1:] for s in param_shapes(spec, 2, 4)]
     assert [tuple(t.shape) for t in state[1:]] == [(3, 2, *s) for s in shapes + shapes]
 
 

@@ -1,5 +1,5 @@
-"""Tests of the TTT-family op (``ttt_mixer.ops.ttt_family``, docs/math.md section 13): at the default
-spec the reference is TTT's primal form; the chunked form and the decode step against the reference
+"""Tests of the TTT-family ops (``ttt_mixer.ops``, docs/math.md section 13): at the default spec the
+reference and the chunked form compute TTT as written out in ``spec_definition``; the chunked form and the decode step against the reference
 for every axis (outputs, final state, gradients, float64 and float32), every prefill/continuation
 split, packed sequences, Titans' recurrence and LaCT's chunk update written out, and bad input."""
 
@@ -19,19 +19,18 @@ from ops_cases import (
     max_state_diff,
     output_and_state_loss,
     select_state,
+    spec_definition,
 )
 
-from ttt_mixer.ops import ttt_primal
-from ttt_mixer.ops.ttt.state import augmented_params
-from ttt_mixer.ops.ttt_family import (
+from ttt_mixer.ops import (
     FamilySpec,
-    family_state_updates,
-    family_state_weights,
+    family_ops,
+    param_shapes,
     ttt_family_chunk,
     ttt_family_reference,
     ttt_family_step,
 )
-from ttt_mixer.ops.ttt_family.inner import newton_schulz, param_shapes
+from ttt_mixer.ops.ttt.update import newton_schulz
 
 B, H, D = 2, 2, 4
 # id -> spec: TTT, Titans-style per-token momentum and forgetting, LaCT-style apply-then-update with
@@ -118,23 +117,14 @@ def in_pieces(op_for_length, kwargs: dict, lengths: list[int], state=None) -> tu
 @pytest.mark.parametrize("inner_model", ["linear", "mlp"])
 @pytest.mark.parametrize("op", [ttt_family_reference, ttt_family_chunk], ids=["reference", "chunk"])
 def test_default_spec_is_ttt(inner_model: str, op) -> None:
-    """The default axes are TTT-Linear / TTT-MLP: ttt_primal's outputs and state (W = [W1; b1], the
-    update so far D = -the sums S of its state)."""
+    """The default axes are TTT-Linear / TTT-MLP: the outputs and state (W1, b1[, W2, b2], and the
+    sums S) of TTT written out in ``spec_definition``."""
     inputs = make_inputs(inner_model, B, 10, H, D, mini_batch_size=4, seed=1)
     spec = FamilySpec(inner_model, mini_batch_size=4)
     o, state = op(spec, *inputs.args()[1:], output_final_state=True)
-    o_ref, state_ref = ttt_primal(*inputs.args(), output_final_state=True)
-    n = len(inputs.params)
+    o_ref, state_ref = spec_definition(inputs)
     assert max_abs_diff(o, o_ref) <= 1e-10
-    assert torch.equal(state[0], state_ref[0])
-    for got, expected in zip(
-        family_state_weights(spec, state), augmented_params(state_ref[1 : 1 + n]), strict=True
-    ):
-        assert max_abs_diff(got, expected) <= 1e-10
-    for got, sums in zip(
-        family_state_updates(spec, state), augmented_params(state_ref[1 + n :]), strict=True
-    ):
-        assert max_abs_diff(got, -sums) <= 1e-10
+    assert max_state_diff(state, state_ref) <= 1e-10
 
 
 @specs
@@ -257,7 +247,8 @@ def test_titans_recurrence_written_out() -> None:
     for op in (ttt_family_reference, ttt_family_chunk):
         o, state = run(op, kwargs)
         assert max_abs_diff(o, torch.stack(expected, dim=1)) <= 1e-12
-        assert max_abs_diff(state[1], memory) <= 1e-12
+        assert max_abs_diff(state[1], memory[..., :-1, :]) <= 1e-12
+        assert max_abs_diff(state[2], memory[..., -1, :]) <= 1e-12
 
 
 def test_lact_chunk_update_written_out() -> None:
@@ -323,7 +314,7 @@ BAD = {
         ValueError,
         "dot_product loss takes no inner LayerNorm",
     ),
-    "params-count": (lambda kw: kw | {"params": kw["params"][:2]}, ValueError, "takes 3 weights"),
+    "params-count": (lambda kw: kw | {"params": kw["params"][:2]}, ValueError, "takes 3 inner weights"),
     "token_offset-size": (
         lambda kw: kw | {"token_offset": kw["token_offset"][:2]},
         ValueError,
@@ -360,3 +351,20 @@ def test_bad_input_raises_before_work(op, change, error: type, message: str) -> 
 def test_bad_spec_raises(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         replace(FamilySpec(), **fields)
+
+
+def test_family_ops_choose_triton_for_ttt_only() -> None:
+    """One dispatcher for every spec: PyTorch runs them all; Triton runs TTT-Linear and TTT-MLP and
+    refuses any other spec, a gate, or an unknown backend, before any work."""
+    assert family_ops(SPECS["titans-linear"], "torch") == (ttt_family_chunk, ttt_family_step)
+    with pytest.raises(ValueError, match="Triton kernels cover TTT-Linear and TTT-MLP only"):
+        family_ops(SPECS["titans-linear"], "triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        family_ops(SPECS["ttt-mlp-b3"], "cuda")
+    spec = SPECS["ttt-mlp-b3"]
+    chunk_op, _ = family_ops(spec, "triton")
+    kwargs = family_kwargs(spec, seq_len=5)
+    with pytest.raises(ValueError, match="momentum and forget must be None"):
+        chunk_op(**kwargs | {"momentum": kwargs["lr"]})
+    with pytest.raises(ValueError, match=r"token_offset must have shape \[mini_batch_size\] = \[3\]"):
+        chunk_op(**kwargs | {"token_offset": kwargs["token_offset"][:2]})

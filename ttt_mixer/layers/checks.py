@@ -8,7 +8,9 @@ import os
 
 import torch
 
-BACKEND_NAMES = ("torch", "triton")
+from ttt_mixer.ops import BACKENDS
+
+BACKEND_NAMES = BACKENDS
 BACKEND_ENV = "TTT_MIXER_BACKEND"
 
 

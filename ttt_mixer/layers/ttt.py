@@ -21,13 +21,10 @@ from ttt_mixer.layers.checks import (
     resolve_backend,
 )
 from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
-from ttt_mixer.ops import state_position, ttt_chunk, ttt_chunk_triton, ttt_step, ttt_step_triton
+from ttt_mixer.ops import family_ops, param_shapes, state_position, ttt_spec
 from ttt_mixer.ops.ttt.grid import minibatch_positions
-from ttt_mixer.ops.ttt.inner import get_inner_model
 
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
-# backend -> (whole-sequence op, decode-step op)
-BACKENDS = {"torch": (ttt_chunk, ttt_step), "triton": (ttt_chunk_triton, ttt_step_triton)}
 
 
 def check_layer_options(options: dict[str, object], names: dict[str, str] | None = None) -> None:
@@ -97,7 +94,6 @@ class TTTLayer(PackedMixerLayer):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        self.inner = get_inner_model(inner_model)
         check_backend(backend)
         self.backend = backend
         check_layer_options(
@@ -115,6 +111,8 @@ class TTTLayer(PackedMixerLayer):
                 "norm_eps": norm_eps,
             }
         )
+        # TTT-Linear or TTT-MLP as a spec of the TTT family (ttt_mixer.ops)
+        self.spec = ttt_spec(inner_model, mini_batch_size)
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
@@ -146,9 +144,9 @@ class TTTLayer(PackedMixerLayer):
         self.ttt_norm_weight = nn.Parameter(torch.empty(num_heads, self.head_dim))
         self.ttt_norm_bias = nn.Parameter(torch.empty(num_heads, self.head_dim))
         # inner model weights w1 [H, d, d_hidden], b1 [H, d_hidden] (and w2, b2 for TTT-MLP)
-        for i, (d_in, d_out) in enumerate(self.inner.layer_shapes(self.head_dim), start=1):
-            self.register_parameter(f"w{i}", nn.Parameter(torch.empty(num_heads, d_in, d_out)))
-            self.register_parameter(f"b{i}", nn.Parameter(torch.empty(num_heads, d_out)))
+        for i, (w_shape, b_shape) in enumerate(self.layer_shapes(), start=1):
+            self.register_parameter(f"w{i}", nn.Parameter(torch.empty(w_shape)))
+            self.register_parameter(f"b{i}", nn.Parameter(torch.empty(b_shape)))
         self.post_norm = nn.LayerNorm(self.key_dim, eps=norm_eps)
         self.reset_parameters()
 
@@ -157,19 +155,24 @@ class TTTLayer(PackedMixerLayer):
         nn.init.zeros_(self.token_offset)
         nn.init.ones_(self.ttt_norm_weight)
         nn.init.zeros_(self.ttt_norm_bias)
-        for i in range(1, self.inner.num_layers + 1):
+        for i in range(1, self.spec.num_matrices + 1):
             nn.init.normal_(getattr(self, f"w{i}"), mean=0.0, std=0.02)
             nn.init.zeros_(getattr(self, f"b{i}"))
+
+    def layer_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(w [H, d_in, d_out], b [H, d_out]) of every inner layer."""
+        shapes = param_shapes(self.spec, self.num_heads, self.head_dim)
+        return list(zip(shapes[::2], shapes[1::2], strict=True))
 
     def inner_params(self) -> list[nn.Parameter]:
         """The inner model's initial weights in the ops' order: w1, b1[, w2, b2]."""
         return [
-            getattr(self, f"{kind}{i}") for i in range(1, self.inner.num_layers + 1) for kind in ("w", "b")
+            getattr(self, f"{kind}{i}") for i in range(1, self.spec.num_matrices + 1) for kind in ("w", "b")
         ]
 
     def extra_repr(self) -> str:
         return (
-            f"inner_model={self.inner.name!r}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"inner_model={self.spec.inner_model!r}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, use_rope={self.use_rope}"
         )
 
@@ -201,9 +204,9 @@ class TTTLayer(PackedMixerLayer):
             q = apply_interleaved_rotary(q, positions, self.rope_theta)
             k = apply_interleaved_rotary(k, positions, self.rope_theta)
 
-        chunk_op, step_op = BACKENDS[resolve_backend(self.backend, q.device)]
+        chunk_op, step_op = family_ops(self.spec, resolve_backend(self.backend, q.device))
         o, recurrent_state = (step_op if one_token_each(q, cu_seqlens) else chunk_op)(
-            self.inner.name,
+            self.spec,
             q,
             k,
             v,

@@ -24,9 +24,8 @@ from ttt_mixer.layers.checks import (
 )
 from ttt_mixer.modules import DepthwiseCausalConv, apply_interleaved_rotary
 from ttt_mixer.modules.sliding_window import WindowState, sliding_window_attention, token_positions
-from ttt_mixer.ops.ttt_family import FamilySpec, ttt_family_chunk, ttt_family_step
-from ttt_mixer.ops.ttt_family.inner import param_names, param_shapes
-from ttt_mixer.ops.ttt_family.state import State
+from ttt_mixer.ops import FamilySpec, family_ops, param_names, param_shapes
+from ttt_mixer.ops.ttt.state import State
 
 FAMILY_PRESETS = ("titans", "lact")
 # LaCT's published language models: chunks and window of 2048 tokens, base learning rate 1e-3 through
@@ -222,7 +221,8 @@ class TTTFamilyLayer(PackedMixerLayer):
         cu_seqlens: torch.Tensor | None,
     ) -> tuple[torch.Tensor, State | None]:
         """The family op over [B, T, H, d] inputs: the decode step when every sequence has one token."""
-        op = ttt_family_step if one_token_each(q, cu_seqlens) else ttt_family_chunk
+        chunk_op, step_op = family_ops(self.spec, "torch")
+        op = step_op if one_token_each(q, cu_seqlens) else chunk_op
         return op(
             self.spec,
             q,

@@ -8,7 +8,7 @@ from transformers.configuration_utils import PretrainedConfig
 from ttt_mixer.layers.checks import check_bool, check_int, check_positive_float
 from ttt_mixer.layers.ttt import check_layer_options
 from ttt_mixer.layers.ttt_family import FAMILY_PRESETS, check_family_layer_options
-from ttt_mixer.ops.ttt.inner import INNER_MODELS
+from ttt_mixer.ops.ttt.spec import INNER_MODELS
 
 BACKBONES = ("transformer", "mamba")
 # the paper's two block layouts (docs/math.md section 9); explicit flags override them

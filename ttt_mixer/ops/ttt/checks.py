@@ -1,13 +1,15 @@
-"""Input checks of the TTT ops, written once: every op (primal, chunked, decode step and their Triton
-counterparts) checks its arguments here before any work, so that all raise the same errors."""
+"""Input checks of the TTT-family ops, written once: every op (reference, chunked, decode step and the
+Triton kernels) checks its arguments here before any work, so that all raise the same errors."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-from ttt_mixer.ops.ttt.inner import InnerModel
+from ttt_mixer.ops.ttt.inner import param_names, param_shapes
+from ttt_mixer.ops.ttt.spec import FamilySpec
 from ttt_mixer.ops.ttt.state import State, state_length, state_position, state_tensors
 
 
@@ -91,42 +93,75 @@ def check_layer_norm(ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | Non
             _check_shape(name, t, tuple(q.shape[2:]), "[H, d]")
 
 
+def spec_label(spec: FamilySpec) -> str:
+    """How messages name a spec: TTT-linear / TTT-mlp, else the spec itself."""
+    return f"TTT-{spec.inner_model}" if spec.is_plain_ttt() else repr(spec)
+
+
+def mini_batch_size_of(token_offset: object) -> int:
+    """TTT's mini-batch size: the length of its token offsets [b] (checked in full with the rest)."""
+    if not isinstance(token_offset, torch.Tensor) or token_offset.dim() != 1 or token_offset.shape[0] < 1:
+        got = (
+            list(token_offset.shape)
+            if isinstance(token_offset, torch.Tensor)
+            else type(token_offset).__name__
+        )
+        raise ValueError(f"token_offset must have shape [mini_batch_size >= 1], got {got}")
+    return token_offset.shape[0]
+
+
 def check_inputs(
-    inner: InnerModel,
+    spec: FamilySpec,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     lr: torch.Tensor,
-    token_offset: torch.Tensor,
+    token_offset: torch.Tensor | None,
     ln_weight: torch.Tensor | None,
     ln_bias: torch.Tensor | None,
-    params: list[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    momentum: torch.Tensor | None,
+    forget: torch.Tensor | None,
     initial_state: State | None,
     cu_seqlens: torch.Tensor | None,
     eps: float,
 ) -> int:
-    """Check every input of a TTT op before any work; returns the number of sequences N."""
+    """Check every input of a TTT-family op before any work; returns the number of sequences N."""
+    if not isinstance(spec, FamilySpec):
+        raise TypeError(f"spec must be a FamilySpec, got {type(spec).__name__}")
     num_sequences = check_sequences(q, k, v, cu_seqlens, eps)
-    H, d = q.shape[2:]
+    B, T, H, d = q.shape
     _check_float("lr", lr, q.dtype)
-    _check_shape("lr", lr, tuple(q.shape[:3]), "[B, T, H]")
-    _check_float("token_offset", token_offset, q.dtype)
-    if token_offset.dim() != 1 or token_offset.shape[0] < 1:
+    if tuple(lr.shape) not in ((B, T, H), (B, T, H, spec.num_matrices)):
         raise ValueError(
-            f"token_offset must have shape [mini_batch_size >= 1], got {list(token_offset.shape)}"
+            f"lr must have shape [B, T, H] = {[B, T, H]} or [B, T, H, {spec.num_matrices}] (one per "
+            f"inner matrix), got {list(lr.shape)}"
         )
+    if token_offset is not None:
+        _check_float("token_offset", token_offset, q.dtype)
+        _check_shape("token_offset", token_offset, (spec.mini_batch_size,), "[mini_batch_size]")
     check_layer_norm(ln_weight, ln_bias, q)
-    if len(params) != 2 * inner.num_layers:
+    if spec.loss == "dot_product" and ln_weight is not None:
+        raise ValueError("the dot_product loss takes no inner LayerNorm: ln_weight and ln_bias must be None")
+    for name, gate, used in (("momentum", momentum, spec.momentum), ("forget", forget, spec.forgetting)):
+        if used != (gate is not None):
+            raise ValueError(
+                f"{name} must be a [B, T, H] tensor when the spec has "
+                f"{'momentum' if name == 'momentum' else 'forgetting'} on, and None otherwise"
+            )
+        if gate is not None:
+            _check_float(name, gate, q.dtype)
+            _check_shape(name, gate, (B, T, H), "[B, T, H]")
+    names = param_names(spec)
+    if len(params) != len(names):
         raise ValueError(
-            f"params: TTT-{inner.name} takes {2 * inner.num_layers} inner weights (w1, b1[, w2, b2]), got {len(params)}"
+            f"params: {spec_label(spec)} takes {len(names)} inner weights {names}, got {len(params)}"
         )
-    for i, (d_in, d_out) in enumerate(inner.layer_shapes(d)):
-        _check_float(f"w{i + 1}", params[2 * i], q.dtype)
-        _check_shape(f"w{i + 1}", params[2 * i], (H, d_in, d_out), "[H, d_in, d_out]")
-        _check_float(f"b{i + 1}", params[2 * i + 1], q.dtype)
-        _check_shape(f"b{i + 1}", params[2 * i + 1], (H, d_out), "[H, d_out]")
+    for name, param, shape in zip(names, params, param_shapes(spec, H, d), strict=True):
+        _check_float(name, param, q.dtype)
+        _check_shape(name, param, shape, "[H, d_in, d_out]" if len(shape) == 3 else "[H, d_out]")
     if initial_state is not None:
-        check_state(inner, initial_state, num_sequences, H, d, token_offset.shape[0], name="initial_state")
+        check_state(spec, initial_state, num_sequences, H, d, name="initial_state")
         check_state_dtype(state_tensors(initial_state), q.dtype)
     return num_sequences
 
@@ -145,19 +180,14 @@ def check_state_dtype(tensors: tuple[torch.Tensor, ...], input_dtype: torch.dtyp
 
 
 def check_state(
-    inner: InnerModel,
-    state: State,
-    num_sequences: int,
-    num_heads: int,
-    head_dim: int,
-    mini_batch_size: int,
-    name: str = "state",
+    spec: FamilySpec, state: State, num_sequences: int, num_heads: int, head_dim: int, name: str = "state"
 ) -> None:
-    """A state fits the inputs: its layer type, number of sequences, positions and shapes."""
-    if not isinstance(state, (tuple, list)) or len(state) != state_length(inner):
+    """A state fits the spec and the inputs: its length, number of sequences, positions and shapes."""
+    length = state_length(spec)
+    if not isinstance(state, (tuple, list)) or len(state) != length:
         got = len(state) if isinstance(state, (tuple, list)) else type(state).__name__
         raise ValueError(
-            f"{name} does not belong to a TTT-{inner.name} layer: expected a tuple of {state_length(inner)} "
+            f"{name} does not belong to a {spec_label(spec)} layer: expected a tuple of {length} "
             f"tensors (position, weights, accumulators), got {got}"
         )
     position = state_position(state)
@@ -165,16 +195,18 @@ def check_state(
         raise TypeError(f"{name}[0] (position) must be a 1-D integer tensor [N]")
     if position.shape[0] != num_sequences:
         raise ValueError(f"{name} holds {position.shape[0]} sequences but the input has {num_sequences}")
-    if ((position < 0) | (position >= mini_batch_size)).any():
-        raise ValueError(f"{name} positions must lie in [0, mini_batch_size = {mini_batch_size})")
-    shapes = []
-    for d_in, d_out in inner.layer_shapes(head_dim):
-        shapes += [(d_in, d_out), (d_out,)]
-    for t, shape in zip(state_tensors(state), shapes + shapes, strict=True):
-        expected = (num_sequences, num_heads, *shape)
-        if tuple(t.shape) != expected:
+    b = spec.mini_batch_size
+    if ((position < 0) | (position >= b)).any():
+        raise ValueError(f"{name} positions must lie in [0, mini_batch_size = {b})")
+    shapes = param_shapes(spec, num_heads, head_dim)
+    copies = 3 if spec.momentum else 2
+    expected = [(num_sequences, *shape) for shape in shapes * copies]
+    if spec.has_gate_sums:
+        expected.append((num_sequences, num_heads, 2))
+    for t, shape in zip(state_tensors(state), expected, strict=True):
+        if tuple(t.shape) != shape:
             raise ValueError(
-                f"{name} tensor has shape {list(t.shape)}, expected {list(expected)} "
+                f"{name} tensor has shape {list(t.shape)}, expected {list(shape)} "
                 f"(batch size and layer type of the state must match the input)"
             )
 
@@ -195,10 +227,18 @@ def check_decode_step(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> None:
 
 
 def check_triton_inputs(
-    q: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, interpret: bool
+    q: torch.Tensor,
+    lr: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    interpret: bool,
 ) -> None:
-    """What the Triton kernels need besides ``check_inputs``: the inner LayerNorm, and CUDA tensors
-    unless Triton's interpreter runs them."""
+    """What the Triton kernels need besides ``check_inputs``: one learning rate per token, the inner
+    LayerNorm, and CUDA tensors unless Triton's interpreter runs them."""
+    if lr.dim() != 3:
+        raise ValueError(
+            f"the Triton TTT kernels take one lr per token: lr must be [B, T, H], got {list(lr.shape)}"
+        )
     if ln_weight is None or ln_bias is None:
         raise ValueError(
             "the Triton TTT kernels need the inner LayerNorm: ln_weight and ln_bias must be tensors, "

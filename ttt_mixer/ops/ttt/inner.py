@@ -1,51 +1,33 @@
-"""The inner model of TTT and the math the fast paths (chunked, decode step, Triton backward) share.
+"""The inner models of the TTT family and their hand-written gradients: the one place where an inner
+model's forward and backward are written, for every form (reference, chunked, decode step) and spec.
 
-Notation follows docs/math.md: per head, keys/queries/values have head dim ``d``; the inner model is a
-stack of linear layers ``Z_l = X_l W_l + b_l`` (one for TTT-Linear; two with a tanh-GELU between for
-TTT-MLP) followed by ``z + LN(Z_last)``. Inside the chunked and decode paths each layer's weight and
-bias travel together as one augmented matrix ``[W; b]`` of shape ``[d_in + 1, d_out]`` (inputs get a
-trailing 1), which folds the bias update of the dual form into the weight update.
+Notation follows docs/math.md: per head, keys/queries/values have head dim ``d``. Each inner model is
+a chain of weight matrices (section 13): TTT-Linear's one and TTT-MLP's two (a tanh-GELU between)
+act on augmented rows ``[x, 1]``, each layer's weight and bias travelling together as one matrix
+``[W; b]`` of shape ``[d_in + 1, d_out]``, which folds the bias update of the dual form into the
+weight update; SwiGLU's three (gate, up, down) take no bias. With an inner LayerNorm the model is
+``f(x) = x + LN(f_res(x))``. ``inner_apply`` is the one place where a chain is written, with the
+product of a matrix left to its caller, so that the plain forward and the dual form run the same
+structure; ``key_gradients`` is the one place where its gradients are.
 
-The closed forms these fast pieces are checked against (the LayerNorm-L2 gradient, the loss target
-and gradient, gelu') are the reference's, in ``ttt_mixer.ops.ttt.naive``.
+The closed forms these fast pieces are checked against (the LayerNorm-L2 gradient, gelu') are in
+``ttt_mixer.ops.ttt.reference``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-INNER_MODELS = ("linear", "mlp")
+from ttt_mixer.ops.ttt.spec import FamilySpec
+
 MLP_EXPANSION = 4
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
-
-
-@dataclass(frozen=True)
-class InnerModel:
-    """Shape facts about an inner model: how many linear layers and their widths for head dim d."""
-
-    name: str
-
-    @property
-    def num_layers(self) -> int:
-        return 1 if self.name == "linear" else 2
-
-    def layer_shapes(self, head_dim: int) -> list[tuple[int, int]]:
-        if self.name == "linear":
-            return [(head_dim, head_dim)]
-        hidden = MLP_EXPANSION * head_dim
-        return [(head_dim, hidden), (hidden, head_dim)]
-
-
-def get_inner_model(name: str) -> InnerModel:
-    if name not in INNER_MODELS:
-        raise ValueError(f"inner_model must be one of {INNER_MODELS}, got {name!r}")
-    return InnerModel(name)
 
 
 def token_scale(token_offset: torch.Tensor) -> torch.Tensor:
@@ -53,6 +35,15 @@ def token_scale(token_offset: torch.Tensor) -> torch.Tensor:
     b = token_offset.shape[0]
     base = 1.0 / torch.arange(1, b + 1, device=token_offset.device, dtype=token_offset.dtype)
     return torch.clamp_min(base + token_offset, 0.0)
+
+
+def token_scales(
+    spec: FamilySpec, token_offset: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """tau_1..tau_b (``token_scale``), or ones without a token scale (Titans, LaCT)."""
+    if token_offset is None:
+        return torch.ones(spec.mini_batch_size, dtype=dtype, device=device)
+    return token_scale(token_offset.to(dtype))
 
 
 def layer_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -111,7 +102,7 @@ def with_ones(x: torch.Tensor) -> torch.Tensor:
 
 
 class LayerNormL2Grad(torch.autograd.Function):
-    """``reference_ln_fused_l2_grad`` (naive.py) for the chunked and decode paths: d/dz of
+    """``reference_ln_fused_l2_grad`` (reference.py) for the chunked and decode paths: d/dz of
     1/2 ||LN(z) - target||^2, taking ``offset = ln_bias - target``, with a hand-derived backward.
 
     The inner loop differentiates this gradient once more when the layer trains; autograd through the
@@ -151,49 +142,126 @@ class LayerNormL2Grad(torch.autograd.Function):
 
 
 def loss_offset(
-    k: torch.Tensor, v: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None
+    spec: FamilySpec,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The part of the loss residual that does not depend on the weights: ln_bias - (XV - XK) when
-    f(z) = z + LN(f_res(z)), -XV when f = f_res (the target as ``reference_loss_target`` gives it)."""
+    """The part of the loss gradient that does not depend on the weights. Reconstruction: the residual
+    offset ln_bias - (XV - XK) when f(z) = z + LN(f_res(z)), -XV when f = f_res (the target as
+    ``reference_loss_target`` gives it); the dot product -<f_res(k), v>: its whole gradient -v."""
+    if spec.loss == "dot_product":
+        return -v
     target = v if ln_weight is None else v - k
     return -target if ln_bias is None else ln_bias - target
 
 
-def fused_loss_grad(
-    z: torch.Tensor, offset: torch.Tensor, ln_weight: torch.Tensor | None, eps: float
+def output_gradient(
+    spec: FamilySpec, z: torch.Tensor, offset: torch.Tensor, ln_weight: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
-    """``reference_loss_grad`` from the ``loss_offset``: the fast form used inside the recurrences."""
+    """dl/dz of a token's loss at the last matrix's output z, from its ``loss_offset``: the closed
+    forms of docs/math.md section 1 for the reconstruction loss, the offset itself for the dot product."""
+    if spec.loss == "dot_product":
+        return offset.expand_as(z)
     return z + offset if ln_weight is None else LayerNormL2Grad.apply(z, offset, ln_weight, eps)
 
 
-def inner_gradients(
-    inner: InnerModel,
-    keys_aug: torch.Tensor,
+def param_names(spec: FamilySpec) -> tuple[str, ...]:
+    """The names of the initial inner weights, in the ops' order."""
+    return {
+        "linear": ("w1", "b1"),
+        "mlp": ("w1", "b1", "w2", "b2"),
+        "swiglu": ("w_gate", "w_up", "w_down"),
+    }[spec.inner_model]
+
+
+def param_shapes(spec: FamilySpec, num_heads: int, head_dim: int) -> list[tuple[int, ...]]:
+    """Shapes of the initial inner weights: [H, d_in, d_out] matrices and [H, d_out] biases."""
+    H, d = num_heads, head_dim
+    if spec.inner_model == "linear":
+        return [(H, d, d), (H, d)]
+    if spec.inner_model == "mlp":
+        hidden = MLP_EXPANSION * d
+        return [(H, d, hidden), (H, hidden), (H, hidden, d), (H, d)]
+    return [(H, d, d), (H, d, d), (H, d, d)]
+
+
+def augmented_params(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """[W_1, b_1, W_2, b_2, ...] ([.., d_in, d_out], [.., d_out]) -> augmented [.., d_in + 1, d_out]."""
+    return [torch.cat([params[i], params[i + 1].unsqueeze(-2)], dim=-2) for i in range(0, len(params), 2)]
+
+
+def param_matrices(spec: FamilySpec, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Inner weights in the params' layout (``param_names``) as the matrices the ops carry: augmented
+    [W; b] for linear and MLP layers."""
+    return augmented_params(params) if spec.has_bias else list(params)
+
+
+def matrix_params(spec: FamilySpec, matrices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of ``param_matrices``: each augmented [W; b] split into W and b."""
+    if not spec.has_bias:
+        return list(matrices)
+    return [t for m in matrices for t in (m[..., :-1, :], m[..., -1, :])]
+
+
+def first_input(spec: FamilySpec, x: torch.Tensor) -> torch.Tensor:
+    """The first matrix's input for x: augmented [x, 1] for linear and MLP layers, x for SwiGLU."""
+    return with_ones(x) if spec.has_bias else x
+
+
+# which matrices read the inner model's input itself (their inputs depend on no weight)
+FIRST_MATRICES = {"linear": (0,), "mlp": (0,), "swiglu": (0, 1)}
+
+
+def inner_apply(
+    spec: FamilySpec, x1: torch.Tensor, product: Callable[[int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """f_res from its first input x1 (``first_input``), with ``product(m, x_m)`` giving the m-th
+    matrix's output for its input x_m."""
+    if spec.inner_model == "linear":
+        return product(0, x1)
+    if spec.inner_model == "mlp":
+        return product(1, with_ones(F.gelu(product(0, x1), approximate="tanh")))
+    return product(2, F.silu(product(0, x1)) * product(1, x1))
+
+
+def plain_product(weights: Sequence[torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    return lambda m, x: x @ weights[m]
+
+
+def inner_forward(spec: FamilySpec, x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """f_res(x; W) for x [..., n, d] and matrices [..., d_in, d_out] (no LayerNorm, no residual)."""
+    return inner_apply(spec, first_input(spec, x), plain_product(weights))
+
+
+def silu_grad(x: torch.Tensor) -> torch.Tensor:
+    sigmoid = torch.sigmoid(x)
+    return sigmoid * (1.0 + x * (1.0 - sigmoid))
+
+
+def key_gradients(
+    spec: FamilySpec,
+    x1: torch.Tensor,
     offset: torch.Tensor,
-    weights: list[torch.Tensor],
+    weights: Sequence[torch.Tensor],
     ln_weight: torch.Tensor | None,
     eps: float,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-token gradients of the TTT loss at fixed weights.
-
-    keys_aug: augmented keys [..., n, d + 1]; offset: see ``loss_offset``; weights: augmented
-    [W_l; b_l] per layer, [..., d_in + 1, d_out].
-    Returns (inputs, grads): the augmented input X'_l of each layer ([..., n, d_in + 1]) and
-    dl/dZ_l ([..., n, d_out]), so that token j's weight gradient is X'_{l,j}^T grad_{l,j}.
-    """
-    z1 = keys_aug @ weights[0]
-    if inner.num_layers == 1:
-        return [keys_aug], [fused_loss_grad(z1, offset, ln_weight, eps)]
-    hidden, hidden_grad = GeluTanhWithGrad.apply(z1)
-    x2_aug = with_ones(hidden)
-    grad2 = fused_loss_grad(x2_aug @ weights[1], offset, ln_weight, eps)
-    grad1 = (grad2 @ weights[1][..., :-1, :].transpose(-1, -2)) * hidden_grad
-    return [keys_aug, x2_aug], [grad1, grad2]
-
-
-def inner_forward(inner: InnerModel, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """f_res(x; W) with augmented weights (no LayerNorm, no residual)."""
-    z = with_ones(x) @ weights[0]
-    if inner.num_layers == 2:
-        z = with_ones(F.gelu(z, approximate="tanh")) @ weights[1]
-    return z
+    """Per-token loss gradients at fixed weights, from the keys' first input x1 (``first_input``)
+    and ``loss_offset``: (inputs X_m [..., n, d_in], output gradients g_m [..., n, d_out]) of every
+    matrix, so that token j's gradient of matrix m is X_mj^T g_mj."""
+    if spec.inner_model == "linear":
+        return [x1], [output_gradient(spec, x1 @ weights[0], offset, ln_weight, eps)]
+    if spec.inner_model == "mlp":
+        hidden, hidden_grad = GeluTanhWithGrad.apply(x1 @ weights[0])
+        x2 = with_ones(hidden)
+        g2 = output_gradient(spec, x2 @ weights[1], offset, ln_weight, eps)
+        g1 = (g2 @ weights[1][..., :-1, :].transpose(-1, -2)) * hidden_grad
+        return [x1, x2], [g1, g2]
+    gate, up = x1 @ weights[0], x1 @ weights[1]
+    activated = F.silu(gate)
+    hidden = activated * up
+    g_out = output_gradient(spec, hidden @ weights[2], offset, ln_weight, eps)
+    g_hidden = g_out @ weights[2].transpose(-1, -2)
+    return [x1, x1, hidden], [g_hidden * up * silu_grad(gate), g_hidden * activated, g_out]

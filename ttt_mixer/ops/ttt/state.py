@@ -1,15 +1,21 @@
-"""The recurrent state of a TTT layer: its tuple layout, accessors, and the state before any token.
+"""The recurrent state of every TTT-family op: one flat tuple (so that fla's Cache can reorder it for
+beam search), the same layout for TTT-Linear, TTT-MLP, Titans and LaCT:
 
-A TTT state is a flat tuple, so that fla's Cache can reorder it for beam search:
-  (position, W_1, b_1, [W_2, b_2,] S_W_1, S_b_1, [S_W_2, S_b_2])
-position [N] int64: tokens already read in the current mini-batch (0..b-1); W_l [N, H, d_in, d_out]
-and b_l [N, H, d_out]: weights at the start of the current mini-batch; S_*: the accumulated
-learning-rate-weighted gradients of the mini-batch so far (docs/math.md section 5).
+    (position, *weights, *sums, [*momenta,] [gate_sums])
 
-Code outside this module reads a state through the accessors (``state_position``, ``state_weights``,
-``state_sums``, ``state_tensors``) and builds one with ``pack_state`` or ``initial_state``; the
-chunked and decode paths use ``split_state`` / ``join_state``, which give each layer's weight and
-bias as one augmented matrix [W; b] (see ``ttt_mixer.ops.ttt.inner``).
+position [N] int64: tokens read of the current mini-batch (0..b-1); weights: the inner weights at the
+start of the current mini-batch, in the layout of the op's ``params`` (``param_names``: W_1 [N, H,
+d_in, d_out], b_1 [N, H, d_out], ... or SwiGLU's three matrices), where every gradient of the
+mini-batch is taken; sums: the mini-batch's accumulated update so far, same shapes, which a token
+reads as W - tau_i S (for TTT the learning-rate-weighted gradient sums S = sum_j lr_j G_j of
+docs/math.md section 5; zero at a boundary); momenta: the momentum of the update (only with
+``spec.momentum``); gate_sums [N, H, 2]: the sums of the momentum and forgetting gates over the
+mini-batch's tokens so far (only in the apply-then-update order with momentum or forgetting, whose
+means act at the mini-batch's end). docs/math.md section 13.
+
+Code outside this module reads a state through the accessors and builds one with ``pack_state`` or
+``initial_state``; the chunked and decode paths use ``state_matrices`` / ``pack_matrices``, which
+give each linear layer's weight and bias as one augmented matrix [W; b] (``ttt_mixer.ops.ttt.inner``).
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ from collections.abc import Sequence
 
 import torch
 
-from ttt_mixer.ops.ttt.inner import InnerModel
+from ttt_mixer.ops.ttt.inner import matrix_params, param_matrices, param_names
+from ttt_mixer.ops.ttt.spec import FamilySpec
 
 State = tuple[torch.Tensor, ...]
+Matrices = list[torch.Tensor]
 
 
-def state_length(inner: InnerModel) -> int:
-    return 1 + 4 * inner.num_layers
+def state_length(spec: FamilySpec) -> int:
+    n = len(param_names(spec))
+    return 1 + n * (3 if spec.momentum else 2) + int(spec.has_gate_sums)
 
 
 def state_position(state: State) -> torch.Tensor:
@@ -33,46 +42,82 @@ def state_position(state: State) -> torch.Tensor:
 
 
 def state_tensors(state: State) -> State:
-    """The floating tensors: the weights, then the gradient sums."""
+    """The floating tensors: the weights, the sums, then any momenta and gate sums."""
     return tuple(state[1:])
 
 
-def state_weights(state: State) -> State:
-    """(W_1, b_1[, W_2, b_2]): the weights at the start of the current mini-batch."""
-    return tuple(state[1 : 1 + (len(state) - 1) // 2])
+def state_weights(spec: FamilySpec, state: State) -> State:
+    """The inner weights at the start of the current mini-batch, in the params' layout."""
+    return tuple(state[1 : 1 + len(param_names(spec))])
 
 
-def state_sums(state: State) -> State:
-    """(S_W_1, S_b_1[, S_W_2, S_b_2]): the accumulated gradients of the current mini-batch."""
-    return tuple(state[1 + (len(state) - 1) // 2 :])
+def state_sums(spec: FamilySpec, state: State) -> State:
+    """The current mini-batch's accumulated update so far, read as W - tau_i S."""
+    n = len(param_names(spec))
+    return tuple(state[1 + n : 1 + 2 * n])
+
+
+def state_momenta(spec: FamilySpec, state: State) -> State | None:
+    """The momenta of the update, or None without momentum."""
+    n = len(param_names(spec))
+    return tuple(state[1 + 2 * n : 1 + 3 * n]) if spec.momentum else None
+
+
+def state_gate_sums(spec: FamilySpec, state: State) -> torch.Tensor | None:
+    """[N, H, 2] sums of the momentum and forgetting gates of the mini-batch, or None."""
+    return state[-1] if spec.has_gate_sums else None
 
 
 def pack_state(
-    position: torch.Tensor, weights: Sequence[torch.Tensor], sums: Sequence[torch.Tensor]
+    position: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    sums: Sequence[torch.Tensor],
+    momenta: Sequence[torch.Tensor] | None = None,
+    gate_sums: torch.Tensor | None = None,
 ) -> State:
-    """The state tuple from its position, weights (W_1, b_1, ...) and gradient sums (S_W_1, S_b_1, ...)."""
-    return (position, *weights, *sums)
+    """The state tuple from its parts, each in the params' layout."""
+    return (position, *weights, *sums, *(momenta or ()), *(() if gate_sums is None else (gate_sums,)))
 
 
-def augmented_params(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """[W_1, b_1, W_2, b_2, ...] ([.., d_in, d_out], [.., d_out]) -> augmented [.., d_in + 1, d_out]."""
-    return [torch.cat([params[i], params[i + 1].unsqueeze(-2)], dim=-2) for i in range(0, len(params), 2)]
+def state_matrices(
+    spec: FamilySpec, state: State
+) -> tuple[torch.Tensor, Matrices, Matrices, Matrices | None, torch.Tensor | None]:
+    """(position, weights, sums, momenta or None, gate sums or None), the weights, sums and momenta as
+    the matrices the ops carry (augmented [W; b] for linear and MLP layers)."""
+    momenta = state_momenta(spec, state)
+    return (
+        state_position(state),
+        param_matrices(spec, state_weights(spec, state)),
+        param_matrices(spec, state_sums(spec, state)),
+        None if momenta is None else param_matrices(spec, momenta),
+        state_gate_sums(spec, state),
+    )
 
 
-def split_state(state: State) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """(position, augmented weights per layer, augmented gradient sums per layer)."""
-    return state_position(state), augmented_params(state_weights(state)), augmented_params(state_sums(state))
+def pack_matrices(
+    spec: FamilySpec,
+    position: torch.Tensor,
+    weights: Matrices,
+    sums: Matrices,
+    momenta: Matrices | None,
+    gate_sums: torch.Tensor | None,
+) -> State:
+    """The state tuple from matrices (the inverse of ``state_matrices``)."""
+    return pack_state(
+        position,
+        matrix_params(spec, weights),
+        matrix_params(spec, sums),
+        None if momenta is None else matrix_params(spec, momenta),
+        gate_sums,
+    )
 
 
-def join_state(position: torch.Tensor, weights: list[torch.Tensor], sums: list[torch.Tensor]) -> State:
-    """The state tuple from augmented weights and gradient sums (the inverse of ``split_state``)."""
-    flat_weights = [t for w in weights for t in (w[..., :-1, :], w[..., -1, :])]
-    flat_sums = [t for s in sums for t in (s[..., :-1, :], s[..., -1, :])]
-    return pack_state(position, flat_weights, flat_sums)
-
-
-def initial_state(inner: InnerModel, params: list[torch.Tensor], num_sequences: int) -> State:
-    """The state before any token: the layer's own inner weights, empty accumulators, position 0."""
-    position = torch.zeros(num_sequences, dtype=torch.long, device=params[0].device)
-    weights = [w.unsqueeze(0).expand(num_sequences, *w.shape) for w in augmented_params(params)]
-    return join_state(position, weights, [torch.zeros_like(w) for w in weights])
+def initial_state(spec: FamilySpec, params: Sequence[torch.Tensor], num_sequences: int) -> State:
+    """The state before any token: the initial weights for every sequence, nothing accumulated,
+    position 0."""
+    N = num_sequences
+    weights = [p.unsqueeze(0).expand(N, *p.shape) for p in params]
+    position = torch.zeros(N, dtype=torch.long, device=weights[0].device)
+    momenta = [torch.zeros_like(w) for w in weights] if spec.momentum else None
+    gate_sums = weights[0].new_zeros(N, weights[0].shape[1], 2) if spec.has_gate_sums else None
+    return pack_state(position, weights, [torch.zeros_like(w) for w in weights], momenta, gate_sums)

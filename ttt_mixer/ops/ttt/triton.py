@@ -47,8 +47,10 @@ from ttt_mixer.ops.ttt.checks import (
     check_decode_step,
     check_inputs,
     check_triton_inputs,
+    mini_batch_size_of,
 )
-from ttt_mixer.ops.ttt.inner import InnerModel, get_inner_model, token_scale
+from ttt_mixer.ops.ttt.inner import param_shapes, token_scale
+from ttt_mixer.ops.ttt.spec import FamilySpec, ttt_spec
 from ttt_mixer.ops.ttt.state import State, pack_state, state_position, state_tensors
 from ttt_mixer.ops.ttt.state import initial_state as make_initial_state
 from ttt_mixer.ops.ttt.triton_backward import BackwardStates, SharedGrads, TokenGrads
@@ -92,10 +94,11 @@ _Gradients = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
 @dataclass(frozen=True)
 class _Call:
-    """What a call fixes besides its tensors: the inner model, the sequences' layout in the flattened
-    [B * T] tokens and their start positions, the mini-batch size, eps and the checkpoint spacing."""
+    """What a call fixes besides its tensors: the spec (TTT-Linear or TTT-MLP), the sequences' layout
+    in the flattened [B * T] tokens and their start positions, the mini-batch size, eps and the
+    checkpoint spacing."""
 
-    inner: InnerModel
+    spec: FamilySpec
     seq_start: torch.Tensor  # [N] int64
     seq_len: torch.Tensor  # [N] int64
     position: torch.Tensor  # [N] int64, tokens already read in the current mini-batch
@@ -105,8 +108,12 @@ class _Call:
     has_initial_state: bool
 
     @property
+    def num_layers(self) -> int:
+        return self.spec.num_matrices
+
+    @property
     def num_params(self) -> int:
-        return 2 * self.inner.num_layers
+        return 2 * self.num_layers
 
 
 def ttt_chunk_triton(
@@ -174,10 +181,10 @@ def _prepare(
     """Validate the inputs (q, k, v, lr, token_offset, ln_weight, ln_bias, params) and lay the
     sequences out (see ``_Call``). Returns the tensors the kernels read, (q, k, v, lr, token_offset,
     ln_weight, ln_bias, *params, *the initial state's floating tensors), and the call."""
-    q, token_offset, ln_weight, ln_bias, params = inputs[0], *inputs[4:7], list(inputs[7])
-    inner = get_inner_model(inner_model)
-    num_sequences = check_inputs(inner, *inputs[:7], params, initial_state, cu_seqlens, eps)
-    check_triton_inputs(q, ln_weight, ln_bias, INTERPRET)
+    q, lr, token_offset, ln_weight, ln_bias, params = inputs[0], *inputs[3:7], list(inputs[7])
+    spec = ttt_spec(inner_model, mini_batch_size_of(token_offset))
+    num_sequences = check_inputs(spec, *inputs[:7], params, None, None, initial_state, cu_seqlens, eps)
+    check_triton_inputs(q, lr, ln_weight, ln_bias, INTERPRET)
     B, T = q.shape[:2]
     device = q.device
     if cu_seqlens is None:
@@ -193,11 +200,11 @@ def _prepare(
         position = state_position(initial_state).to(device=device, dtype=torch.long).contiguous()
         state_floats = list(state_tensors(initial_state))
     call = _Call(
-        inner=inner,
+        spec=spec,
         seq_start=seq_start,
         seq_len=seq_len,
         position=position,
-        mini_batch_size=token_offset.shape[0],
+        mini_batch_size=spec.mini_batch_size,
         eps=float(eps),
         checkpoint_every=checkpoint_every,
         has_initial_state=initial_state is not None,
@@ -242,7 +249,7 @@ def _forward(
         if num_checkpoints > 0
         else final[: call.num_params]  # placeholders, never written
     )
-    kernel, meta = FORWARD_KERNELS[call.inner.num_layers]
+    kernel, meta = FORWARD_KERNELS[call.num_layers]
     kernel[_grid(call, q)](
         tokens,
         o,
@@ -250,7 +257,7 @@ def _forward(
         _sequences(call),
         StateBuffers(tuple(state), tuple(final), tuple(checkpoints)),
         _dims(call, q),
-        NUM_LAYERS=call.inner.num_layers,
+        NUM_LAYERS=call.num_layers,
         STORE_CHECKPOINTS=num_checkpoints > 0,
         **_block_meta(call, q),
         **meta,
@@ -274,7 +281,7 @@ def _initial_floats(call: _Call, tensors: Tensors) -> list[torch.Tensor]:
     if not call.has_initial_state:
         num_sequences = call.seq_start.shape[0]
         state_floats = state_tensors(
-            make_initial_state(call.inner, [p.to(compute) for p in params], num_sequences)
+            make_initial_state(call.spec, [p.to(compute) for p in params], num_sequences)
         )
     return [t.detach().to(compute).contiguous() for t in state_floats]
 
@@ -299,7 +306,8 @@ def _grid(call: _Call, q: torch.Tensor) -> tuple[int, int]:
 
 def _dims(call: _Call, q: torch.Tensor) -> Dims:
     d = q.shape[3]
-    return Dims(d, call.inner.layer_shapes(d)[0][1], call.mini_batch_size, call.checkpoint_every)
+    hidden = param_shapes(call.spec, 1, d)[0][2]
+    return Dims(d, hidden, call.mini_batch_size, call.checkpoint_every)
 
 
 def _block_meta(call: _Call, q: torch.Tensor) -> dict:
@@ -391,7 +399,7 @@ def _fused_backward(call: _Call, saved: _Saved, grads: Tensors) -> _Gradients:
         _scratch(call, weights),
     )
     grad_initial = [torch.empty_like(t) for t in initial]
-    kernel, meta = BACKWARD_KERNELS[call.inner.num_layers]
+    kernel, meta = BACKWARD_KERNELS[call.num_layers]
     kernel[_grid(call, q)](
         tokens,
         token_grads,
@@ -415,7 +423,7 @@ def _scratch(call: _Call, weights: Tensors) -> tuple[torch.Tensor, ...]:
     mini-batches, and for TTT-MLP the part of the keys' hidden gradient dZ1 [N, H, b, 4d] that one
     pass leaves for the next."""
     scratch = tuple(w.new_empty(call.checkpoint_every, *w.shape) for w in weights)
-    if call.inner.num_layers == 1:
+    if call.num_layers == 1:
         return scratch
     num_sequences, num_heads, hidden = weights[1].shape
     return (*scratch, weights[1].new_empty(num_sequences, num_heads, call.mini_batch_size, hidden))

@@ -251,7 +251,7 @@ def _gelu_tanh_inner(x):
 
 @triton.jit
 def gelu_tanh(x):
-    """gelu(x, approximate='tanh') and its derivative (reference_gelu_tanh_grad of naive.py)."""
+    """gelu(x, approximate='tanh') and its derivative (reference_gelu_tanh_grad of reference.py)."""
     tanh = _gelu_tanh_inner(x)
     value = 0.5 * x * (1.0 + tanh)
     grad = 0.5 * (1.0 + tanh) + 0.5 * x * (1.0 - tanh * tanh) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
@@ -312,7 +312,7 @@ def ln_fused_l2_grad_and_parts(z, target, program, minibatch, dims, BLOCK_D: tl.
 
 @triton.jit
 def ln_fused_l2_grad(z, target, program, minibatch, dims, BLOCK_D: tl.constexpr):
-    """d/dz of 1/2 ||LN(z) - target||^2 (reference_ln_fused_l2_grad of naive.py) with the head's
+    """d/dz of 1/2 ||LN(z) - target||^2 (reference_ln_fused_l2_grad of reference.py) with the head's
     LayerNorm, zero outside the real tokens and columns so that padding never reaches the
     accumulators."""
     grad, _, _, _ = ln_fused_l2_grad_and_parts(z, target, program, minibatch, dims, BLOCK_D)

@@ -1,15 +1,19 @@
 """The axes along which the TTT family's members differ (docs/math.md section 13), as one frozen spec.
 
 The default spec is TTT itself (Sun et al. 2024): a linear inner model, the LayerNorm-fused
-reconstruction loss, the dual-form order and a plain gradient step per mini-batch. Titans and LaCT
-are points of the same space (``ttt_mixer.layers.ttt_family`` holds their presets).
+reconstruction loss, the dual-form order and a plain gradient step per mini-batch; ``ttt_spec`` gives
+TTT-Linear and TTT-MLP. Titans and LaCT are points of the same space (``ttt_mixer.layers.ttt_family``
+holds their presets).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 FAMILY_INNER_MODELS = ("linear", "mlp", "swiglu")
+# the inner models of TTT itself (TTT-Linear, TTT-MLP), which the Triton kernels also cover
+INNER_MODELS = ("linear", "mlp")
 INNER_LOSSES = ("reconstruction", "dot_product")
 # "dual": each token reads the weights updated by its mini-batch up to itself (TTT, Titans);
 # "apply_then_update": a mini-batch's tokens read the weights before its update (LaCT)
@@ -68,11 +72,24 @@ class FamilySpec:
         """Whether the state sums the gates of the current mini-batch (their mean acts at its end)."""
         return self.order == "apply_then_update" and (self.momentum or self.forgetting)
 
+    @property
+    def has_bias(self) -> bool:
+        """Whether every matrix carries a bias (linear and MLP layers; SwiGLU's take none)."""
+        return self.inner_model != "swiglu"
+
     def is_plain_ttt(self) -> bool:
-        """TTT-Linear or TTT-MLP as ``ttt_mixer.ops.ttt`` computes them."""
+        """TTT-Linear or TTT-MLP without any other axis: the specs the Triton kernels cover."""
         return (
-            self.inner_model in ("linear", "mlp")
+            self.inner_model in INNER_MODELS
             and self.loss == "reconstruction"
             and self.order == "dual"
             and not (self.momentum or self.forgetting or self.weight_norm or self.muon)
         )
+
+
+@functools.lru_cache(maxsize=64)
+def ttt_spec(inner_model: str, mini_batch_size: int) -> FamilySpec:
+    """TTT-Linear (``"linear"``) or TTT-MLP (``"mlp"``) with mini-batches of ``mini_batch_size``."""
+    if inner_model not in INNER_MODELS:
+        raise ValueError(f"inner_model must be one of {INNER_MODELS}, got {inner_model!r}")
+    return FamilySpec(inner_model, mini_batch_size=mini_batch_size)
