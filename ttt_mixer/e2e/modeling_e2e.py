@@ -65,8 +65,12 @@ def clipped_sgd_step(
         squares = sum(g.flatten(1).square().sum(1) for g in grads)
         # clamped so that a zero gradient (a row without an update) has a finite derivative
         norm = squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt()
-        scale = max_norm / torch.where(norm < max_norm, torch.full_like(norm, max_norm), norm)
-        grads = tuple(g * scale.view(-1, *([1] * (g.dim() - 1))) for g in grads)
+        within = norm < max_norm
+        grads = tuple(
+            torch.where(within.view(shape), g, g / norm.view(shape) * max_norm)
+            for g in grads
+            for shape in [(-1, *([1] * (g.dim() - 1)))]
+        )
     return [w - lr * g for w, g in zip(weights, grads, strict=True)]
 
 
