@@ -17,7 +17,7 @@ def check_non_negative_float(name: str, value: object) -> None:
 
 class E2EConfig(PretrainedConfig):
     """Configuration of a TTT-E2E language model (``E2EModel``, ``E2EForCausalLM``; docs/math.md
-    section 14): a Transformer with sliding-window attention whose last ``suffix_len`` blocks carry a
+    section 15): a Transformer with sliding-window attention whose last ``suffix_len`` blocks carry a
     second SwiGLU MLP, the inner model, trained at test time by one SGD step per ``mini_batch_size``
     tokens on their next-token loss.
 

@@ -1,6 +1,6 @@
 """Hugging Face classes for TTT-E2E (Tandon et al. 2025, *End-to-End Test-Time Training for Long
 Context*): ``E2EModel`` and ``E2EForCausalLM``. The math, and which weights produce which logits, is
-in docs/math.md section 14.
+in docs/math.md section 15.
 
 A Transformer with sliding-window attention (RoPE, QK-norm, pre- and post-norm); each of the last
 ``suffix_len`` blocks has a second SwiGLU MLP, ``feed_forward_prime``, whose weights are the inner
