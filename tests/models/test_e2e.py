@@ -128,12 +128,17 @@ def test_outer_gradient_through_the_inner_steps_matches_finite_differences() -> 
     assert torch.autograd.gradcheck(loss, inputs, fast_mode=True)
 
 
-def test_generate_with_the_cache_equals_greedy_recomputation() -> None:
+def test_generate_with_the_cache_equals_recomputation_greedy_and_beam_search() -> None:
     model, prompt = tiny_model(), ids(2, 6, seed=5)
     with torch.no_grad():
         generated = model.generate(prompt, max_new_tokens=9, do_sample=False, pad_token_id=0)
         expected = greedy_without_cache(model, prompt, 9)
+        beams = model.generate(prompt, max_new_tokens=9, num_beams=3, do_sample=False, pad_token_id=0)
+        beams_without_cache = model.generate(
+            prompt, max_new_tokens=9, num_beams=3, do_sample=False, pad_token_id=0, use_cache=False
+        )
     assert torch.equal(generated, expected)
+    assert torch.equal(beams, beams_without_cache)  # the cache reordered between beams
 
 
 def test_left_padding_gives_each_sequence_its_own_logits() -> None:
