@@ -165,6 +165,8 @@ def test_no_grad_and_training_forward_agree_and_gradients_reach_every_parameter(
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-12)
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.requires_grad_(False)  # frozen weights, gradients on: the inner loop still learns
+    torch.testing.assert_close(model(tokens).logits, expected, rtol=0, atol=1e-12)
 
 
 def test_saved_model_loads_through_auto_map_and_nothing_is_registered(tmp_path) -> None:
@@ -213,3 +215,18 @@ def test_misuse_is_refused_clearly() -> None:
         E2EConfig(**{**TINY, "mini_batch_size": 2.5})
     with pytest.raises(TypeError, match="unknown field"):
         E2EConfig(**TINY, window_size=4)
+
+
+def test_a_row_of_padding_only_starts_its_sequence_in_the_next_call() -> None:
+    model, first, second = tiny_model(), ids(2, 9), ids(2, 5, seed=3)
+    mask = torch.ones_like(first)
+    mask[0] = 0
+    with torch.no_grad():
+        out = model(first, attention_mask=mask, use_cache=True)
+        full_mask = torch.cat([mask, torch.ones_like(second)], dim=1)
+        continued = model(second, attention_mask=full_mask, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}).logits
+        assert torch.isfinite(out.logits).all()
+        torch.testing.assert_close(out.logits[1], model(first[1:]).logits[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(continued[0], model(second[:1]).logits[0], rtol=0, atol=1e-10)
+        whole = model(torch.cat([first[1:], second[1:]], dim=1)).logits[0, 9:]
+        torch.testing.assert_close(continued[1], whole, rtol=0, atol=1e-10)

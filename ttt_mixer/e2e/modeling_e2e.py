@@ -373,7 +373,9 @@ class E2EModel(E2EPreTrainedModel):
             torch.cat([t, t.new_zeros(rows, pad, *t.shape[2:])], dim=1) for t in (all_x, all_valid, all_ids)
         )
         row_length = all_valid.sum(1)
-        create_graph = torch.is_grad_enabled()
+        # the outer gradient runs through the inner steps when there is one to take (frozen weights or
+        # a cached state have none: their inner steps are taken on detached copies)
+        create_graph = torch.is_grad_enabled() and any(w.requires_grad for w in inner)
         targets_valid = all_valid[:, 1:]
         if self.config.bos_token_id is not None:
             # the authors' loss mask: no loss on a target that is BOS (a document start)
