@@ -331,6 +331,34 @@ class E2EModel(E2EPreTrainedModel):
             "call E2EForCausalLM, or pass lm_head="
         )
 
+    def inner_step(
+        self,
+        h: torch.Tensor,
+        head_weight: torch.Tensor,
+        targets: torch.Tensor,
+        targets_valid: torch.Tensor,
+        learns: torch.Tensor,
+        current: list[torch.Tensor],
+        create_graph: bool,
+    ) -> list[torch.Tensor]:
+        """The inner weights after one mini-batch: a clipped SGD step on each learning row's mean
+        next-token loss of its outputs ``h`` [N, b, D] (the normed final hidden states); other rows
+        keep ``current``."""
+        logits = F.linear(h, head_weight)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(
+            targets.shape
+        )
+        mask = targets_valid.to(token_loss.dtype)
+        row_loss = (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1e-10)
+        loss = (row_loss * learns.to(row_loss.dtype)).sum()
+        grads = torch.autograd.grad(loss, current, create_graph=create_graph)
+        stepped = clipped_sgd_step(current, grads, self.config.inner_lr, self.config.inner_clip_gradient)
+        return [
+            torch.where(learns.view(-1, 1, 1), new.to(old.dtype), old)
+            for new, old in zip(stepped, current, strict=True)
+        ]
+
     def suffix_forward(
         self,
         x: torch.Tensor,
@@ -380,38 +408,30 @@ class E2EModel(E2EPreTrainedModel):
         if self.config.bos_token_id is not None:
             # the authors' loss mask: no loss on a target that is BOS (a document start)
             targets_valid = targets_valid & (all_ids[:, 1:] != self.config.bos_token_id)
+        steps = self.config.inner_lr > 0
         outputs = []
         for c in range(chunks):
             span = slice(c * size, (c + 1) * size)
             # a row learns from this mini-batch when it is full and the token after it is known
             learns = row_length >= (c + 1) * size + 1
-            # the outer gradient differentiates the inner one: only SDPA's math backend has a double backward
-            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext():
-                current = inner if create_graph else [w.detach().requires_grad_() for w in inner]
+            # the inner step takes gradients, also under no_grad; the outer gradient differentiates
+            # them, which only SDPA's math backend can (a double backward)
+            with (
+                torch.enable_grad() if steps else nullcontext(),
+                sdpa_kernel(SDPBackend.MATH) if create_graph and steps else nullcontext(),
+            ):
+                current = inner if create_graph or not steps else [w.detach().requires_grad_() for w in inner]
                 h, chunk_windows = all_x[:, span], []
                 for j, layer in enumerate(suffix):
                     h, window = layer(h, all_valid[:, span], windows[j], tuple(current[3 * j : 3 * j + 3]))
                     chunk_windows.append(window)
                 h = self.norm(h)
                 if bool(learns.any()):
-                    logits = F.linear(h, head_weight)
-                    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-                    token_loss = F.cross_entropy(
-                        logits.flatten(0, 1),
-                        all_ids[:, span.start + 1 : span.stop + 1].flatten(),
-                        reduction="none",
-                    ).view(rows, size)
-                    mask = targets_valid[:, span].to(token_loss.dtype)
-                    row_loss = (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1e-10)
-                    loss = (row_loss * learns.to(row_loss.dtype)).sum()
-                    grads = torch.autograd.grad(loss, current, create_graph=create_graph)
-                    stepped = clipped_sgd_step(
-                        current, grads, self.config.inner_lr, self.config.inner_clip_gradient
-                    )
-                    inner = [
-                        torch.where(learns.view(-1, 1, 1), new.to(old.dtype), old)
-                        for new, old in zip(stepped, current, strict=True)
-                    ]
+                    if steps:
+                        targets = all_ids[:, span.start + 1 : span.stop + 1]
+                        inner = self.inner_step(
+                            h, head_weight, targets, targets_valid[:, span], learns, current, create_graph
+                        )
                     windows = [
                         tuple(
                             torch.where(learns.view(-1, *[1] * (n.dim() - 1)), n, o)
