@@ -1,7 +1,8 @@
 """TTT-E2E training step time on the CPU: a meta-learning step (forward through the inner loop,
 backward through its steps) against a plain training step of the same Transformer without the
 inner loop (``suffix_len=0``: the same sliding-window blocks, no inner MLPs), and against the same
-model with its inner MLPs held fixed (``inner_lr=0``: the loop runs, its steps change nothing).
+model with its inner MLPs held fixed (``inner_lr=0``: the suffix still runs mini-batch by
+mini-batch, no inner gradient is taken).
 Medians over ``--repeats`` steps after one warm-up step; each step is forward, loss, backward.
 
     python benchmarks/bench_e2e.py                       # width 128, 4 layers (2 suffix), 4 x 512 tokens, mini-batch 64
