@@ -418,6 +418,27 @@ CASES = [
         "is a file",
     ),
     Case(
+        "ttt-mixer convert",
+        "--set without =",
+        command("convert", "{tmp}/empty", "{tmp}/out", "--from", "ttt-e2e", "--set", "mini_batch_size"),
+        "exit 2",
+        "expected FIELD=VALUE",
+    ),
+    Case(
+        "ttt-mixer convert",
+        "--set for a ttt-lm-pytorch checkpoint",
+        command("convert", "{tmp}/empty", "{tmp}/out", "--set", "mini_batch_size=8"),
+        "exit 2",
+        "--set applies to --from ttt-e2e only",
+    ),
+    Case(
+        "ttt-mixer convert",
+        "--from ttt-e2e, a folder without their checkpoint",
+        command("convert", "{tmp}/empty", "{tmp}/out", "--from", "ttt-e2e"),
+        "exit 2",
+        "not a checkpoint of the authors' code",
+    ),
+    Case(
         "ttt-mixer swap",
         "missing source",
         command("swap", "{tmp}/nope", "{tmp}/out", "--mixer", "ttt_linear"),

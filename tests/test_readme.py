@@ -44,6 +44,7 @@ EXPECTED = [
     "assert out.shape == (2, 48) and type(reloaded).__name__ == 'TTTForCausalLM'",
     "assert hybrid.config.mixers == ['attention', 'ttt_linear', 'attention', 'ttt_linear']\n"
     "assert generated.shape == (1, 11) and Path('llama', 'tokenizer.json').is_file()",
+    "assert e2e_out.shape == (2, 22) and type(reloaded).__name__ == 'E2EForCausalLM'",
 ]
 # README text -> the tiny size the walk-through runs instead (the README's sizes take minutes)
 TINY = {
@@ -53,7 +54,13 @@ TINY = {
     '"ppl_files": "docs/*.md"': '"ppl_files": "docs/README.md"',
 }
 # what the walk-through must leave in its folder
-MADE = ["my-ttt/tokenizer.json", "tiny-ttt/config.json", "llama/tokenizer.json", "hybrid/tokenizer.json"]
+MADE = [
+    "my-ttt/tokenizer.json",
+    "tiny-ttt/config.json",
+    "tiny-e2e/config.json",
+    "llama/tokenizer.json",
+    "hybrid/tokenizer.json",
+]
 MADE += ["distilled/config.json", "results/*/results_*.json", "plots/*.png"]
 
 
@@ -79,6 +86,7 @@ def test_skipped_blocks_are_only_the_marked_ones() -> None:
         "the main job and the whole test suite; CI runs them on their own",
         "installs; the README test runs in the environment it installs",
         "installs; the README test runs in the environment it installs",
+        "needs a checkpoint of the authors' code",
         "needs a checkpoint of the authors' code",
     ]
 

@@ -4,6 +4,7 @@ fla, lm-eval): each command imports what it needs when it runs (``ttt_mixer_cli`
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -75,16 +76,40 @@ def demo(args: argparse.Namespace) -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """Convert the authors' checkpoint folder to a ttt-mixer Hugging Face checkpoint."""
-    from ttt_mixer.convert import from_ttt_lm_pytorch, load_ttt_lm_pytorch_checkpoint
     from ttt_mixer.paths import prepare_output_folder
 
     if not args.source.is_dir():
         raise FileNotFoundError(f"{args.source}: no such folder (their checkpoint folder)")
-    prepare_output_folder(args.destination, args.overwrite)
-    state_dict, config = load_ttt_lm_pytorch_checkpoint(args.source)
-    model = from_ttt_lm_pytorch(state_dict, config)
+    if args.settings and args.source_code != "ttt-e2e":
+        raise ValueError(
+            "--set applies to --from ttt-e2e only (ttt-lm-pytorch checkpoints hold their config)"
+        )
+    if args.source_code == "ttt-e2e":
+        from ttt_mixer.e2e.convert import load_e2e_checkpoint, model_weights_folder
+
+        model_weights_folder(args.source)  # a missing checkpoint fails before the output folder is touched
+        prepare_output_folder(args.destination, args.overwrite)
+        model = load_e2e_checkpoint(args.source, **dict(args.settings))
+    else:
+        from ttt_mixer.convert import from_ttt_lm_pytorch, load_ttt_lm_pytorch_checkpoint
+
+        prepare_output_folder(args.destination, args.overwrite)
+        state_dict, config = load_ttt_lm_pytorch_checkpoint(args.source)
+        model = from_ttt_lm_pytorch(state_dict, config)
     model.save_pretrained(args.destination)
     print(f"wrote {args.destination}")
+
+
+def config_setting(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` as (field, value), the value read as JSON (numbers, true/false, null) or else
+    kept as a string."""
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
 
 
 def tasks_path(args: argparse.Namespace) -> None:
@@ -298,12 +323,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_overwrite_argument(p)
     p.set_defaults(func=demo)
     p = subcommand(
-        "convert", "convert the TTT authors' checkpoint folder (ttt-lm-pytorch) to a ttt-mixer checkpoint"
+        "convert",
+        "convert the TTT authors' checkpoint folder (ttt-lm-pytorch, or TTT-E2E's JAX code) to a ttt-mixer checkpoint",
     )
     p.add_argument(
         "source",
         type=Path,
-        help="folder with the authors' config.json and model.safetensors or pytorch_model.bin",
+        help="ttt-lm-pytorch: folder with the authors' config.json and model.safetensors or pytorch_model.bin; "
+        "ttt-e2e: their experiment folder (latest step), a step folder or its model_weights",
+    )
+    p.add_argument(
+        "--from",
+        dest="source_code",
+        choices=("ttt-lm-pytorch", "ttt-e2e"),
+        default="ttt-lm-pytorch",
+        help="the code that saved SOURCE (default ttt-lm-pytorch); ttt-e2e needs orbax-checkpoint",
+    )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        type=config_setting,
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="ttt-e2e: an E2EConfig field the arrays do not hold (default: their released checkpoints' "
+        "mini_batch_size=1024, sliding_window_size=8192, rope_theta=500000, ...); repeatable",
     )
     p.add_argument("destination", type=Path, help="output folder (Hugging Face format)")
     add_overwrite_argument(p)

@@ -43,11 +43,16 @@ def sliding_window_attention(
     state: WindowState | None,
     window_size: int,
     cu_seqlens: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, WindowState]:
     """q, k, v [B, T, H, e] (or [1, T, ...] packed with ``cu_seqlens``) -> (o like q, the new window).
 
     Token t attends to itself and the W - 1 real tokens before it (its own call's and the window's),
-    with scale 1/sqrt(e); computed in at least float32."""
+    with scale 1/sqrt(e); computed in at least float32. ``valid`` [B, T] bool (rows only, no
+    ``cu_seqlens``): each row's real tokens, a prefix of the row; the others are neither attended to
+    nor kept, and their outputs are finite and meaningless."""
+    if valid is not None and cu_seqlens is not None:
+        raise ValueError("give valid (rows of real tokens) or cu_seqlens (packed sequences), not both")
     batch_size, seq_len, heads, head_dim = q.shape
     grid = MiniBatchGrid(batch_size, seq_len, cu_seqlens, None, 1, device=q.device)
     N = grid.num_sequences
@@ -58,6 +63,8 @@ def sliding_window_attention(
     rows_q, rows_k, rows_v = (grid.to_grid(t.to(dtype)).squeeze(2) for t in (q, k, v))  # [N, L, H, e]
     length = rows_q.shape[1]
     new_real = grid.to_grid(torch.ones(batch_size, seq_len, device=q.device)).squeeze(2) > 0
+    if valid is not None:
+        new_real = new_real & valid
     keys = torch.cat([old_keys.to(dtype), rows_k], dim=1)
     values = torch.cat([old_values.to(dtype), rows_v], dim=1)
     real = torch.cat([old_real, new_real], dim=1)
