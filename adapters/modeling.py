@@ -16,7 +16,7 @@ from fla.models.utils import Cache
 from torch import nn
 from transformers import LlamaPreTrainedModel, MambaPreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.mamba.modeling_mamba import MambaRMSNorm
 
@@ -157,43 +157,6 @@ class MixerDecoderMixin:
         )
 
 
-class MixerCausalLMGenerationMixin(CausalLMGenerationMixin):
-    """The causal-LM head over any backbone's decoder."""
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        cache: Cache | None = None,
-        past_key_values: Cache | None = None,
-        labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
-        position_ids: torch.LongTensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> CausalLMOutputWithPast | tuple:
-        """``MixerDecoderMixin.forward``'s arguments, then the causal-LM head (``causal_lm_output``)."""
-        outputs = self.get_decoder()(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-            position_ids=position_ids,
-            cu_seqlens=cu_seqlens,
-        )
-        return self.causal_lm_output(outputs, labels, shift_labels, return_dict, logits_to_keep)
-
-
 def mix(mixer: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """(output, attention weights or None) of one mixer call."""
     output, attentions, _ = mixer(hidden_states, **kwargs)
@@ -245,7 +208,7 @@ class MixerLlamaModel(MixerDecoderMixin, MixerLlamaPreTrainedModel):
         self.build_decoder(MixerLlamaDecoderLayer, LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
 
 
-class MixerLlamaForCausalLM(MixerCausalLMGenerationMixin, MixerLlamaPreTrainedModel):
+class MixerLlamaForCausalLM(CausalLMGenerationMixin, MixerLlamaPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     decoder_class = MixerLlamaModel
 
@@ -283,7 +246,7 @@ class MixerMambaModel(MixerDecoderMixin, MixerMambaPreTrainedModel):
         self.build_decoder(MixerMambaBlock, MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon))
 
 
-class MixerMambaForCausalLM(MixerCausalLMGenerationMixin, MixerMambaPreTrainedModel):
+class MixerMambaForCausalLM(CausalLMGenerationMixin, MixerMambaPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
     decoder_attribute = "backbone"
     decoder_class = MixerMambaModel

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fla.models.utils import Cache
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
 from ttt_mixer.e2e.configuration_e2e import E2EConfig
@@ -461,37 +461,6 @@ class E2EForCausalLM(CausalLMGenerationMixin, E2EPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
     decoder_class = E2EModel
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        cache: Cache | None = None,
-        past_key_values: Cache | None = None,
-        labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
-        position_ids: torch.LongTensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> CausalLMOutputWithPast | tuple:
-        """``E2EModel.forward``'s arguments (its inner loss reads this model's head), then the
-        causal-LM head (``causal_lm_output``)."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-            position_ids=position_ids,
-            cu_seqlens=cu_seqlens,
-            lm_head=self.lm_head,
-        )
-        return self.causal_lm_output(outputs, labels, shift_labels, return_dict, logits_to_keep)
+    def decoder_inputs(self) -> dict[str, object]:
+        """The LM head, which the decoder's inner loss reads."""
+        return {"lm_head": self.lm_head}

@@ -125,6 +125,45 @@ class CausalLMGenerationMixin(GenerationMixin):
         kwargs[CACHE_FIELD] = cache_argument(cache, past_key_values)
         return super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
+    def decoder_inputs(self) -> dict[str, object]:
+        """Keyword arguments the decoder takes besides ``forward``'s own (none here)."""
+        return {}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        position_ids: torch.LongTensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
+        """The decoder's arguments (and ``decoder_inputs()``), then the causal-LM head
+        (``causal_lm_output``)."""
+        outputs = self.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+            **self.decoder_inputs(),
+        )
+        return self.causal_lm_output(outputs, labels, shift_labels, return_dict, logits_to_keep)
+
     def causal_lm_output(
         self,
         decoder_outputs: BaseModelOutputWithPast,

@@ -19,7 +19,7 @@ from fla.layers.utils import (
 from fla.models.utils import Cache
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
 from ttt_mixer.layers import TTTFamilyLayer, TTTLayer
@@ -228,36 +228,3 @@ class TTTModel(TTTPreTrainedModel):
 class TTTForCausalLM(CausalLMGenerationMixin, TTTPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
     decoder_class = TTTModel
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        cache: Cache | None = None,
-        past_key_values: Cache | None = None,
-        labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
-        cu_seqlens: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-    ) -> CausalLMOutputWithPast | tuple:
-        """``TTTModel.forward``'s arguments, then the causal-LM head (``causal_lm_output``)."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-            cu_seqlens=cu_seqlens,
-            position_ids=position_ids,
-        )
-        return self.causal_lm_output(outputs, labels, shift_labels, return_dict, logits_to_keep)
