@@ -1,5 +1,5 @@
-"""A saved TTT-E2E checkpoint in lm-eval (``--model hf``, ``trust_remote_code=True``: nothing of
-TTT-E2E is registered with transformers): its log-likelihoods and greedy generations are the model's
+"""A saved TTT-E2E checkpoint in lm-eval (``--model hf``, ``trust_remote_code=True``, the way a process
+that never imported ttt_mixer loads it): its log-likelihoods and greedy generations are the model's
 own, and both ``lm_eval`` and ``ttt-mixer eval`` score a local loglikelihood and generation task."""
 
 from __future__ import annotations

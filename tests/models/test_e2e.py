@@ -5,15 +5,16 @@ padding, the outer gradient through the inner loop (finite differences), saving 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import greedy_without_cache, perturb_
 from transformers import AutoModelForCausalLM
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ttt_mixer.e2e import E2EConfig, E2EForCausalLM
-from ttt_mixer.models.causal_lm import CACHE_FIELD
+from ttt_mixer.models.causal_lm import CACHE_FIELD, REMOTE_CODE_FILE
 
 pytestmark = pytest.mark.compat
 
@@ -169,14 +170,21 @@ def test_no_grad_and_training_forward_agree_and_gradients_reach_every_parameter(
     torch.testing.assert_close(model(tokens).logits, expected, rtol=0, atol=1e-12)
 
 
-def test_saved_model_loads_through_auto_map_and_nothing_is_registered(tmp_path) -> None:
+def test_saved_model_loads_through_auto_map_and_saves_the_same_auto_map_again(tmp_path) -> None:
     model, tokens = tiny_model(torch.float32), ids(1, 9)
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    model.save_pretrained(tmp_path / "first")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "first", trust_remote_code=True).eval()
     assert type(loaded) is E2EForCausalLM
-    assert "ttt_e2e" not in CONFIG_MAPPING
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=1e-5, atol=1e-5)
+    # transformers marks a class it loads through an auto_map for copying its source on save; the
+    # registered class is loaded instead, so the second save is the first's
+    loaded.save_pretrained(tmp_path / "second")
+    first, second = (
+        json.loads((tmp_path / name / "config.json").read_text()) for name in ("first", "second")
+    )
+    assert second["auto_map"] == first["auto_map"]
+    assert sorted(path.name for path in (tmp_path / "second").glob("*.py")) == [REMOTE_CODE_FILE]
 
 
 def test_tied_model_and_plain_sliding_window_transformer_run() -> None:
