@@ -44,29 +44,31 @@ class EvalSettings:
     batch_size: int
 
 
-def plan(preset: Preset, seed: int) -> list[RunSpec]:
-    """Every run of the preset, in table order: mixer, then width, shape and learning rate."""
+def plan(preset: Preset, seeds: Sequence[int]) -> list[RunSpec]:
+    """Every run of the preset for every seed, seed by seed, each seed's in table order: mixer, then
+    width, shape and learning rate."""
     specs = []
-    for mixer in preset.mixers:
-        for width in preset.widths:
-            for shape in preset.train_shapes:
-                for lr in preset.learning_rates_for(mixer):
-                    specs.append(
-                        RunSpec(
-                            mixer=mixer,
-                            width=width,
-                            num_layers=preset.num_layers,
-                            num_heads=preset.num_heads,
-                            train_shape=shape,
-                            steps=preset.steps,
-                            batch_size=preset.batch_size_for(shape.seq_len),
-                            learning_rate=lr,
-                            seed=seed,
-                            max_length=max(s.seq_len for s in preset.eval_shapes(shape)),
-                            mixer_options=dict(preset.mixer_options.get(mixer, {})),
-                            backbone=preset.backbone,
+    for seed in seeds:
+        for mixer in preset.mixers:
+            for width in preset.widths:
+                for shape in preset.train_shapes:
+                    for lr in preset.learning_rates_for(mixer):
+                        specs.append(
+                            RunSpec(
+                                mixer=mixer,
+                                width=width,
+                                num_layers=preset.num_layers,
+                                num_heads=preset.num_heads,
+                                train_shape=shape,
+                                steps=preset.steps,
+                                batch_size=preset.batch_size_for(shape.seq_len),
+                                learning_rate=lr,
+                                seed=seed,
+                                max_length=max(s.seq_len for s in preset.eval_shapes(shape)),
+                                mixer_options=dict(preset.mixer_options.get(mixer, {})),
+                                backbone=preset.backbone,
+                            )
                         )
-                    )
     return specs
 
 
@@ -118,6 +120,7 @@ def _row(
         learning_rate=spec.learning_rate,
         train_shape=spec.train_shape,
         train_seconds=train_seconds,
+        seed=spec.seed,
     )
 
 
@@ -264,8 +267,10 @@ def _collect(
 ) -> None:
     """Submit every run to ``pool`` (longest first), fill ``rows`` as they finish and draw ``bars``."""
     futures: dict[Future, int] = {}
-    # longest first, so that no slow run starts last while the other workers idle
-    for i in sorted(range(len(specs)), key=lambda i: -_estimated_cost(specs[i])):
+    # seed by seed, so that an interrupted run of several seeds leaves whole seeds finished; within a
+    # seed longest first, so that no slow run starts last while the other workers idle
+    seed_order = {seed: rank for rank, seed in enumerate(dict.fromkeys(spec.seed for spec in specs))}
+    for i in sorted(range(len(specs)), key=lambda i: (seed_order[specs[i].seed], -_estimated_cost(specs[i]))):
         spec = specs[i]
         run_dir = out / RUNS_DIR / spec.name
         (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
