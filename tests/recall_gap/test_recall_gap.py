@@ -43,6 +43,7 @@ from ttt_mixer.recall_gap.report import (
     markdown_table,
     over_seeds,
 )
+from ttt_mixer.recall_gap.runner import plan, start_order
 from ttt_mixer.recall_gap.train import (
     MODEL_DIR,
     TRAINER_DIR,
@@ -527,6 +528,21 @@ def test_over_seeds_gives_the_median_the_range_and_the_seeds_that_learned() -> N
         over_seeds([mamba[0], mamba[0]])
 
 
+def test_several_seeds_are_planned_and_started_seed_by_seed() -> None:
+    preset = dataclasses.replace(CPU, mixers=("attention", "mamba"))
+    specs = plan(preset, (7, 3))
+    assert [(spec.seed, spec.mixer) for spec in specs] == [
+        (7, "attention"),
+        (7, "mamba"),
+        (3, "attention"),
+        (3, "mamba"),
+    ]
+    assert len({spec.name for spec in specs}) == 4
+    # each seed's runs before the next seed's, the costlier mixer (mamba) first within a seed
+    assert start_order(specs) == [1, 0, 3, 2]
+
+
+@pytest.mark.slow
 def test_a_run_over_two_seeds_reports_both_and_a_one_seed_rerun_reuses_its_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -219,6 +219,14 @@ def _estimated_cost(spec: RunSpec) -> float:
     )
 
 
+def start_order(specs: Sequence[RunSpec]) -> list[int]:
+    """The order in which the worker processes start the runs: seed by seed (in the order given), so
+    that an interrupted run of several seeds leaves whole seeds finished; within a seed longest
+    first, so that no slow run starts last while the other workers idle."""
+    seed_rank = {seed: rank for rank, seed in enumerate(dict.fromkeys(spec.seed for spec in specs))}
+    return sorted(range(len(specs)), key=lambda i: (seed_rank[specs[i].seed], -_estimated_cost(specs[i])))
+
+
 def _read_progress(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -267,10 +275,7 @@ def _collect(
 ) -> None:
     """Submit every run to ``pool`` (longest first), fill ``rows`` as they finish and draw ``bars``."""
     futures: dict[Future, int] = {}
-    # seed by seed, so that an interrupted run of several seeds leaves whole seeds finished; within a
-    # seed longest first, so that no slow run starts last while the other workers idle
-    seed_order = {seed: rank for rank, seed in enumerate(dict.fromkeys(spec.seed for spec in specs))}
-    for i in sorted(range(len(specs)), key=lambda i: (seed_order[specs[i].seed], -_estimated_cost(specs[i]))):
+    for i in start_order(specs):
         spec = specs[i]
         run_dir = out / RUNS_DIR / spec.name
         (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
