@@ -567,6 +567,7 @@ def test_a_run_over_two_seeds_reports_both_and_a_one_seed_rerun_reuses_its_run(
     assert group["seeds"] == [3, 4] and group["accuracy"]["L16-kv2"]["per_seed"] == per_seed
     assert group["accuracy"]["L16-kv2"]["median"] == pytest.approx(sum(per_seed.values()) / 2)
     assert "over 2 seeds" in (out / TABLE_MD).read_text() and "of 2 seeds |" in capsys.readouterr().out
+    assert (out / PLOT_PNG).stat().st_size > 10_000  # the medians
     runs = sorted(path.name for path in (out / "runs").iterdir())
     assert runs == [f"attention-d32-L16-kv2-lr{CPU.learning_rates['attention']:g}-seed{s}" for s in (3, 4)]
 
