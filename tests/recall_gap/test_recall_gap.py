@@ -33,6 +33,7 @@ from ttt_mixer.adapters import MIXER_NAMES, MixerLlamaForCausalLM, MixerMambaFor
 from ttt_mixer.recall_gap import main, seed_list
 from ttt_mixer.recall_gap.data import VOCAB, mqar_tokenizer
 from ttt_mixer.recall_gap.evaluate import StateSize, state_size
+from ttt_mixer.recall_gap.pipeline import recall_gap
 from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, ZOOLOGY_GPU, MQARShape
 from ttt_mixer.recall_gap.report import (
     PLOT_PNG,
@@ -477,6 +478,10 @@ def test_seeds_cannot_be_given_with_a_seed_or_with_checkpoints(
             main(["--out", str(tmp_path), *options])
         assert error.value.code == 2
         assert message in capsys.readouterr().err
+    for seeds in ((), (1, 1), (-1,)):
+        with pytest.raises(ValueError, match="seeds must be distinct integers >= 0, at least one"):
+            recall_gap(CPU, tmp_path / "api", seeds)
+    assert not (tmp_path / "api").exists()
 
 
 def test_over_seeds_gives_the_median_the_range_and_the_seeds_that_learned() -> None:

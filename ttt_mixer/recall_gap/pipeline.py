@@ -68,8 +68,8 @@ def recall_gap(
     eval_batch_size: int = 64,
     checkpoints: Sequence[str] | None = None,
 ) -> list[Row]:
-    """Run ``preset`` into ``out`` once per seed of ``seeds`` (or evaluate ``checkpoints``), write ``recall_gap.md``,
-    ``recall_gap.json`` and ``recall_gap.png`` there and print the table. Returns the table's rows
+    """Run ``preset`` into ``out`` once per seed of ``seeds`` (or evaluate ``checkpoints``), write
+    ``recall_gap.md``, ``recall_gap.json`` and ``recall_gap.png`` there and print the table. Returns the table's rows
     (empty on processes other than the main one). Raises :class:`RecallGapFailure` when trained
     attention stays below ``preset.min_attention_accuracy``, after writing the files."""
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
