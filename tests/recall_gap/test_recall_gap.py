@@ -5,6 +5,7 @@ model that did not learn are reported as errors."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -29,11 +30,22 @@ from transformers import (
 )
 
 from ttt_mixer.adapters import MIXER_NAMES, MixerLlamaForCausalLM, MixerMambaForCausalLM
-from ttt_mixer.recall_gap import main
+from ttt_mixer.recall_gap import main, seed_list
 from ttt_mixer.recall_gap.data import VOCAB, mqar_tokenizer
 from ttt_mixer.recall_gap.evaluate import StateSize, state_size
+from ttt_mixer.recall_gap.pipeline import recall_gap
 from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, ZOOLOGY_GPU, MQARShape
-from ttt_mixer.recall_gap.report import PLOT_PNG, TABLE_JSON, TABLE_MD, Row, jrt_prompt_table, markdown_table
+from ttt_mixer.recall_gap.report import (
+    PLOT_PNG,
+    TABLE_JSON,
+    TABLE_MD,
+    Row,
+    Spread,
+    jrt_prompt_table,
+    markdown_table,
+    over_seeds,
+)
+from ttt_mixer.recall_gap.runner import plan, start_order
 from ttt_mixer.recall_gap.train import (
     MODEL_DIR,
     TRAINER_DIR,
@@ -156,8 +168,8 @@ def test_every_mixer_trains_saves_reloads_and_is_evaluated_and_a_rerun_reuses_th
     given = json.loads((tmp_path / "given" / TABLE_JSON).read_text())["rows"]
     # a given checkpoint is named by its folder and its parent's (the run's name)
     assert [row["name"] for row in given] == [
-        f"attention-d32-L16-kv2-lr{CPU.learning_rates['attention']:g}/model",
-        f"based-d32-L16-kv2-lr{CPU.learning_rates['based']:g}/model",
+        f"attention-d32-L16-kv2-lr{CPU.learning_rates['attention']:g}-seed0/model",
+        f"based-d32-L16-kv2-lr{CPU.learning_rates['based']:g}-seed0/model",
         "llama",
     ]
     for key in ("accuracy", "accuracy_twice"):
@@ -320,7 +332,7 @@ def test_bad_options_are_errors_that_name_them(
 def test_a_folder_holding_other_runs_is_not_overwritten(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_dir = tmp_path / "runs" / "attention-d32-L16-kv2-lr0.003"
+    run_dir = tmp_path / "runs" / "attention-d32-L16-kv2-lr0.003-seed0"
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps({"mixer": "attention", "steps": 999}))
     with pytest.raises(SystemExit):
@@ -455,3 +467,151 @@ def test_a_worker_ends_itself_when_the_command_is_killed(tmp_path: Path) -> None
     while not _process_ended(worker):
         assert time.monotonic() < deadline, f"worker {worker} still runs 20 s after its parent was killed"
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("text", "seeds"),
+    [
+        ("100-104", (100, 101, 102, 103, 104)),
+        ("100,101,102", (100, 101, 102)),
+        ("7, 3-4", (7, 3, 4)),
+        ("0", (0,)),
+    ],
+)
+def test_seeds_are_read_as_integers_and_ranges_in_the_given_order(text: str, seeds: tuple[int, ...]) -> None:
+    assert seed_list(text) == seeds
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "expected a comma-separated list of integers >= 0 and ranges FIRST-LAST"),
+        ("1,,2", "expected a comma-separated list"),
+        ("-1", "expected a comma-separated list"),
+        ("1-2-3", "expected a comma-separated list"),
+        ("1.5", "expected a comma-separated list"),
+        ("104-100", "the range '104-100' runs backwards"),
+        ("1,0-2", "'1,0-2' names seed 1 twice"),
+    ],
+)
+def test_a_bad_seed_list_is_an_error_that_shows_the_expected_form(text: str, message: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+        seed_list(text)
+
+
+def test_seeds_cannot_be_given_with_a_seed_or_with_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for options, message in (
+        (["--seed", "1", "--seeds", "2-3"], "argument --seeds: not allowed with argument --seed"),
+        (["--seeds", "5-2"], "argument --seeds: the range '5-2' runs backwards"),
+        (["--seeds", "0,1", "--checkpoints", "x/model"], "--seeds trains each run per seed; --checkpoints"),
+    ):
+        with pytest.raises(SystemExit) as error:
+            main(["--out", str(tmp_path), *options])
+        assert error.value.code == 2
+        assert message in capsys.readouterr().err
+    for seeds in ((), (1, 1), (-1,)):
+        with pytest.raises(ValueError, match="seeds must be distinct integers >= 0, at least one"):
+            recall_gap(CPU, tmp_path / "api", seeds)
+    assert not (tmp_path / "api").exists()
+
+
+def test_over_seeds_gives_the_median_the_range_and_the_seeds_that_learned() -> None:
+    shape, longer = MQARShape(32, 4), MQARShape(64, 8)
+    per_seed = {  # seed: (accuracy at the training shape, at the longer shape)
+        100: (0.99, 0.5),
+        101: (0.95, 0.7),
+        102: (0.23, 0.1),
+        103: (0.90, 0.6),
+        104: (0.97, 0.4),
+    }
+
+    def row(mixer: str, seed: int, accuracy: tuple[float, float], lr: float = 5e-3) -> Row:
+        accuracies = dict(zip((shape, longer), accuracy, strict=True))
+        return Row(
+            mixer, f"/runs/{mixer}-{seed}", 10, StateSize(64), accuracies, mixer, 64, lr, shape, seed, seed
+        )
+
+    mamba = [row("mamba", seed, accuracy) for seed, accuracy in per_seed.items()]
+    attention = [row("attention", seed, (1.0, 0.9), 1e-3) for seed in per_seed]
+    groups = over_seeds([*mamba, *attention])
+    assert [group.first.mixer for group in groups] == ["mamba", "attention"]
+    assert groups[0].seeds == list(per_seed)
+    assert groups[0].spread(shape) == Spread(0.95, 0.23, 0.99)
+    assert groups[0].spread(longer) == Spread(0.5, 0.1, 0.7)
+    # 0.90 is at the bar: learned
+    assert groups[0].learned(0.9) == 4 and groups[1].learned(0.9) == 5
+    assert groups[0].median_row().accuracy == {shape: 0.95, longer: 0.5}
+
+    table = markdown_table([*mamba, *attention], learned_accuracy=0.9)
+    assert "over 5 seeds; accuracy: median (range over the seeds)" in table
+    assert "| learned (>= 0.9 at L32-kv4) |" in table
+    assert (
+        "| mamba | 0.005 | 10 | 64 | 4 of 5 seeds | 0.950 (0.230-0.990) | 0.500 (0.100-0.700) | 102 s |"
+        in table
+    )
+    assert "| attention | 0.001 | 10 | 64 | 5 of 5 seeds | 1.000 | 0.900 | 102 s |" in table
+    assert "Not learned (below 0.9 at the training shape): mamba seed 102 (0.230)." in table
+
+    record = groups[0].to_json(0.9)
+    assert record["learned_seeds"] == 4 and record["seeds"] == list(per_seed)
+    assert record["accuracy"]["L32-kv4"] == {
+        "median": 0.95,
+        "low": 0.23,
+        "high": 0.99,
+        "per_seed": {str(seed): accuracy[0] for seed, accuracy in per_seed.items()},
+    }
+    with pytest.raises(ValueError, match="one row per seed"):
+        over_seeds([mamba[0], mamba[0]])
+
+
+def test_several_seeds_are_planned_and_started_seed_by_seed() -> None:
+    preset = dataclasses.replace(CPU, mixers=("attention", "mamba"))
+    specs = plan(preset, (7, 3))
+    assert [(spec.seed, spec.mixer) for spec in specs] == [
+        (7, "attention"),
+        (7, "mamba"),
+        (3, "attention"),
+        (3, "mamba"),
+    ]
+    assert len({spec.name for spec in specs}) == 4
+    # each seed's runs before the next seed's, the costlier mixer (mamba) first within a seed
+    assert start_order(specs) == [1, 0, 3, 2]
+
+
+@pytest.mark.slow
+def test_a_run_over_two_seeds_reports_both_and_a_one_seed_rerun_reuses_its_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    tiny = [arg if arg != ",".join(ALL_MIXERS) else "attention" for arg in TINY]
+    tiny = [
+        *tiny,
+        "--eval-samples",
+        "1",
+        "--length-factors",
+        "1",
+        "--min-attention-accuracy",
+        "0",
+        "--jobs",
+        "1",
+    ]
+    main(["--out", str(out), *tiny, "--seeds", "3-4"])
+    data = json.loads((out / TABLE_JSON).read_text())
+    assert data["seeds"] == [3, 4] and [row["seed"] for row in data["rows"]] == [3, 4]
+    (group,) = data["over_seeds"]
+    per_seed = {str(row["seed"]): row["accuracy"]["L16-kv2"] for row in data["rows"]}
+    assert group["seeds"] == [3, 4] and group["accuracy"]["L16-kv2"]["per_seed"] == per_seed
+    assert group["accuracy"]["L16-kv2"]["median"] == pytest.approx(sum(per_seed.values()) / 2)
+    assert "over 2 seeds" in (out / TABLE_MD).read_text() and "of 2 seeds |" in capsys.readouterr().out
+    assert (out / PLOT_PNG).stat().st_size > 10_000  # the medians
+    runs = sorted(path.name for path in (out / "runs").iterdir())
+    assert runs == [f"attention-d32-L16-kv2-lr{CPU.learning_rates['attention']:g}-seed{s}" for s in (3, 4)]
+
+    trained = {path: path.stat().st_mtime_ns for path in out.rglob("model.safetensors")}
+    main(["--out", str(out), *tiny, "--seed", "4"])
+    single = json.loads((out / TABLE_JSON).read_text())
+    assert "over_seeds" not in single and single["seeds"] == [4]
+    assert single["rows"][0]["accuracy"]["L16-kv2"] == per_seed["4"]
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("model.safetensors")} == trained

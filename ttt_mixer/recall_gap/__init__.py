@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,30 @@ def _learning_rate(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"a learning rate must be in (0, 1), got {value}")
     return value
+
+
+SEEDS_FORM = "a comma-separated list of integers >= 0 and ranges FIRST-LAST, e.g. 100-104 or 100,101,102"
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """``--seeds``: integers >= 0 and inclusive ranges ``FIRST-LAST``, comma-separated, in the given
+    order; a seed named twice, a backwards range or anything else is an ``ArgumentTypeError``."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\s*-\s*(\d+))?\s*", part)
+        if match is None:
+            raise argparse.ArgumentTypeError(f"expected {SEEDS_FORM}; got {text!r}")
+        first = int(match.group(1))
+        last = first if match.group(2) is None else int(match.group(2))
+        if last < first:
+            raise argparse.ArgumentTypeError(
+                f"the range {part.strip()!r} runs backwards; expected FIRST-LAST"
+            )
+        for seed in range(first, last + 1):
+            if seed in seeds:
+                raise argparse.ArgumentTypeError(f"{text!r} names seed {seed} twice")
+            seeds.append(seed)
+    return tuple(seeds)
 
 
 def _mixer(text: str) -> str:
@@ -97,8 +122,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="MQAR sequences per evaluation shape (default: the preset's)",
     )
     parser.add_argument("--eval-batch-size", type=positive_int, default=64, help="lm-eval batch size")
-    parser.add_argument(
-        "--seed", type=non_negative_int, default=0, help="seed of the models and the training data"
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seed",
+        type=non_negative_int,
+        help="seed of the models and the training data; the same as --seeds with one seed (default: 0)",
+    )
+    seeds.add_argument(
+        "--seeds",
+        type=seed_list,
+        help=f"train every run once per seed ({SEEDS_FORM}) and report per column the median and the "
+        "range over the seeds, and per mixer in how many seeds it learned its training shape",
     )
     parser.add_argument(
         "--save-steps",
@@ -186,4 +220,7 @@ def run(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise FileExistsError(f"--out {args.out} is a file, not a folder")
     checkpoints = args.checkpoints and tuple(checkpoint_source(c) for c in args.checkpoints)
-    recall_gap(preset, args.out, args.seed, args.jobs, args.save_steps, args.eval_batch_size, checkpoints)
+    if checkpoints and args.seeds is not None:
+        raise ValueError("--seeds trains each run per seed; --checkpoints trains nothing: give one of them")
+    seeds = args.seeds or (0 if args.seed is None else args.seed,)
+    recall_gap(preset, args.out, seeds, args.jobs, args.save_steps, args.eval_batch_size, checkpoints)

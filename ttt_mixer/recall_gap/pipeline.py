@@ -35,7 +35,7 @@ class RecallGapFailure(SystemExit):
 def attention_failures(rows: Sequence[Row], threshold: float) -> list[str]:
     """Trained attention rows below ``threshold`` at their training shape, described."""
     return [
-        f"{row.name} (width {row.width}, lr {row.learning_rate:g}) reached {row.accuracy[row.train_shape]:.3f} "
+        f"{row.name} (width {row.width}, lr {row.learning_rate:g}, seed {row.seed}) reached {row.accuracy[row.train_shape]:.3f} "
         f"at its training shape {row.train_shape.label}"
         for row in not_learned(rows, threshold)
         if row.mixer == "attention"
@@ -50,16 +50,17 @@ def _default_jobs(runs: int) -> int:
     return max(1, min(cores, runs))
 
 
-def _summary(preset: Preset, checkpoints: Sequence[str] | None, seconds: float) -> str:
+def _summary(preset: Preset, seeds: Sequence[int], checkpoints: Sequence[str] | None, seconds: float) -> str:
     if checkpoints:
         return f"{len(checkpoints)} checkpoints evaluated through lm-eval (ttt_mqar, acc) in {seconds:.0f} s."
     shapes = ", ".join(s.label for s in preset.train_shapes)
     widths = ", ".join(str(w) for w in preset.widths)
     batch = preset.batch_size if isinstance(preset.batch_size, int) else "Zoology's per-length number of"
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"each of seeds {', '.join(map(str, seeds))}"
     return (
         f"Preset `{preset.name}`: {BACKBONES[preset.backbone]} of {preset.num_layers} layers (width {widths}, "
         f"{preset.num_heads} head(s)), the mixer swapped into every layer; {preset.steps} steps of "
-        f"{batch} sequences of MQAR {shapes} per mixer; evaluated through lm-eval "
+        f"{batch} sequences of MQAR {shapes} per mixer and {seed_text}; evaluated through lm-eval "
         f"(ttt_mqar, acc: the gold value is the likeliest of the sequence's values; chance 1/kv) on "
         f"{preset.eval_samples} sequences per shape. Whole run: {seconds:.0f} s. "
         "Recurrent state: numbers per sequence, all layers; attention's KV cache grows with the length."
@@ -69,16 +70,18 @@ def _summary(preset: Preset, checkpoints: Sequence[str] | None, seconds: float) 
 def recall_gap(
     preset: Preset,
     out: Path,
-    seed: int = 0,
+    seeds: Sequence[int] = (0,),
     jobs: int | None = None,
     save_steps: int | None = None,
     eval_batch_size: int = 64,
     checkpoints: Sequence[str] | None = None,
 ) -> list[Row]:
-    """Run ``preset`` into ``out`` (or evaluate ``checkpoints``), write ``recall_gap.md``,
-    ``recall_gap.json`` and ``recall_gap.png`` there and print the table. Returns the table's rows
+    """Run ``preset`` into ``out`` once per seed of ``seeds`` (or evaluate ``checkpoints``), write
+    ``recall_gap.md``, ``recall_gap.json`` and ``recall_gap.png`` there and print the table. Returns the table's rows
     (empty on processes other than the main one). Raises :class:`RecallGapFailure` when trained
     attention stays below ``preset.min_attention_accuracy``, after writing the files."""
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds must be distinct integers >= 0, at least one; got {list(seeds)}")
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     settings = EvalSettings(samples=preset.eval_samples, batch_size=eval_batch_size)
@@ -86,7 +89,7 @@ def recall_gap(
         shapes = preset.eval_shapes(preset.train_shapes[0])
         all_rows = evaluate_checkpoints(checkpoints, shapes, settings, out)
     else:
-        specs = plan(preset, seed)
+        specs = plan(preset, seeds)
         save_steps = save_steps or max(1, preset.steps // 5)
         all_rows = run_all(specs, out, preset, settings, save_steps, jobs or _default_jobs(len(specs)))
     if not launch.is_main_process():
@@ -95,12 +98,13 @@ def recall_gap(
     failures = [] if checkpoints else attention_failures(rows, preset.min_attention_accuracy)
     info = {
         "preset": preset.name,
-        "summary": _summary(preset, checkpoints, time.perf_counter() - start),
+        "summary": _summary(preset, seeds, checkpoints, time.perf_counter() - start),
+        "seeds": None if checkpoints else list(seeds),
         "seconds": time.perf_counter() - start,
         "status": "failed" if failures else "ok",
         "failures": failures,
         "learned_accuracy": preset.learned_accuracy,
-        "not_learned": [row.name for row in not_learned(rows, preset.learned_accuracy)],
+        "not_learned": list(dict.fromkeys(row.name for row in not_learned(rows, preset.learned_accuracy))),
     }
     written = [*write_tables(rows, all_rows, out, info, preset.learned_accuracy), plot(rows, out)]
     if failures:

@@ -44,30 +44,34 @@ class EvalSettings:
     batch_size: int
 
 
-def plan(preset: Preset, seed: int) -> list[RunSpec]:
-    """Every run of the preset, in table order: mixer, then width, shape and learning rate."""
+def plan(preset: Preset, seeds: Sequence[int]) -> list[RunSpec]:
+    """Every run of the preset for every seed, seed by seed, each seed's in table order: mixer, then
+    width, shape and learning rate."""
     specs = []
-    for mixer in preset.mixers:
-        for width in preset.widths:
-            for shape in preset.train_shapes:
-                for lr in preset.learning_rates_for(mixer):
-                    specs.append(
-                        RunSpec(
-                            mixer=mixer,
-                            width=width,
-                            num_layers=preset.num_layers,
-                            num_heads=preset.num_heads,
-                            train_shape=shape,
-                            steps=preset.steps,
-                            batch_size=preset.batch_size_for(shape.seq_len),
-                            learning_rate=lr,
-                            seed=seed,
-                            # the longest evaluated sequence, with the JRT prompt's pairs again
-                            max_length=max(s.seq_len + 2 * s.num_kv_pairs for s in preset.eval_shapes(shape)),
-                            mixer_options=dict(preset.mixer_options.get(mixer, {})),
-                            backbone=preset.backbone,
+    for seed in seeds:
+        for mixer in preset.mixers:
+            for width in preset.widths:
+                for shape in preset.train_shapes:
+                    for lr in preset.learning_rates_for(mixer):
+                        specs.append(
+                            RunSpec(
+                                mixer=mixer,
+                                width=width,
+                                num_layers=preset.num_layers,
+                                num_heads=preset.num_heads,
+                                train_shape=shape,
+                                steps=preset.steps,
+                                batch_size=preset.batch_size_for(shape.seq_len),
+                                learning_rate=lr,
+                                seed=seed,
+                                # the longest evaluated sequence, with the JRT prompt's pairs again
+                                max_length=max(
+                                    s.seq_len + 2 * s.num_kv_pairs for s in preset.eval_shapes(shape)
+                                ),
+                                mixer_options=dict(preset.mixer_options.get(mixer, {})),
+                                backbone=preset.backbone,
+                            )
                         )
-                    )
     return specs
 
 
@@ -125,6 +129,7 @@ def _row(
         learning_rate=spec.learning_rate,
         train_shape=spec.train_shape,
         train_seconds=train_seconds,
+        seed=spec.seed,
     )
 
 
@@ -224,6 +229,14 @@ def _estimated_cost(spec: RunSpec) -> float:
     )
 
 
+def start_order(specs: Sequence[RunSpec]) -> list[int]:
+    """The order in which the worker processes start the runs: seed by seed (in the order given), so
+    that an interrupted run of several seeds leaves whole seeds finished; within a seed longest
+    first, so that no slow run starts last while the other workers idle."""
+    seed_rank = {seed: rank for rank, seed in enumerate(dict.fromkeys(spec.seed for spec in specs))}
+    return sorted(range(len(specs)), key=lambda i: (seed_rank[specs[i].seed], -_estimated_cost(specs[i])))
+
+
 def _read_progress(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -272,8 +285,7 @@ def _collect(
 ) -> None:
     """Submit every run to ``pool`` (longest first), fill ``rows`` as they finish and draw ``bars``."""
     futures: dict[Future, int] = {}
-    # longest first, so that no slow run starts last while the other workers idle
-    for i in sorted(range(len(specs)), key=lambda i: -_estimated_cost(specs[i])):
+    for i in start_order(specs):
         spec = specs[i]
         run_dir = out / RUNS_DIR / spec.name
         (run_dir / PROGRESS_FILE).unlink(missing_ok=True)

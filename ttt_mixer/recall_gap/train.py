@@ -74,7 +74,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.mixer}-d{self.width}-{self.train_shape.label}-lr{self.learning_rate:g}"
+        return f"{self.mixer}-d{self.width}-{self.train_shape.label}-lr{self.learning_rate:g}-seed{self.seed}"
 
     def to_json(self) -> dict[str, Any]:
         return {
