@@ -530,7 +530,17 @@ def test_over_seeds_gives_the_median_the_range_and_the_seeds_that_learned() -> N
     def row(mixer: str, seed: int, accuracy: tuple[float, float], lr: float = 5e-3) -> Row:
         accuracies = dict(zip((shape, longer), accuracy, strict=True))
         return Row(
-            mixer, f"/runs/{mixer}-{seed}", 10, StateSize(64), accuracies, mixer, 64, lr, shape, seed, seed
+            mixer,
+            f"/runs/{mixer}-{seed}",
+            10,
+            StateSize(64),
+            accuracies,
+            mixer,
+            64,
+            lr,
+            shape,
+            seed,
+            seed=seed,
         )
 
     mamba = [row("mamba", seed, accuracy) for seed, accuracy in per_seed.items()]
