@@ -132,7 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds",
         type=seed_list,
         help=f"train every run once per seed ({SEEDS_FORM}) and report per column the median and the "
-        "range over the seeds, and per mixer in how many seeds it learned its training shape",
+        "range over the seeds, and per mixer in how many seeds it learned its training shape (default: "
+        "none, one seed: --seed)",
     )
     parser.add_argument(
         "--save-steps",
