@@ -185,19 +185,18 @@ def mqar_dataset(tokenizer: Tokenizer | None = None, **metadata: Any) -> dict[st
                 "gap": seq.gaps[query],
             }
         )
-    limit = model_max_length(metadata, tokenizer)
-    if limit is not None:
-        count = token_counter(metadata, tokenizer, GROUP)
-        for doc in docs:
-            # lm-eval scores a choice on context + " " + choice, read as one sequence
-            tokens = max(count(f"{doc['context']} {choice}") for choice in doc["choices"])
-            if tokens > limit:
-                raise ValueError(
-                    f"ttt_recall option 'mqar_seq_lengths': a sequence of {doc['length']} symbols takes "
-                    f"{tokens} tokens, more than the model's max_length {limit}, and lm-eval would cut "
-                    "its start; lower mqar_seq_lengths, or pass --model_args ...,max_length=N for a "
-                    "model that reads more"
-                )
+    check_choices_fit(
+        docs,
+        metadata,
+        tokenizer,
+        GROUP,
+        lambda doc, tokens, limit: (
+            f"ttt_recall option 'mqar_seq_lengths': a sequence of {doc['length']} symbols takes "
+            f"{tokens} tokens, more than the model's max_length {limit}, and lm-eval would cut "
+            "its start; lower mqar_seq_lengths, or pass --model_args ...,max_length=N for a "
+            "model that reads more"
+        ),
+    )
     return test_split(docs)
 
 
