@@ -119,7 +119,7 @@ def llama_config_folder(folder: Path, **overrides: object) -> None:
             [],
             "the Llama's attention_bias must be False",
         ),
-        (lambda folder: folder.mkdir(), [], "Unrecognized model"),
+        (lambda folder: folder.mkdir(), [], "has no config.json: not a transformers checkpoint folder"),
         (
             None,
             [],

@@ -36,6 +36,8 @@ def to_e2e_command(args: argparse.Namespace) -> None:
     the source's tokenizer, in ``args.destination``. Everything that can be refused is checked from
     the source's config before the weights are read or the destination is touched."""
     source = local_checkpoint(args.source)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{args.source} has no config.json: not a transformers checkpoint folder")
     config = AutoConfig.from_pretrained(source)
     check_llama(config)
     if args.suffix_len > config.num_hidden_layers:
