@@ -52,6 +52,7 @@ def saved_llama(folder: Path) -> LlamaForCausalLM:
     return llama
 
 
+@pytest.mark.compat
 def test_a_converted_llama_loads_with_its_tokenizer_and_gives_its_logits_until_the_first_step(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
