@@ -4,11 +4,14 @@ on the CPU: held-out perplexity at a context longer than the sliding window, bef
 Rows: SmolLM2 itself (full attention); the swapped model with its inner loop off (``inner_lr=0``:
 sliding-window attention only); the swapped model learning at test time before any outer step; and
 after ``--steps`` meta-learning steps (AdamW on every weight, the outer loss differentiated through
-the inner steps) on windows of the book's first nine tenths. The held-out text is its last tenth,
-read in ``--eval-len``-token sequences; the perplexity is also given for the tokens past the window.
+the inner steps) on windows of the book's first nine tenths; with ``--ilr-warmup-steps`` the inner
+rate warms up from ``--ilr-init`` over the first steps, as the authors meta-train
+(``ttt_mixer.e2e.warmup``). The held-out text is its last tenth, read in ``--eval-len``-token
+sequences; the perplexity is also given for the tokens past the window.
 
     python benchmarks/e2e_smollm2.py                      # 20 steps of 1 x 256 tokens, eval at 1024
     python benchmarks/e2e_smollm2.py --steps 5 --eval-sequences 1
+    python benchmarks/e2e_smollm2.py --ilr-warmup-steps 5   # the inner rate warmed up from 0.01
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ttt_mixer.e2e.from_llama import from_llama
+from ttt_mixer.e2e.warmup import check_warmup, warmed_up_inner_lr
 from ttt_mixer.real_model import botchan_text, smollm2_checkpoint
 
 
@@ -43,12 +47,22 @@ def main() -> None:
     parser.add_argument("--mini-batch-size", type=int, default=64)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--inner-lr", type=float, default=0.1)
+    parser.add_argument(
+        "--ilr-init",
+        type=float,
+        default=0.01,
+        help="the inner rate at the warm-up's start (their ilr_init: a tenth of their inner rate 1)",
+    )
+    parser.add_argument(
+        "--ilr-warmup-steps", type=int, default=0, help="meta-learning steps of the warm-up (0: none)"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--train-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-len", type=int, default=1024)
     parser.add_argument("--eval-sequences", type=int, default=2)
     args = parser.parse_args()
+    check_warmup(args.ilr_init, args.ilr_warmup_steps)
     torch.manual_seed(0)
     folder = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -83,12 +97,14 @@ def main() -> None:
     for step in range(args.steps):
         at = int(torch.randint(0, len(train_ids) - args.train_len, ()))
         ids = train_ids[at : at + args.train_len][None]
+        model.config.inner_lr = warmed_up_inner_lr(step, args.inner_lr, args.ilr_init, args.ilr_warmup_steps)
         loss = model(ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        print(f"step {step + 1}: loss {loss.item():.3f}", flush=True)
+        print(f"step {step + 1}: loss {loss.item():.3f}, inner lr {model.config.inner_lr:.3g}", flush=True)
+    model.config.inner_lr = args.inner_lr  # the trained model runs at the full rate
     step_seconds = (time.perf_counter() - start) / max(args.steps, 1)
     model.eval()
     evaluate(f"TTT-E2E, after {args.steps} meta-learning steps", model)

@@ -60,6 +60,7 @@ MADE = [
     "tiny-e2e/config.json",
     "llama/tokenizer.json",
     "hybrid/tokenizer.json",
+    "llama-e2e/tokenizer.json",
 ]
 MADE += ["distilled/config.json", "results/*/results_*.json", "plots/*.png"]
 

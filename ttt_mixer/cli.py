@@ -13,6 +13,7 @@ from ttt_mixer.arguments import (
     HelpFormatter,
     add_overwrite_argument,
     int_at_least,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -265,6 +266,57 @@ def swap(args: argparse.Namespace) -> None:
     swap_command(args)
 
 
+def add_to_e2e_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        help="Llama checkpoint folder (the real-model fixture's: python -m ttt_mixer.real_model prints it), "
+        "or a Hub model id already in the local Hugging Face cache (nothing is downloaded); Qwen2 is "
+        "refused (its q, k, v biases have no place in TTT-E2E)",
+    )
+    parser.add_argument(
+        "destination", type=Path, help="folder for the TTT-E2E checkpoint and the source's tokenizer"
+    )
+    parser.add_argument(
+        "--sliding-window-size",
+        type=positive_int,
+        default=8192,
+        help="tokens each attention reads, itself included (the authors' released models: 8192)",
+    )
+    parser.add_argument(
+        "--suffix-len",
+        type=non_negative_int,
+        default=3,
+        help="last blocks that get an inner MLP trained at test time, at most the checkpoint's layers "
+        "(0: sliding-window attention only; the authors' 125M model: 3)",
+    )
+    parser.add_argument(
+        "--mini-batch-size",
+        type=positive_int,
+        default=1024,
+        help="tokens per inner SGD step (the authors' released models: 1024)",
+    )
+    parser.add_argument(
+        "--inner-lr",
+        type=non_negative_float,
+        default=1.0,
+        help="the inner SGD step's rate (0: no inner step)",
+    )
+    parser.add_argument(
+        "--inner-clip-gradient",
+        type=non_negative_float,
+        default=1.0,
+        help="global norm the inner gradient is clipped to (0: no clipping)",
+    )
+    add_overwrite_argument(parser)
+
+
+def to_e2e(args: argparse.Namespace) -> None:
+    """Make a saved Llama checkpoint TTT-E2E and save it with its tokenizer."""
+    from ttt_mixer.e2e.cli import to_e2e_command
+
+    to_e2e_command(args)
+
+
 def distill(args: argparse.Namespace) -> None:
     """Distil a swapped checkpoint from its original (layer-wise, then optionally end to end); print
     the perplexity on the text's last tenth (held out) before and after."""
@@ -398,6 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_distill_arguments(p)
     p.set_defaults(func=distill)
+    p = subcommand(
+        "to-e2e",
+        "make a saved Llama checkpoint TTT-E2E: sliding-window attention, an inner MLP in its last blocks",
+        description="Make a saved Llama checkpoint TTT-E2E (end-to-end test-time training): every block's "
+        "attention reads a sliding window, and each of the last --suffix-len blocks gets a second MLP, "
+        "trained at test time by one SGD step per --mini-batch-size tokens on the next-token loss. The "
+        "inner MLPs start as their block's MLP with a zero output, so before its first inner step the "
+        "model computes what the Llama computes within the window; meta-learning then trains it "
+        "(benchmarks/e2e_smollm2.py). Loads with trust_remote_code=True, or after import ttt_mixer.e2e.",
+    )
+    add_to_e2e_arguments(p)
+    p.set_defaults(func=to_e2e)
     return parser
 
 

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from ttt_mixer.e2e.from_llama import from_llama
 
@@ -47,6 +54,11 @@ def test_before_any_inner_step_it_computes_the_llamas_logits(tied: bool) -> None
 def test_settings_it_cannot_compute_are_refused() -> None:
     with pytest.raises(ValueError, match="attention_bias"):
         from_llama(tiny_llama(attention_bias=True), suffix_len=1, mini_batch_size=4, sliding_window_size=8)
+    qwen2 = Qwen2ForCausalLM(
+        Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    )
+    with pytest.raises(ValueError, match="q, k and v projections have biases"):  # refused, not dropped
+        from_llama(qwen2, suffix_len=1, mini_batch_size=4, sliding_window_size=8)
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
         from_llama(torch.nn.Linear(2, 2), suffix_len=1, mini_batch_size=4, sliding_window_size=8)
 

@@ -7,7 +7,7 @@ projection at zero, so that before any inner step the model computes what the Ll
 from __future__ import annotations
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PreTrainedModel
 
 from ttt_mixer.e2e.configuration_e2e import E2EConfig
 from ttt_mixer.e2e.modeling_e2e import E2EForCausalLM
@@ -28,7 +28,17 @@ def rope_parameters(config: object) -> dict:
 
 
 def check_llama(config: object) -> None:
-    """ValueError naming the first Llama setting TTT-E2E's blocks cannot compute."""
+    """ValueError unless ``config`` is a Llama's (Qwen2's q, k and v biases have no place in TTT-E2E's
+    attention, and are refused rather than dropped), naming the first setting TTT-E2E's blocks
+    cannot compute."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "qwen2":
+        raise ValueError(
+            "a Qwen2 model cannot be made TTT-E2E exactly: its q, k and v projections have biases and "
+            "TTT-E2E's attention has none (dropping them would change the model); give a Llama"
+        )
+    if model_type != "llama":
+        raise ValueError(f"TTT-E2E is made from a Llama (model_type 'llama'), got model_type {model_type!r}")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     checks = (
         ("hidden_act", config.hidden_act == "silu", "silu"),
@@ -60,10 +70,11 @@ def from_llama(
     to every head, q and k rows reordered for interleaved RoPE (``interleaved_rotary_rows``), no
     post-norms and no QK-norm (Llama has neither); the last ``suffix_len`` blocks' inner MLPs start
     as their MLP (its norm, gate and up) with a zero down projection."""
+    if isinstance(llama, PreTrainedModel):
+        check_llama(llama.config)  # a Qwen2 or another model's type: the reason first
     if not isinstance(llama, LlamaForCausalLM):
         raise TypeError(f"llama must be a transformers LlamaForCausalLM, got {type(llama).__name__}")
     source = llama.config
-    check_llama(source)
     rope = rope_parameters(source)
     config = E2EConfig(
         vocab_size=source.vocab_size,
