@@ -198,8 +198,9 @@ RECALL_GAP_MIXERS = {
     "ttt_mlp": MixerRecipe(
         cpu_learning_rate=1e-2, relative_cpu_cost=4.7, in_cpu_default=True, options=TTT_SHORT_CONV
     ),
+    # 3e-3, not its seed-0 sweep's 1e-2, which stalled it in every seed of 100-104 (judged on 105-107)
     "gla": MixerRecipe(
-        cpu_learning_rate=1e-2, relative_cpu_cost=4.7, in_cpu_default=True, options=SHORT_CONV
+        cpu_learning_rate=3e-3, relative_cpu_cost=4.7, in_cpu_default=True, options=SHORT_CONV
     ),
     "gated_deltanet": MixerRecipe(cpu_learning_rate=3e-3, relative_cpu_cost=3.4, in_cpu_default=True),
     "mamba2": MixerRecipe(cpu_learning_rate=1e-2, relative_cpu_cost=4.1, in_cpu_default=True),
@@ -235,7 +236,8 @@ CPU = Preset(
     batch_size=16,
     # the best of 1e-3, 3e-3 and 1e-2 at the training shape, ties to the lower final training loss
     # (docs/recall_gap.md); Mamba and Longhorn with their CPU start: over seeds 0-2, the rate with
-    # the most seeds at 0.9 or more, then the best median, then the best mean; Titans and LaCT, not
+    # the most seeds at 0.9 or more, then the best median, then the best mean; GLA at the lower of its
+    # two best (1e-2 stalled on unseen seeds; see its recipe); Titans and LaCT, not
     # swept in this backbone, keep their Llama-backbone rate
     learning_rates={name: recipe.cpu_learning_rate for name, recipe in RECALL_GAP_MIXERS.items()},
     mixer_options=CPU_MIXER_OPTIONS,
