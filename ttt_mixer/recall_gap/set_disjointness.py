@@ -77,8 +77,9 @@ class SetDisjointnessShape:
 
     @property
     def longest_tokens(self) -> int:
-        """Tokens of the JRT prompt's document and its answer: ``A | B | A | B =`` and the answer."""
-        return 2 * (self.seq_len + 1) + 2
+        """Tokens of the JRT prompt's document and its answer: ``A | B | A | B =`` (the symbols twice,
+        four separators) and the answer."""
+        return 2 * self.seq_len + 5
 
 
 @dataclass(frozen=True)
