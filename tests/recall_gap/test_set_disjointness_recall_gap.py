@@ -70,8 +70,8 @@ def test_the_cpu_recipe_trains_both_set_orders_and_evaluates_both_at_1x_2x_4x() 
             sorted(SetDisjointnessShape(length * f, o) for f in (1, 2, 4) for o in FIRST_FRACTIONS)
         )
     # --seq-len is the two sets' symbols; the rest of the preset (mixers, model) is MQAR's
-    shorter = resolve_preset(parse(*SD, "--seq-len", "16", "--steps", "7"))
-    assert [shape.label for shape in shorter.train_shapes] == ["L16-first0.25", "L16-first0.75"]
+    shorter = resolve_preset(parse(*SD, "--seq-len", "8", "--steps", "7"))
+    assert [shape.label for shape in shorter.train_shapes] == ["L8-first0.25", "L8-first0.75"]
     assert shorter.steps == 7 and shorter.mixers == CPU.mixers and shorter.widths == CPU.widths
 
 
@@ -152,14 +152,14 @@ def test_the_plan_records_the_task_in_every_spec_and_an_mqar_run_is_never_reused
     preset = resolve_preset(parse(*SD, "--mixers", "attention,based"))
     specs = plan(preset, (0,))
     assert [spec.name for spec in specs] == [
-        "attention-d64-L32-first0.25-lr0.001-seed0",
-        "attention-d64-L32-first0.75-lr0.001-seed0",
-        "based-d64-L32-first0.25-lr0.01-seed0",
-        "based-d64-L32-first0.75-lr0.01-seed0",
+        "attention-d64-L16-first0.25-lr0.001-seed0",
+        "attention-d64-L16-first0.75-lr0.001-seed0",
+        "based-d64-L16-first0.25-lr0.01-seed0",
+        "based-d64-L16-first0.75-lr0.01-seed0",
     ]
     assert {spec.to_json()["task"] for spec in specs} == {"set_disjointness"}
-    # the JRT prompt at L=128 (the symbols twice, 4 separators) and its answer
-    assert {spec.max_length for spec in specs} == {2 * 128 + 5}
+    # the JRT prompt at L=64 (the symbols twice, 4 separators) and its answer
+    assert {spec.max_length for spec in specs} == {2 * 64 + 5}
     assert len(specs[0].vocabulary) == len(VOCAB) + 2
     # an MQAR run's spec, as written before the task was recorded (no "task"), in the same folder
     mqar = plan(CPU, (0,))[0]
