@@ -18,6 +18,7 @@ from ttt_mixer.eval_tasks import set_disjointness as task
 from ttt_mixer.recall_gap import add_arguments, main, resolve_preset
 from ttt_mixer.recall_gap.data import IGNORE_INDEX, VOCAB, word_tokenizer
 from ttt_mixer.recall_gap.evaluate import StateSize, _requests
+from ttt_mixer.recall_gap.pipeline import _summary
 from ttt_mixer.recall_gap.presets import CPU, ZOOLOGY_GPU, MQARShape
 from ttt_mixer.recall_gap.report import TABLE_JSON, TABLE_MD, Row, jrt_prompt_table, markdown_table
 from ttt_mixer.recall_gap.runner import SPEC_FILE, _claim, plan
@@ -50,6 +51,12 @@ def test_mqar_stays_the_default_task_with_its_runs_unchanged() -> None:
     assert specs[0].name == "attention-d64-L32-kv4-lr0.001-seed0"
     assert {spec.max_length for spec in specs} == {160}
     assert specs[0].to_json()["task"] == "mqar" and len(specs[0].vocabulary) == len(VOCAB)
+    summary = _summary(preset, (0,), None, 1.0)
+    assert "16 sequences of MQAR L32-kv4 per mixer" in summary
+    assert "(ttt_mqar, acc: the gold value is the likeliest of the sequence's values; chance 1/kv)" in summary
+    sd = _summary(resolve_preset(parse(*SD)), (0,), None, 1.0)
+    assert "64 sequences of set disjointness L16-first0.25, L16-first0.75 per mixer" in sd
+    assert "(ttt_set_disjointness, acc: the shared symbol is the likeliest" in sd
 
 
 def test_the_cpu_recipe_trains_both_set_orders_and_evaluates_both_at_1x_2x_4x() -> None:

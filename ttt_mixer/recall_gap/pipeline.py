@@ -51,9 +51,9 @@ def _default_jobs(runs: int) -> int:
 
 
 def _summary(preset: Preset, seeds: Sequence[int], checkpoints: Sequence[str] | None, seconds: float) -> str:
-    task = preset.train_shapes[0]  # (its class's) the task's names and scoring
+    shape = preset.train_shapes[0]  # its class names the task and its scoring
     if checkpoints:
-        return f"{len(checkpoints)} checkpoints evaluated through lm-eval ({task.lm_eval_task}, acc) in {seconds:.0f} s."
+        return f"{len(checkpoints)} checkpoints evaluated through lm-eval ({shape.lm_eval_task}, acc) in {seconds:.0f} s."
     shapes = ", ".join(s.label for s in preset.train_shapes)
     widths = ", ".join(str(w) for w in preset.widths)
     batch = preset.batch_size if isinstance(preset.batch_size, int) else "Zoology's per-length number of"
@@ -61,8 +61,8 @@ def _summary(preset: Preset, seeds: Sequence[int], checkpoints: Sequence[str] | 
     return (
         f"Preset `{preset.name}`: {BACKBONES[preset.backbone]} of {preset.num_layers} layers (width {widths}, "
         f"{preset.num_heads} head(s)), the mixer swapped into every layer; {preset.steps} steps of "
-        f"{batch} sequences of {task.title} {shapes} per mixer and {seed_text}; evaluated through lm-eval "
-        f"({task.lm_eval_task}, {task.scoring}) on {preset.eval_samples} sequences per shape. Whole run: {seconds:.0f} s. "
+        f"{batch} sequences of {shape.title} {shapes} per mixer and {seed_text}; evaluated through lm-eval "
+        f"({shape.lm_eval_task}, {shape.scoring}) on {preset.eval_samples} sequences per shape. Whole run: {seconds:.0f} s. "
         "Recurrent state: numbers per sequence, all layers; attention's KV cache grows with the length."
     )
 
