@@ -1,9 +1,9 @@
 """``ttt-mixer recall-gap``: train the mixers of a preset (``presets``) in one backbone on
-MQAR, evaluate each through lm-eval at the training length and at 2x and 4x it, and report the recall
-gap as tables and a plot.
+MQAR (or, with ``--task set_disjointness``, set disjointness), evaluate each through lm-eval at the
+training length and at 2x and 4x it, and report the recall gap as tables and a plot.
 
 Modules: ``presets`` (the CPU default and the GPU Zoology sweep), ``data`` (MQAR training data and
-the word-level tokenizer), ``train`` (one run through transformers' Trainer), ``evaluate`` (lm-eval
+the word-level tokenizer), ``set_disjointness`` (its shapes, recipe and training data), ``train`` (one run through transformers' Trainer), ``evaluate`` (lm-eval
 on a saved checkpoint), ``runner`` (the runs, resumed and in parallel) and ``report`` (tables, plot).
 """
 
@@ -19,13 +19,14 @@ from typing import Any
 
 from ttt_mixer.arguments import comma_list, non_negative_int, positive_int
 from ttt_mixer.paths import checkpoint_source
-from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, PRESETS, MQARShape, Preset
+from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, PRESETS, TASKS, MQARShape, Preset
 
 # the help lists the mixers from the registry the runs use, so it cannot drift from the code
 DESCRIPTION = (
     f"Train sequence mixers in one backbone on MQAR (the default: {', '.join(CPU.mixers)}; "
-    f"--mixers takes any of {', '.join(ALL_MIXERS)}), evaluate each through lm-eval at the training "
-    "length and at 2x and 4x it, and report the recall gap as tables and a plot."
+    f"--mixers takes any of {', '.join(ALL_MIXERS)}) or, with --task set_disjointness, on set "
+    "disjointness, evaluate each through lm-eval at the training length and at 2x and 4x it, and report "
+    "the recall gap as tables and a plot."
 )
 
 
@@ -80,6 +81,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cpu",
         help="; ".join(f"{preset.name}: {preset.description}" for preset in PRESETS.values()),
     )
+    sd = CPU.set_disjointness
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default="mqar",
+        help="the task every mixer is trained and evaluated on: mqar (the default) or set_disjointness "
+        "(Arora et al. 2024's: two sets sharing one symbol, answer it; trained with the short set first "
+        "and, separately, with the long set first, each evaluated in both orders, read once and twice "
+        f"(ttt_set_disjointness, ttt_set_disjointness_twice); the cpu preset: L{sd.lengths[0]}, "
+        f"{sd.steps} steps of {sd.batch_size}, {sd.eval_samples} documents per shape; --seq-len sets L, "
+        "--kv-pairs does not apply)",
+    )
     parser.add_argument(
         "--mixers",
         type=comma_list(_mixer),
@@ -93,7 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=positive_int, help="number of layers (default: the preset's)")
     parser.add_argument("--heads", type=positive_int, help="heads of every mixer (default: the preset's)")
     parser.add_argument(
-        "--seq-len", type=positive_int, help="training sequence length (symbols) (default: the preset's)"
+        "--seq-len",
+        type=positive_int,
+        help="training sequence length (symbols; set disjointness: of the two sets together) (default: the preset's)",
     )
     parser.add_argument(
         "--kv-pairs", type=positive_int, help="key-value pairs per training sequence (default: the preset's)"
@@ -119,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eval-samples",
         type=positive_int,
-        help="MQAR sequences per evaluation shape (default: the preset's)",
+        help="MQAR sequences (set-disjointness documents) per evaluation shape (default: the preset's)",
     )
     parser.add_argument("--eval-batch-size", type=positive_int, default=64, help="lm-eval batch size")
     seeds = parser.add_mutually_exclusive_group()
@@ -158,8 +173,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_preset(args: argparse.Namespace) -> Preset:
-    """The chosen preset with the command line's overrides; ValueError naming a bad option."""
-    preset = PRESETS[args.preset]
+    """The chosen preset for the chosen task with the command line's overrides; ValueError naming a
+    bad option."""
+    preset = PRESETS[args.preset].for_task(args.task)
     changes: dict[str, Any] = {}
     for option, name in (
         ("mixers", "mixers"),
@@ -175,7 +191,16 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     ):
         if getattr(args, option) is not None:
             changes[name] = getattr(args, option)
-    if args.seq_len is not None or args.kv_pairs is not None:
+    recipe = preset.set_disjointness
+    if args.task == "set_disjointness" and recipe is not None:  # (for_task refused a preset without one)
+        if args.kv_pairs is not None:
+            raise ValueError("--kv-pairs: set disjointness has no key-value pairs; give --seq-len alone")
+        if args.seq_len is not None:
+            try:
+                changes["train_shapes"] = recipe.train_shapes((args.seq_len,))
+            except ValueError as error:
+                raise ValueError(f"--seq-len: {error}") from None
+    elif args.seq_len is not None or args.kv_pairs is not None:
         if len(preset.train_shapes) > 1 and (args.seq_len is None or args.kv_pairs is None):
             raise ValueError(
                 f"--seq-len and --kv-pairs: preset {preset.name} trains on several shapes; give both"
@@ -198,6 +223,11 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         raise ValueError(f"--widths {bad} are not multiples of --heads {preset.num_heads}")
     if not 0 <= preset.min_attention_accuracy <= 1:
         raise ValueError(f"--min-attention-accuracy must be in [0, 1], got {preset.min_attention_accuracy}")
+    for shape in preset.train_shapes:
+        try:
+            preset.eval_shapes(shape)
+        except ValueError as error:
+            raise ValueError(f"--seq-len and --length-factors: {error}") from None
     return preset
 
 

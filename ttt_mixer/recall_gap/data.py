@@ -9,7 +9,7 @@ evaluation sequence is seen in training.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,13 @@ IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
 def mqar_tokenizer() -> PreTrainedTokenizerFast:
     """One token per MQAR symbol (the two-letter keys and values), split on whitespace; no BOS."""
-    tokenizer = Tokenizer(models.WordLevel(dict(VOCAB), unk_token="<unk>"))
+    return word_tokenizer(VOCAB)
+
+
+def word_tokenizer(vocab: Mapping[str, int]) -> PreTrainedTokenizerFast:
+    """One token per word of ``vocab`` (which starts with ``SPECIAL_TOKENS``), split on whitespace;
+    no BOS."""
+    tokenizer = Tokenizer(models.WordLevel(dict(vocab), unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"

@@ -1,13 +1,14 @@
 """Evaluation of a saved checkpoint through lm-eval: the project's ``ttt_mqar`` task on lm-eval's
 ``hf`` model (``HFLM``, what ``lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True``
 builds), at several MQAR shapes, and ``ttt_mqar_twice`` (the same sequences with their key-value
-pairs given twice before the queries: the JRT prompt) at the same shapes; and the checkpoint's size
-and recurrent state size.
+pairs given twice before the queries: the JRT prompt) at the same shapes; or, for set-disjointness
+shapes, ``ttt_set_disjointness`` and ``ttt_set_disjointness_twice`` (the two sets given twice); and
+the checkpoint's size and recurrent state size.
 
-The task takes one number of key-value pairs per run, so the shapes are evaluated in one
-``simple_evaluate`` call per pair count, all on the same loaded model. Under ``accelerate launch``
-every process takes part (lm-eval splits the documents between them) and only the main process gets
-the results.
+The MQAR task takes one number of key-value pairs per run and set disjointness one set order, so the
+shapes are evaluated in one ``simple_evaluate`` call per pair count (or order), all on the same
+loaded model. Under ``accelerate launch`` every process takes part (lm-eval splits the documents
+between them) and only the main process gets the results.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from torch import nn
 from ttt_mixer.adapters import MixerLlamaConfig, MixerMamba2Config, MixerMambaConfig, recurrent_state_size
 from ttt_mixer.adapters.swap import mixer_path
 from ttt_mixer.eval_tasks import tasks_path
-from ttt_mixer.recall_gap.presets import MQARShape
+from ttt_mixer.recall_gap.presets import TrainShape
+from ttt_mixer.recall_gap.set_disjointness import SetDisjointnessShape
 
 TASK = "ttt_mqar"
 TWICE_TASK = "ttt_mqar_twice"  # the JRT prompt: the pairs read twice
 METRIC = "acc"  # the bound value is the likeliest of the sequence's values; chance 1 / num_kv_pairs
+SET_DISJOINTNESS_TASK = "ttt_set_disjointness"  # scored by the same metric; chance 1 / (L - 1)
+SET_DISJOINTNESS_TWICE_TASK = "ttt_set_disjointness_twice"  # the JRT prompt: the two sets read twice
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,9 @@ class StateSize:
 class Evaluation:
     parameters: int
     state: StateSize
-    accuracy: dict[MQARShape, float]
-    lm_eval_results: dict[str, Any]  # lm-eval's results, one task entry per task and pair count
-    accuracy_twice: dict[MQARShape, float]  # with the JRT prompt (TWICE_TASK)
+    accuracy: dict[TrainShape, float]
+    lm_eval_results: dict[str, Any]  # lm-eval's results, one task entry per task and pair count (or order)
+    accuracy_twice: dict[TrainShape, float]  # with the JRT prompt (TWICE_TASK)
 
 
 def _kv_cache_size(config: Any, length: int) -> int | None:
@@ -82,23 +86,56 @@ def state_size(model: nn.Module, length: int) -> StateSize:
     return StateSize(None)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One ``simple_evaluate`` call: a task read once and with the JRT prompt, on shapes that differ
+    in length alone."""
+
+    tasks: tuple[str, str]  # read once, read twice
+    suffix: str  # of the task names in the merged results
+    metadata: dict[str, Any]  # the task's options
+    shapes: list[TrainShape]
+
+
+def _requests(shapes: Sequence[TrainShape]) -> list[_Request]:
+    """The calls that evaluate ``shapes``: MQAR's per pair count, set disjointness's per set order."""
+    if not shapes:
+        raise ValueError("shapes must name at least one MQAR or set-disjointness shape to evaluate")
+    if len({shape.task for shape in shapes}) > 1:
+        raise ValueError("shapes must be of one task, MQAR or set disjointness")
+    requests = []
+    for series, group in itertools.groupby(
+        sorted(shapes, key=lambda s: (s.series, s.seq_len)), lambda s: s.series
+    ):
+        shapes_of = list(group)
+        lengths = [shape.seq_len for shape in shapes_of]
+        if isinstance(shapes_of[0], SetDisjointnessShape):
+            tasks = (SET_DISJOINTNESS_TASK, SET_DISJOINTNESS_TWICE_TASK)
+            metadata = {"sd_lengths": lengths, "sd_first_fraction": series}
+            requests.append(_Request(tasks, f"_first{series:g}", metadata, shapes_of))
+        else:
+            metadata = {"mqar_seq_lengths": lengths, "mqar_num_kv_pairs": series}
+            requests.append(_Request((TASK, TWICE_TASK), f"_kv{series}", metadata, shapes_of))
+    return requests
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
-    shapes: Sequence[MQARShape],
+    shapes: Sequence[TrainShape],
     samples: int,
     batch_size: int,
     state_length: int,
 ) -> Evaluation | None:
-    """``acc`` of ``ttt_mqar`` and of ``ttt_mqar_twice`` at every shape (``samples`` sequences each,
-    the task's own seed) of the checkpoint loaded as lm-eval's ``hf`` model; its parameters and
-    state size (an attention cache's at ``state_length`` tokens). None on processes other than the
-    main one."""
+    """``acc`` of ``ttt_mqar`` and of ``ttt_mqar_twice`` at every MQAR shape (``samples`` sequences
+    each), or of ``ttt_set_disjointness`` and its ``_twice`` at every set-disjointness shape
+    (``samples`` documents each), the tasks' own seed, of the checkpoint loaded as lm-eval's ``hf``
+    model; its parameters and state size (an attention cache's at ``state_length`` tokens). None on
+    processes other than the main one."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if not shapes:
-        raise ValueError("shapes must name at least one MQAR shape to evaluate")
+    requests = _requests(shapes)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,35 +148,30 @@ def evaluate_checkpoint(
     )
     parameters = sum(p.numel() for p in lm.model.parameters())
     state = state_size(lm.model, state_length)
-    accuracy: dict[MQARShape, float] = {}
-    accuracy_twice: dict[MQARShape, float] = {}
+    accuracy: dict[TrainShape, float] = {}
+    accuracy_twice: dict[TrainShape, float] = {}
     merged: dict[str, Any] = {"results": {}, "n-samples": {}, "model_name": str(checkpoint)}
-    by_pairs = itertools.groupby(
-        sorted(shapes, key=lambda s: (s.num_kv_pairs, s.seq_len)), lambda s: s.num_kv_pairs
-    )
-    for pairs, group in by_pairs:
-        lengths = [shape.seq_len for shape in group]
-        # max_length and the checkpoint (its tokenizer) let the task refuse sequences lm-eval would cut (eval_tasks/recall.py)
+    for request in requests:
+        # max_length and the checkpoint (its tokenizer) let the task refuse sequences lm-eval would cut (eval_tasks/documents.py)
         metadata = {
-            "mqar_seq_lengths": lengths,
-            "mqar_num_kv_pairs": pairs,
+            **request.metadata,
             "num_samples": samples,
             "max_length": lm.max_length,
             "pretrained": str(checkpoint),
         }
         tasks = TaskManager(include_path=tasks_path(), include_defaults=False, metadata=metadata)
         output = simple_evaluate(
-            model=lm, tasks=[TASK, TWICE_TASK], task_manager=tasks, log_samples=False, verbosity="ERROR"
+            model=lm, tasks=list(request.tasks), task_manager=tasks, log_samples=False, verbosity="ERROR"
         )
         if output is None:  # not the main process
             continue
-        for task, scores_of in ((TASK, accuracy), (TWICE_TASK, accuracy_twice)):
+        for task, scores_of in zip(request.tasks, (accuracy, accuracy_twice), strict=True):
             scores = output["results"][task]
-            name = f"{task}_kv{pairs}"
+            name = f"{task}{request.suffix}"
             merged["results"][name] = scores
             merged["n-samples"][name] = output.get("n-samples", {}).get(task)
-            for length in lengths:
-                scores_of[MQARShape(length, pairs)] = float(scores[f"{METRIC}@{length},none"])
+            for shape in request.shapes:
+                scores_of[shape] = float(scores[f"{METRIC}@{shape.seq_len},none"])
     if not accuracy:
         return None
     return Evaluation(parameters, state, accuracy, merged, accuracy_twice)

@@ -51,8 +51,9 @@ def _default_jobs(runs: int) -> int:
 
 
 def _summary(preset: Preset, seeds: Sequence[int], checkpoints: Sequence[str] | None, seconds: float) -> str:
+    shape = preset.train_shapes[0]  # its class names the task and its scoring
     if checkpoints:
-        return f"{len(checkpoints)} checkpoints evaluated through lm-eval (ttt_mqar, acc) in {seconds:.0f} s."
+        return f"{len(checkpoints)} checkpoints evaluated through lm-eval ({shape.lm_eval_task}, acc) in {seconds:.0f} s."
     shapes = ", ".join(s.label for s in preset.train_shapes)
     widths = ", ".join(str(w) for w in preset.widths)
     batch = preset.batch_size if isinstance(preset.batch_size, int) else "Zoology's per-length number of"
@@ -60,9 +61,8 @@ def _summary(preset: Preset, seeds: Sequence[int], checkpoints: Sequence[str] | 
     return (
         f"Preset `{preset.name}`: {BACKBONES[preset.backbone]} of {preset.num_layers} layers (width {widths}, "
         f"{preset.num_heads} head(s)), the mixer swapped into every layer; {preset.steps} steps of "
-        f"{batch} sequences of MQAR {shapes} per mixer and {seed_text}; evaluated through lm-eval "
-        f"(ttt_mqar, acc: the gold value is the likeliest of the sequence's values; chance 1/kv) on "
-        f"{preset.eval_samples} sequences per shape. Whole run: {seconds:.0f} s. "
+        f"{batch} sequences of {shape.title} {shapes} per mixer and {seed_text}; evaluated through lm-eval "
+        f"({shape.lm_eval_task}, {shape.scoring}) on {preset.eval_samples} sequences per shape. Whole run: {seconds:.0f} s. "
         "Recurrent state: numbers per sequence, all layers; attention's KV cache grows with the length."
     )
 
@@ -98,6 +98,7 @@ def recall_gap(
     failures = [] if checkpoints else attention_failures(rows, preset.min_attention_accuracy)
     info = {
         "preset": preset.name,
+        "task": preset.task,
         "summary": _summary(preset, seeds, checkpoints, time.perf_counter() - start),
         "seeds": None if checkpoints else list(seeds),
         "seconds": time.perf_counter() - start,
@@ -109,7 +110,7 @@ def recall_gap(
     written = [*write_tables(rows, all_rows, out, info, preset.learned_accuracy), plot(rows, out)]
     if failures:
         raise RecallGapFailure(
-            f"attention must reach {preset.min_attention_accuracy} MQAR accuracy at its training shape, "
+            f"attention must reach {preset.min_attention_accuracy} {preset.train_shapes[0].title} accuracy at its training shape, "
             f"so training is broken and the table is not meaningful: {'; '.join(failures)}. "
             f"Files (for debugging): {', '.join(str(p) for p in written)}"
         )

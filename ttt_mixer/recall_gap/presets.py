@@ -30,9 +30,11 @@ state size.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from ttt_mixer.eval_tasks import recall
+from ttt_mixer.recall_gap.set_disjointness import SetDisjointnessRecipe, SetDisjointnessShape, eval_shapes
 
 # the block of every layer of a run's model (swap_mixer's two backbones), as the report names it
 BACKBONES = {
@@ -58,6 +60,13 @@ class MQARShape:
     seq_len: int
     num_kv_pairs: int
 
+    task: ClassVar[str] = "mqar"
+    title: ClassVar[str] = "MQAR"
+    read_twice: ClassVar[str] = "the key-value pairs"  # what the JRT prompt repeats
+    dashed: ClassVar[str] = "key-value pairs scaled with the length"  # the plot's dashed line
+    lm_eval_task: ClassVar[str] = "ttt_mqar"
+    scoring: ClassVar[str] = "acc: the gold value is the likeliest of the sequence's values; chance 1/kv"
+
     def __post_init__(self) -> None:
         if not 1 <= self.num_kv_pairs <= MAX_KV_PAIRS:
             raise ValueError(f"num_kv_pairs must be in [1, {MAX_KV_PAIRS}], got {self.num_kv_pairs}")
@@ -71,6 +80,29 @@ class MQARShape:
     def label(self) -> str:
         return f"L{self.seq_len}-kv{self.num_kv_pairs}"
 
+    @property
+    def header(self) -> str:
+        return f"acc L={self.seq_len} kv={self.num_kv_pairs}"
+
+    @property
+    def series(self) -> int:
+        """What sets the evaluation shapes of one length apart (the tables group columns by it)."""
+        return self.num_kv_pairs
+
+    def on_dashed_line(self, other: MQARShape) -> bool:
+        """Whether the plot draws ``other`` on this shape's dashed line: the same density of pairs."""
+        return other.num_kv_pairs * self.seq_len == self.num_kv_pairs * other.seq_len
+
+    @property
+    def longest_tokens(self) -> int:
+        """Tokens of the JRT prompt's sequence: the pairs given once more before it."""
+        return self.seq_len + 2 * self.num_kv_pairs
+
+
+TrainShape = MQARShape | SetDisjointnessShape
+TASKS = (MQARShape.task, SetDisjointnessShape.task)
+TASK_TITLES = {shape.task: shape.title for shape in (MQARShape, SetDisjointnessShape)}
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -82,7 +114,7 @@ class Preset:
     widths: tuple[int, ...]
     num_layers: int
     num_heads: int
-    train_shapes: tuple[MQARShape, ...]
+    train_shapes: tuple[TrainShape, ...]  # of one task: MQAR (a preset's own) or set disjointness
     steps: int
     # per-device batch size times devices; a mapping from sequence length picks it per shape
     batch_size: int | Mapping[int, int]
@@ -95,9 +127,36 @@ class Preset:
     learned_accuracy: float = 0.9
     mixer_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     backbone: str = "llama"  # one of BACKBONES
+    # what --task set_disjointness trains and evaluates in place of the MQAR shapes
+    set_disjointness: SetDisjointnessRecipe | None = None
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
+        tasks = {shape.task for shape in self.train_shapes}
+        if len(tasks) > 1:
+            raise ValueError(f"train_shapes must be of one task, got shapes of {sorted(tasks)}")
+
+    @property
+    def task(self) -> str:
+        return self.train_shapes[0].task
+
+    def for_task(self, task: str) -> Preset:
+        """The preset for ``task`` (one of ``TASKS``): itself for MQAR, its set-disjointness recipe's
+        shapes, steps, batch size and evaluation samples for set disjointness."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+        if task == MQARShape.task:
+            return self
+        recipe = self.set_disjointness
+        if recipe is None:
+            raise ValueError(f"preset {self.name} has no set-disjointness recipe")
+        return replace(
+            self,
+            train_shapes=recipe.train_shapes(),
+            steps=recipe.steps,
+            batch_size=recipe.batch_size,
+            eval_samples=recipe.eval_samples,
+        )
 
     def batch_size_for(self, seq_len: int) -> int:
         if isinstance(self.batch_size, int):
@@ -109,9 +168,13 @@ class Preset:
             return self.learning_rates
         return (self.learning_rates[mixer],)
 
-    def eval_shapes(self, train: MQARShape) -> tuple[MQARShape, ...]:
-        """The training shape at every length factor, with the training's pairs and with the pairs
-        scaled like the length (capped at the number of keys); sorted, without repeats."""
+    def eval_shapes(self, train: TrainShape) -> tuple[TrainShape, ...]:
+        """MQAR: the training shape at every length factor, with the training's pairs and with the
+        pairs scaled like the length (capped at the number of keys); set disjointness: the training
+        length at every factor in every set order (``set_disjointness.eval_shapes``). Sorted, without
+        repeats."""
+        if isinstance(train, SetDisjointnessShape):
+            return eval_shapes(train, self.length_factors)
         shapes = {MQARShape(train.seq_len * f, train.num_kv_pairs) for f in self.length_factors}
         shapes |= {
             MQARShape(train.seq_len * f, min(train.num_kv_pairs * f, MAX_KV_PAIRS))
@@ -242,6 +305,10 @@ CPU = Preset(
     learning_rates={name: recipe.cpu_learning_rate for name, recipe in RECALL_GAP_MIXERS.items()},
     mixer_options=CPU_MIXER_OPTIONS,
     backbone="mamba",
+    # L16 (4 and 12 symbols) in batches of 64: one answer per document, so as many answers per step as
+    # MQAR's 16 x 4; at L32 in MQAR's 16 per step attention stayed at 0.26 and 0.14 (docs/recall_gap.md,
+    # "Set disjointness"); 100 documents per shape
+    set_disjointness=SetDisjointnessRecipe(lengths=(16,), steps=2000, batch_size=64, eval_samples=100),
 )
 
 ZOOLOGY_GPU = Preset(
@@ -257,6 +324,8 @@ ZOOLOGY_GPU = Preset(
     learning_rates=(1e-4, 4.6e-4, 2.2e-3, 1e-2),  # np.logspace(-4, -2, 4), rounded
     eval_samples=100,
     mixer_options=MIXER_OPTIONS,
+    # not run (no GPU at hand): L64, whose 4x (256 symbols) the task's 338 symbols still hold
+    set_disjointness=SetDisjointnessRecipe(lengths=(64,), steps=10_000, batch_size=256, eval_samples=200),
 )
 
 PRESETS = {preset.name: preset for preset in (CPU, ZOOLOGY_GPU)}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ttt_mixer.recall_gap.evaluate import StateSize
-from ttt_mixer.recall_gap.presets import MQARShape
+from ttt_mixer.recall_gap.presets import TASK_TITLES, TrainShape
 
 TABLE_MD, TABLE_JSON, PLOT_PNG = "recall_gap.md", "recall_gap.json", "recall_gap.png"
 
@@ -36,14 +36,14 @@ class Row:
     checkpoint: str
     parameters: int
     state: StateSize
-    accuracy: dict[MQARShape, float]
+    accuracy: dict[TrainShape, float]
     mixer: str | None = None
     width: int | None = None
     learning_rate: float | None = None
-    train_shape: MQARShape | None = None
+    train_shape: TrainShape | None = None
     train_seconds: float | None = None
     # with the JRT prompt: the key-value pairs given twice before the queries (ttt_mqar_twice)
-    accuracy_twice: dict[MQARShape, float] = field(default_factory=dict)
+    accuracy_twice: dict[TrainShape, float] = field(default_factory=dict)
     seed: int | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -126,10 +126,10 @@ class OverSeeds:
     def seeds(self) -> list[int]:
         return [row.seed for row in self.rows if row.seed is not None]
 
-    def shapes(self) -> list[MQARShape]:
+    def shapes(self) -> list[TrainShape]:
         return sorted({shape for row in self.rows for shape in row.accuracy})
 
-    def spread(self, shape: MQARShape) -> Spread:
+    def spread(self, shape: TrainShape) -> Spread:
         return Spread.of([row.accuracy[shape] for row in self.rows if shape in row.accuracy])
 
     def learned(self, learned_accuracy: float) -> int:
@@ -180,17 +180,17 @@ def several_seeds(rows: Iterable[Row]) -> bool:
     return len({row.seed for row in rows if row.train_shape is not None}) > 1
 
 
-def _groups(rows: Sequence[Row]) -> dict[MQARShape | None, list[Row]]:
-    groups: dict[MQARShape | None, list[Row]] = {}
+def _groups(rows: Sequence[Row]) -> dict[TrainShape | None, list[Row]]:
+    groups: dict[TrainShape | None, list[Row]] = {}
     for row in rows:
         groups.setdefault(row.train_shape, []).append(row)
     return groups
 
 
-def _column_order(shapes: Iterable[MQARShape], train_shape: MQARShape | None) -> list[MQARShape]:
-    """The training's pair count first (by length), then the other shapes (by length)."""
-    pairs = train_shape.num_kv_pairs if train_shape else min(s.num_kv_pairs for s in shapes)
-    return sorted(shapes, key=lambda s: (s.num_kv_pairs != pairs, s.seq_len, s.num_kv_pairs))
+def _column_order(shapes: Iterable[TrainShape], train_shape: TrainShape | None) -> list[TrainShape]:
+    """The training's pair count (set order) first (by length), then the other shapes (by length)."""
+    series = train_shape.series if train_shape else min(s.series for s in shapes)
+    return sorted(shapes, key=lambda s: (s.series != series, s.seq_len, s.series))
 
 
 def _seconds_text(seconds: float) -> str:
@@ -203,10 +203,6 @@ def _state_text(state: StateSize) -> str:
     if state.grows:
         return f"{state.numbers:,} (KV cache at {state.at_length} tokens, grows)"
     return f"{state.numbers:,}"
-
-
-def _shape_header(shape: MQARShape) -> str:
-    return f"acc L={shape.seq_len} kv={shape.num_kv_pairs}"
 
 
 def not_learned(rows: Iterable[Row], learned_accuracy: float) -> list[Row]:
@@ -241,10 +237,10 @@ def markdown_table(rows: Sequence[Row], learned_accuracy: float | None = None) -
         widths = len({row.width for row in group}) > 1
         trained = train_shape is not None
         header = ["mixer", *(["width"] if widths else []), *(["learning rate"] if trained else [])]
-        header += ["parameters", "recurrent state size", *(_shape_header(s) for s in shapes)]
+        header += ["parameters", "recurrent state size", *(s.header for s in shapes)]
         header += ["training time"] if trained else []
         lines = [
-            f"Trained on MQAR {train_shape.label}:" if trained else "Evaluated checkpoints:",
+            f"Trained on {train_shape.title} {train_shape.label}:" if trained else "Evaluated checkpoints:",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "|".join("---" for _ in header) + "|",
@@ -269,10 +265,12 @@ def jrt_prompt_table(rows: Sequence[Row]) -> str:
     for train_shape, group in _groups([row for row in rows if row.accuracy_twice]).items():
         shapes = _column_order({shape for row in group for shape in row.accuracy_twice}, train_shape)
         widths = len({row.width for row in group}) > 1
-        header = ["mixer", *(["width"] if widths else []), *(_shape_header(s) for s in shapes)]
-        where = f"trained on MQAR {train_shape.label}" if train_shape else "evaluated checkpoints"
+        header = ["mixer", *(["width"] if widths else []), *(s.header for s in shapes)]
+        where = (
+            f"trained on {train_shape.title} {train_shape.label}" if train_shape else "evaluated checkpoints"
+        )
         lines = [
-            f"JRT prompt, the key-value pairs read twice ({where}): accuracy (change from reading once):",
+            f"JRT prompt, {shapes[0].read_twice} read twice ({where}): accuracy (change from reading once):",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "|".join("---" for _ in header) + "|",
@@ -292,7 +290,7 @@ def jrt_prompt_table(rows: Sequence[Row]) -> str:
     return "\n\n".join(parts) + "\n" if parts else ""
 
 
-def _seeds_table(groups: Sequence[OverSeeds], train_shape: MQARShape, learned_accuracy: float | None) -> str:
+def _seeds_table(groups: Sequence[OverSeeds], train_shape: TrainShape, learned_accuracy: float | None) -> str:
     """``markdown_table``'s table of models trained over several seeds: per accuracy column the median
     (the range over the seeds), with ``learned_accuracy`` the seeds that reached it at the training
     shape, and the median training time."""
@@ -301,12 +299,12 @@ def _seeds_table(groups: Sequence[OverSeeds], train_shape: MQARShape, learned_ac
     header = ["mixer", *(["width"] if widths else []), "learning rate", "parameters", "recurrent state size"]
     if learned_accuracy is not None:
         header.append(f"learned (>= {learned_accuracy:g} at {train_shape.label})")
-    header += [_shape_header(s) for s in shapes]
+    header += [s.header for s in shapes]
     header.append("training time (median)")
     counts = {len(group.rows) for group in groups}
     seeds_text = f"{counts.pop()} seeds" if len(counts) == 1 else "several seeds"
     lines = [
-        f"Trained on MQAR {train_shape.label} over {seeds_text}; accuracy: median (range over the seeds):",
+        f"Trained on {train_shape.title} {train_shape.label} over {seeds_text}; accuracy: median (range over the seeds):",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -348,8 +346,9 @@ def write_tables(
     md, js = out / TABLE_MD, out / TABLE_JSON
     table = markdown_table(rows, learned_accuracy)
     twice = jrt_prompt_table(rows)
+    title = TASK_TITLES[info["task"]]
     md.write_text(
-        f"# MQAR recall gap\n\n{info.get('summary', '')}\n\n{table}" + (f"\n{twice}" if twice else "")
+        f"# {title} recall gap\n\n{info.get('summary', '')}\n\n{table}" + (f"\n{twice}" if twice else "")
     )
     data = {**info, "rows": [row.to_json() for row in rows]}
     if several_seeds(rows):
@@ -387,18 +386,18 @@ def plot(rows: Sequence[Row], out: Path) -> Path:
     return path
 
 
-def _label_accuracy_axes(axes: Any, xlabel: str, title: str) -> None:
+def _label_accuracy_axes(axes: Any, xlabel: str, title: str, task_title: str) -> None:
     """What every accuracy plot has: the accuracy axis from 0 to 1, the labels, a grid and the legend."""
     axes.set_ylim(-0.03, 1.03)
     axes.set_xlabel(xlabel)
-    axes.set_ylabel("MQAR accuracy")
+    axes.set_ylabel(f"{task_title} accuracy")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
 
 
 def _plot_lengths(
-    axes: Any, group: Sequence[Row], train_shape: MQARShape | None, colors: dict, title: str
+    axes: Any, group: Sequence[Row], train_shape: TrainShape | None, colors: dict, title: str
 ) -> None:
     widest = max((row.width or 0) for row in group)
     for row in group:
@@ -406,24 +405,24 @@ def _plot_lengths(
             continue
         color = colors[row.mixer or row.name]
         base = train_shape or min(row.accuracy)
-        same = sorted(s for s in row.accuracy if s.num_kv_pairs == base.num_kv_pairs)
-        # the same density of pairs per symbol as the base shape
-        scaled = sorted(
-            s for s in row.accuracy if s.num_kv_pairs * base.seq_len == base.num_kv_pairs * s.seq_len
-        )
+        same = sorted(s for s in row.accuracy if s.series == base.series)
+        scaled = sorted(s for s in row.accuracy if base.on_dashed_line(s))
         axes.plot(
             [s.seq_len for s in same], [row.accuracy[s] for s in same], "o-", color=color, label=row.name
         )
         if len(scaled) > 1:
             axes.plot([s.seq_len for s in scaled], [row.accuracy[s] for s in scaled], "s--", color=color)
-    lengths = sorted({s.seq_len for row in group for s in row.accuracy})
+    shapes = {s for row in group for s in row.accuracy}
+    lengths = sorted({s.seq_len for s in shapes})
     axes.set_xscale("log", base=2)
     axes.set_xticks(lengths, [str(n) for n in lengths])
     axes.minorticks_off()
+    shape = train_shape or min(shapes)
     _label_accuracy_axes(
         axes,
-        "evaluation length (symbols); dashed: key-value pairs scaled with the length",
+        f"evaluation length (symbols); dashed: {shape.dashed}",
         f"accuracy vs length ({title})",
+        shape.title,
     )
 
 
@@ -435,11 +434,11 @@ def _state_at(state: StateSize, length: int) -> int | None:
 
 
 def _plot_states(
-    axes: Any, group: Sequence[Row], train_shape: MQARShape | None, colors: dict, title: str
+    axes: Any, group: Sequence[Row], train_shape: TrainShape | None, colors: dict, title: str
 ) -> None:
     shapes = sorted({s for row in group for s in row.accuracy})
     reference = train_shape or shapes[0]
-    hardest = max(shapes, key=lambda s: (s.num_kv_pairs, s.seq_len))
+    hardest = max(shapes, key=lambda s: (s.series, s.seq_len))
     by_name: dict[str, list[Row]] = {}
     for row in group:
         if row.state.numbers is not None:
@@ -462,4 +461,5 @@ def _plot_states(
         axes,
         "recurrent state size (numbers per sequence, all layers)",
         f"accuracy vs state size ({title})\nfilled: {reference.label}; hollow: {hardest.label}",
+        reference.title,
     )

@@ -29,7 +29,7 @@ import torch
 from ttt_mixer.progress import Progress, on_terminal
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.evaluate import StateSize, evaluate_checkpoint, write_lm_eval_results
-from ttt_mixer.recall_gap.presets import RECALL_GAP_MIXERS, MQARShape, Preset
+from ttt_mixer.recall_gap.presets import RECALL_GAP_MIXERS, Preset, TrainShape
 from ttt_mixer.recall_gap.report import Row
 from ttt_mixer.recall_gap.train import MODEL_DIR, ProgressFile, RunSpec, load_train_result, train_run
 from ttt_mixer.training import NonFiniteTrainingError
@@ -64,10 +64,8 @@ def plan(preset: Preset, seeds: Sequence[int]) -> list[RunSpec]:
                                 batch_size=preset.batch_size_for(shape.seq_len),
                                 learning_rate=lr,
                                 seed=seed,
-                                # the longest evaluated sequence, with the JRT prompt's pairs again
-                                max_length=max(
-                                    s.seq_len + 2 * s.num_kv_pairs for s in preset.eval_shapes(shape)
-                                ),
+                                # the longest evaluated sequence, with the JRT prompt's repeat
+                                max_length=max(s.longest_tokens for s in preset.eval_shapes(shape)),
                                 mixer_options=dict(preset.mixer_options.get(mixer, {})),
                                 backbone=preset.backbone,
                             )
@@ -80,7 +78,8 @@ def _claim(run_dir: Path, spec: RunSpec) -> None:
     path = run_dir / SPEC_FILE
     wanted = spec.to_json()
     if path.is_file():
-        found = json.loads(path.read_text())
+        # a spec written before the task was recorded is MQAR's, the one task then
+        found = {"task": "mqar", **json.loads(path.read_text())}
         if found != wanted:
             changed = sorted(k for k in wanted if found.get(k) != wanted[k])
             raise ValueError(
@@ -94,7 +93,7 @@ def _claim(run_dir: Path, spec: RunSpec) -> None:
 
 
 def _load_evaluation(
-    run_dir: Path, shapes: Sequence[MQARShape], settings: EvalSettings
+    run_dir: Path, shapes: Sequence[TrainShape], settings: EvalSettings
 ) -> dict[str, Any] | None:
     path = run_dir / EVAL_FILE
     if not path.is_file():
@@ -115,7 +114,7 @@ def _row(
     run_dir: Path,
     train_seconds: float,
     evaluation: dict[str, Any],
-    shapes: Sequence[MQARShape],
+    shapes: Sequence[TrainShape],
 ) -> Row:
     return Row(
         name=spec.mixer,
@@ -136,7 +135,7 @@ def _row(
 def execute_run(
     spec: RunSpec,
     run_dir: Path,
-    shapes: Sequence[MQARShape],
+    shapes: Sequence[TrainShape],
     settings: EvalSettings,
     save_steps: int,
     progress_bars: bool = True,
@@ -177,7 +176,7 @@ def execute_run(
 def _worker(
     spec: RunSpec,
     run_dir: Path,
-    shapes: Sequence[MQARShape],
+    shapes: Sequence[TrainShape],
     settings: EvalSettings,
     save_steps: int,
     threads: int,
@@ -369,7 +368,7 @@ def checkpoint_names(checkpoints: Sequence[str]) -> list[str]:
 
 
 def evaluate_checkpoints(
-    checkpoints: Sequence[str], shapes: Sequence[MQARShape], settings: EvalSettings, out: Path
+    checkpoints: Sequence[str], shapes: Sequence[TrainShape], settings: EvalSettings, out: Path
 ) -> list[Row]:
     """Rows for existing checkpoints (local folders or hub names), named by :func:`checkpoint_names`;
     their lm-eval results are written to ``OUT/checkpoints/NAME.json``."""

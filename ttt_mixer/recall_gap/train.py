@@ -1,4 +1,5 @@
-"""One training run: a Llama or Mamba backbone with one mixer in every layer, trained on MQAR through
+"""One training run: a Llama or Mamba backbone with one mixer in every layer, trained on MQAR (or set
+disjointness, by its training shape) through
 transformers' ``Trainer`` (so ``accelerate launch`` spreads it over several GPUs), checkpointed as it
 goes and resumed from its last checkpoint when run again, then saved as a Hugging Face checkpoint
 with its tokenizer."""
@@ -29,8 +30,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ttt_mixer.adapters import swap_mixer
 from ttt_mixer.recall_gap import launch
-from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, mqar_tokenizer
-from ttt_mixer.recall_gap.presets import MQARShape, check_backbone
+from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, word_tokenizer
+from ttt_mixer.recall_gap.presets import TrainShape, check_backbone
+from ttt_mixer.recall_gap.set_disjointness import (
+    SET_DISJOINTNESS_VOCAB,
+    SetDisjointnessDataset,
+    SetDisjointnessShape,
+)
 from ttt_mixer.training import FiniteLossTrainer
 
 MODEL_DIR, TRAINER_DIR, TRAIN_RESULT = "model", "trainer", "train.json"
@@ -60,7 +66,7 @@ class RunSpec:
     width: int
     num_layers: int
     num_heads: int
-    train_shape: MQARShape
+    train_shape: TrainShape  # its type is the task trained on
     steps: int
     batch_size: int
     learning_rate: float
@@ -73,12 +79,22 @@ class RunSpec:
         check_backbone(self.backbone)
 
     @property
+    def task(self) -> str:
+        return self.train_shape.task
+
+    @property
+    def vocabulary(self) -> Mapping[str, int]:
+        """The task's words and their token ids (its tokenizer's and its model's vocabulary)."""
+        return SET_DISJOINTNESS_VOCAB if isinstance(self.train_shape, SetDisjointnessShape) else VOCAB
+
+    @property
     def name(self) -> str:
         return f"{self.mixer}-d{self.width}-{self.train_shape.label}-lr{self.learning_rate:g}-seed{self.seed}"
 
     def to_json(self) -> dict[str, Any]:
         return {
             **asdict(self),
+            "task": self.task,
             "train_shape": asdict(self.train_shape),
             "mixer_options": dict(self.mixer_options),
         }
@@ -91,7 +107,7 @@ def build_model(spec: RunSpec) -> PreTrainedModel:
     transformers' own init, and Longhorn its ``initializer_range`` when its options give one,
     ``swap_mixer``)."""
     shared = {
-        "vocab_size": len(VOCAB),
+        "vocab_size": len(spec.vocabulary),
         "hidden_size": spec.width,
         "num_hidden_layers": spec.num_layers,
         "initializer_range": 0.02,
@@ -216,9 +232,11 @@ def train_run(
     output_dir = run_dir / TRAINER_DIR
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     model = build_model(spec)
-    data = MQARDataset(
-        spec.steps * spec.batch_size, spec.train_shape.seq_len, spec.train_shape.num_kv_pairs, spec.seed
-    )
+    size, shape = spec.steps * spec.batch_size, spec.train_shape
+    if isinstance(shape, SetDisjointnessShape):
+        data: torch.utils.data.Dataset = SetDisjointnessDataset(size, shape, spec.seed)
+    else:
+        data = MQARDataset(size, shape.seq_len, shape.num_kv_pairs, spec.seed)
     clock = TrainingClock()
     trainer = RecallTrainer(
         model=model,
@@ -238,7 +256,7 @@ def train_run(
         return result
     trainer.save_model(str(run_dir / MODEL_DIR))
     if trainer.is_world_process_zero():
-        mqar_tokenizer().save_pretrained(run_dir / MODEL_DIR)
+        word_tokenizer(spec.vocabulary).save_pretrained(run_dir / MODEL_DIR)
         (run_dir / TRAIN_RESULT).write_text(json.dumps(asdict(result), indent=2))
     PartialState().wait_for_everyone()  # the main process evaluates the saved model next
     return result
