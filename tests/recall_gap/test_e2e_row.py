@@ -80,6 +80,21 @@ def test_the_e2e_model_has_the_presets_sizes_and_learns_within_a_training_sequen
     assert config.mini_batch_size == 2 * spec.train_shape.num_kv_pairs
 
 
+@pytest.mark.parametrize("inner_lr", [1.0, 0.0])
+def test_training_differentiates_through_the_inner_steps(inner_lr: float) -> None:
+    """The first token is out of every later token's attention (two layers of windows of 2 reach
+    back 2 tokens) from position 3 on, so the logits from position 8 on depend on it only through the
+    inner steps it took part in: its embedding gets a gradient from them exactly when the outer
+    gradient runs through those steps (meta-learning), and none without inner steps."""
+    model = build_model(tiny_spec(sliding_window_size=2, mini_batch_size=4, inner_lr=inner_lr)).train()
+    first = 3
+    tokens = torch.arange(first, first + 16)[None]  # distinct ids: the first token's row is its own
+    logits = model(tokens).logits[:, 8:]
+    (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    reached = model.model.embeddings.weight.grad[first].abs().max().item()
+    assert reached > 0 if inner_lr else reached == 0
+
+
 def test_a_window_as_long_as_the_training_sequence_is_refused() -> None:
     with pytest.raises(ValueError, match=r"sliding_window_size must be below the training length 16"):
         tiny_spec(sliding_window_size=16)
