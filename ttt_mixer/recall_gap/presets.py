@@ -246,8 +246,10 @@ RECALL_GAP_MODELS = {
         relative_cpu_cost=12.0,
         in_cpu_default=False,
         options=E2E_RECALL,
-        description="TTT-E2E (ttt_mixer.e2e): sliding-window attention (window 8) in every block, the "
-        "last block's second MLP trained at test time by one SGD step per mini-batch of 8 tokens",
+        description=f"TTT-E2E (ttt_mixer.e2e): sliding-window attention (window "
+        f"{E2E_RECALL['sliding_window_size']}) in every block, and a suffix of "
+        f"{E2E_RECALL['suffix_len']} block with a second MLP trained at test time by one SGD step per "
+        f"mini-batch of {E2E_RECALL['mini_batch_size']} tokens",
     ),
 }
 # every row ``--mixers`` can choose, mixers first (the command line's choices and help read it)
