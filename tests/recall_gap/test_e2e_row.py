@@ -1,12 +1,14 @@
 """The recall gap's TTT-E2E row (``ttt_e2e``): its own table of model rows beside the registry's
 mixers, the run the plan makes for it, the model built for it (the preset's sizes, a window shorter
-than the training sequence, an inner loop that steps within it), its state-size rule against the
-model's real cache, and a few training steps through the recall gap's Trainer."""
+than the training sequence, an inner loop that steps within it), training through the inner steps,
+its state-size rule against the model's real cache, a few training steps through the recall gap's
+Trainer, and (slow) the command's run of the row through lm-eval."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from ttt_mixer.adapters import MIXER_NAMES
 from ttt_mixer.e2e import E2EConfig, E2EForCausalLM
 from ttt_mixer.models.causal_lm import CACHE_FIELD
-from ttt_mixer.recall_gap import DESCRIPTION, add_arguments
+from ttt_mixer.recall_gap import DESCRIPTION, add_arguments, main
 from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset
 from ttt_mixer.recall_gap.evaluate import StateSize, e2e_state_size, state_size
 from ttt_mixer.recall_gap.presets import (
@@ -28,6 +30,7 @@ from ttt_mixer.recall_gap.presets import (
     ZOOLOGY_GPU,
     MQARShape,
 )
+from ttt_mixer.recall_gap.report import TABLE_JSON
 from ttt_mixer.recall_gap.runner import RELATIVE_CPU_COST, plan
 from ttt_mixer.recall_gap.train import MODEL_BUILDERS, MODEL_DIR, RunSpec, build_model, train_run
 
@@ -135,3 +138,26 @@ def test_a_few_steps_train_through_the_inner_loop_and_save_a_model_that_reloads(
     batch = MQARDataset(1, 16, 2, 0)[0]
     with torch.no_grad():
         assert torch.isfinite(model(batch["input_ids"][None]).logits).all()
+
+
+@pytest.mark.slow
+def test_the_command_trains_the_row_and_evaluates_it_through_lm_eval(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    main(
+        [
+            *("--out", str(out), "--mixers", "ttt_e2e", "--widths", "16", "--heads", "1"),
+            *("--steps", "2", "--batch-size", "2", "--seq-len", "16", "--kv-pairs", "2"),
+            *("--length-factors", "1,2", "--eval-samples", "2", "--jobs", "1"),
+        ]
+    )
+    data = json.loads((out / TABLE_JSON).read_text())
+    (row,) = data["rows"]
+    model = AutoModelForCausalLM.from_pretrained(row["checkpoint"], trust_remote_code=True)
+    assert isinstance(model, E2EForCausalLM) and model.config.hidden_size == 16
+    assert row["state_size"] == e2e_state_size(model.config) and not row["state_grows_with_length"]
+    assert set(row["accuracy"]) == set(row["accuracy_twice"]) == {"L16-kv2", "L32-kv2", "L32-kv4"}
+    lm_eval_results = json.loads((Path(row["checkpoint"]).parent / "lm_eval_results.json").read_text())
+    assert set(lm_eval_results["results"]) == {
+        f"{task}_kv{pairs}" for task in ("ttt_mqar", "ttt_mqar_twice") for pairs in (2, 4)
+    }
+    assert "ttt_e2e is a model of its own" in data["summary"]
