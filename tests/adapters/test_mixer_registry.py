@@ -58,6 +58,7 @@ from ttt_mixer.recall_gap.presets import (
     CPU_MIXER_OPTIONS,
     CPU_MIXERS,
     RECALL_GAP_MIXERS,
+    RECALL_GAP_MODELS,
     ZOOLOGY_GPU,
 )
 from ttt_mixer.recall_gap.runner import RELATIVE_CPU_COST
@@ -181,7 +182,8 @@ def test_the_recall_gap_has_a_row_for_every_mixer_whose_options_build_it() -> No
     assert set(RECALL_GAP_MIXERS) == set(MIXER_NAMES)
     assert ALL_MIXERS == tuple(RECALL_GAP_MIXERS) == ZOOLOGY_GPU.mixers
     assert CPU.mixers == CPU_MIXERS == tuple(n for n, r in RECALL_GAP_MIXERS.items() if r.in_cpu_default)
-    assert set(CPU.learning_rates) == set(RELATIVE_CPU_COST) == set(MIXER_NAMES)
+    # (and the model rows beside the mixers: tests/recall_gap/test_e2e_row.py)
+    assert set(CPU.learning_rates) == set(RELATIVE_CPU_COST) == {*MIXER_NAMES, *RECALL_GAP_MODELS}
     width, heads = CPU.widths[0], CPU.num_heads
     for name, recipe in RECALL_GAP_MIXERS.items():
         assert 0 < recipe.cpu_learning_rate < 1 and recipe.relative_cpu_cost > 0, name

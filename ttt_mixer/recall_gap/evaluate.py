@@ -25,6 +25,7 @@ from torch import nn
 
 from ttt_mixer.adapters import MixerLlamaConfig, MixerMamba2Config, MixerMambaConfig, recurrent_state_size
 from ttt_mixer.adapters.swap import mixer_path
+from ttt_mixer.e2e import E2EConfig
 from ttt_mixer.eval_tasks import tasks_path
 from ttt_mixer.recall_gap.presets import TrainShape
 from ttt_mixer.recall_gap.set_disjointness import SetDisjointnessShape
@@ -66,10 +67,26 @@ def _kv_cache_size(config: Any, length: int) -> int | None:
     return 2 * kv_heads * head_dim * length
 
 
+def e2e_state_size(config: E2EConfig) -> int:
+    """Numbers in a TTT-E2E model's cache of one sequence once it has read a window and a mini-batch
+    (``E2EModel``): every block's window, the keys and values of the last W - 1 tokens; every suffix
+    block's inner weights (gate and up [I, D], down [D, I]); and, with a suffix, the tokens of the
+    current mini-batch, whose inner step waits for the token after it: at most b suffix inputs [D]
+    and their ids. Fixed in the length: the window slides and the inner weights are updated in place."""
+    width = config.hidden_size
+    windows = config.num_hidden_layers * 2 * (config.sliding_window_size - 1) * width
+    inner = config.suffix_len * 3 * config.intermediate_size * width
+    pending = config.mini_batch_size * (width + 1) if config.suffix_len else 0
+    return windows + inner + pending
+
+
 def state_size(model: nn.Module, length: int) -> StateSize:
     """The summed per-layer state of a ttt-mixer backbone (``swap_mixer``'s Llama, Mamba or Mamba-2), or of a plain Llama (its
-    KV cache at ``length`` tokens); unknown (None) for other architectures."""
+    KV cache at ``length`` tokens), or of a TTT-E2E model (:func:`e2e_state_size`); unknown (None) for
+    other architectures."""
     config = model.config
+    if getattr(config, "model_type", None) == E2EConfig.model_type:
+        return StateSize(e2e_state_size(config))
     if isinstance(config, (MixerLlamaConfig, MixerMambaConfig, MixerMamba2Config)):
         sizes = [
             recurrent_state_size(model.get_submodule(mixer_path(model).format(i)))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ttt_mixer.recall_gap import launch
-from ttt_mixer.recall_gap.presets import BACKBONES, Preset
+from ttt_mixer.recall_gap.presets import BACKBONES, RECALL_GAP_MODELS, Preset
 from ttt_mixer.recall_gap.report import (
     Row,
     best_rows,
@@ -58,11 +58,18 @@ def _summary(preset: Preset, seeds: Sequence[int], checkpoints: Sequence[str] | 
     widths = ", ".join(str(w) for w in preset.widths)
     batch = preset.batch_size if isinstance(preset.batch_size, int) else "Zoology's per-length number of"
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"each of seeds {', '.join(map(str, seeds))}"
+    # a model row is not a mixer in the backbone: the summary says what it is instead
+    models = "".join(
+        f" {name} is a model of its own at these sizes, not a mixer in the backbone: "
+        f"{RECALL_GAP_MODELS[name].description}."
+        for name in preset.mixers
+        if name in RECALL_GAP_MODELS
+    )
     return (
         f"Preset `{preset.name}`: {BACKBONES[preset.backbone]} of {preset.num_layers} layers (width {widths}, "
         f"{preset.num_heads} head(s)), the mixer swapped into every layer; {preset.steps} steps of "
         f"{batch} sequences of {shape.title} {shapes} per mixer and {seed_text}; evaluated through lm-eval "
-        f"({shape.lm_eval_task}, {shape.scoring}) on {preset.eval_samples} sequences per shape. Whole run: {seconds:.0f} s. "
+        f"({shape.lm_eval_task}, {shape.scoring}) on {preset.eval_samples} sequences per shape.{models} Whole run: {seconds:.0f} s. "
         "Recurrent state: numbers per sequence, all layers; attention's KV cache grows with the length."
     )
 

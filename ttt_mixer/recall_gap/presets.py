@@ -219,7 +219,9 @@ LONGHORN_CPU_START = {"initializer_range": 0.1, "dt_bias_init": -3.0, "D_init": 
 
 @dataclass(frozen=True)
 class MixerRecipe:
-    """What the recall gap trains one mixer of ``ttt_mixer.adapters``' registry with."""
+    """What the recall gap trains one row with: a mixer of ``ttt_mixer.adapters``' registry
+    (``RECALL_GAP_MIXERS``: ``options`` are ``swap_mixer``'s), or a whole model of its own
+    (``RECALL_GAP_MODELS``: ``options`` are its config's fields beyond the preset's sizes)."""
 
     cpu_learning_rate: float  # the CPU preset's (how each was chosen: at ``CPU`` below)
     # seconds per training step relative to attention's on the CPU preset, to start the longest runs
@@ -228,6 +230,7 @@ class MixerRecipe:
     in_cpu_default: bool  # among the CPU preset's mixers (its 10-minute budget)
     options: Mapping[str, object] = field(default_factory=dict)  # swap_mixer options, every preset
     cpu_options: Mapping[str, object] | None = None  # the CPU preset's, where they differ from options
+    description: str | None = None  # a model row's, for the report (a mixer's is the registry's)
 
 
 # One row per mixer of the registry (tests/adapters/test_mixer_registry.py checks the names), in
@@ -287,6 +290,37 @@ CPU_MIXER_OPTIONS = {
     if (options := recipe.options if recipe.cpu_options is None else recipe.cpu_options)
 }
 
+# TTT-E2E (``ttt_mixer.e2e``) at the preset's width, layers, heads and vocabulary, its MLPs 4x wide as
+# the Llama backbone's. Its window of 8 tokens is a quarter of the CPU training sequence (L32): only
+# the queries right after the pairs have them in reach of two layers of windows, and the same model
+# without inner steps stayed at chance (docs/recall_gap.md), so recall comes from the inner loop. One
+# suffix block of two (the authors keep the suffix to the last quarter of the blocks, after plain
+# ones), and mini-batches of 8: an L32-kv4 training sequence's inner loop steps 3 times (after tokens
+# 8, 16 and 24), the first time on exactly its 8 pair tokens, before any query is read; 7 and 15
+# times at L64 and L128.
+E2E_RECALL = {"sliding_window_size": 8, "mini_batch_size": 8, "suffix_len": 1}
+
+# The rows that are whole models of their own rather than a mixer in the preset's backbone (which
+# they ignore), keyed by row name; tests/recall_gap/test_e2e_row.py checks that no name is a mixer's.
+# TTT-E2E's rate is not swept (one value, learned with seed 0); its steps differentiate through the
+# inner steps and cost 9-14 attention steps: over the CPU default's 10 minutes (docs/recall_gap.md)
+RECALL_GAP_MODELS = {
+    "ttt_e2e": MixerRecipe(
+        cpu_learning_rate=3e-3,
+        relative_cpu_cost=12.0,
+        in_cpu_default=False,
+        options=E2E_RECALL,
+        description=f"TTT-E2E (ttt_mixer.e2e): sliding-window attention (window "
+        f"{E2E_RECALL['sliding_window_size']}) in every block, and a suffix of "
+        f"{E2E_RECALL['suffix_len']} block with a second MLP trained at test time by one SGD step per "
+        f"mini-batch of {E2E_RECALL['mini_batch_size']} tokens",
+    ),
+}
+# every row ``--mixers`` can choose, mixers first (the command line's choices and help read it)
+ROW_NAMES = (*ALL_MIXERS, *RECALL_GAP_MODELS)
+RECALL_GAP_ROWS = {**RECALL_GAP_MIXERS, **RECALL_GAP_MODELS}
+MODEL_OPTIONS = {name: recipe.options for name, recipe in RECALL_GAP_MODELS.items()}
+
 CPU = Preset(
     name="cpu",
     description="2-core CPU, about 9.5 minutes: Mamba backbone, 2 layers of width 64, 2000 steps of 16 MQAR L32-kv4",
@@ -302,8 +336,8 @@ CPU = Preset(
     # the most seeds at 0.9 or more, then the best median, then the best mean; GLA at the lower of its
     # two best (1e-2 stalled on unseen seeds; see its recipe); Titans and LaCT, not
     # swept in this backbone, keep their Llama-backbone rate
-    learning_rates={name: recipe.cpu_learning_rate for name, recipe in RECALL_GAP_MIXERS.items()},
-    mixer_options=CPU_MIXER_OPTIONS,
+    learning_rates={name: recipe.cpu_learning_rate for name, recipe in RECALL_GAP_ROWS.items()},
+    mixer_options={**CPU_MIXER_OPTIONS, **MODEL_OPTIONS},
     backbone="mamba",
     # L16 (4 and 12 symbols) in batches of 64: one answer per document, so as many answers per step as
     # MQAR's 16 x 4; at L32 in MQAR's 16 per step attention stayed at 0.26 and 0.14 (docs/recall_gap.md,
@@ -323,7 +357,7 @@ ZOOLOGY_GPU = Preset(
     batch_size={64: 256, 128: 128, 256: 64, 512: 32},  # Zoology's batch size per length
     learning_rates=(1e-4, 4.6e-4, 2.2e-3, 1e-2),  # np.logspace(-4, -2, 4), rounded
     eval_samples=100,
-    mixer_options=MIXER_OPTIONS,
+    mixer_options={**MIXER_OPTIONS, **MODEL_OPTIONS},
     # not run (no GPU at hand): L64, whose 4x (256 symbols) the task's 338 symbols still hold
     set_disjointness=SetDisjointnessRecipe(lengths=(64,), steps=10_000, batch_size=256, eval_samples=200),
 )

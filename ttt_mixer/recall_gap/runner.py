@@ -29,7 +29,7 @@ import torch
 from ttt_mixer.progress import Progress, on_terminal
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.evaluate import StateSize, evaluate_checkpoint, write_lm_eval_results
-from ttt_mixer.recall_gap.presets import RECALL_GAP_MIXERS, Preset, TrainShape
+from ttt_mixer.recall_gap.presets import RECALL_GAP_ROWS, Preset, TrainShape
 from ttt_mixer.recall_gap.report import Row
 from ttt_mixer.recall_gap.train import MODEL_DIR, ProgressFile, RunSpec, load_train_result, train_run
 from ttt_mixer.training import NonFiniteTrainingError
@@ -210,7 +210,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 # seconds per training step relative to attention's on the CPU preset (docs/recall_gap.md)
-RELATIVE_CPU_COST = {name: recipe.relative_cpu_cost for name, recipe in RECALL_GAP_MIXERS.items()}
+RELATIVE_CPU_COST = {name: recipe.relative_cpu_cost for name, recipe in RECALL_GAP_ROWS.items()}
 
 
 def distributed() -> bool:

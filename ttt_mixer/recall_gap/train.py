@@ -29,9 +29,10 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
 from ttt_mixer.adapters import swap_mixer
+from ttt_mixer.e2e import E2EConfig, E2EForCausalLM
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, word_tokenizer
-from ttt_mixer.recall_gap.presets import TrainShape, check_backbone
+from ttt_mixer.recall_gap.presets import RECALL_GAP_MODELS, TrainShape, check_backbone
 from ttt_mixer.recall_gap.set_disjointness import (
     SET_DISJOINTNESS_VOCAB,
     SetDisjointnessDataset,
@@ -72,11 +73,18 @@ class RunSpec:
     learning_rate: float
     seed: int
     max_length: int  # the longest sequence it is evaluated on (the Llama config's max_position_embeddings)
+    # swap_mixer's options; for a model row (presets.RECALL_GAP_MODELS), its config's fields
     mixer_options: Mapping[str, Any] = field(default_factory=dict)
-    backbone: str = "llama"  # one of presets.BACKBONES
+    backbone: str = "llama"  # one of presets.BACKBONES (a model row has its own)
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
+        window = self.mixer_options.get("sliding_window_size")
+        if self.mixer == "ttt_e2e" and (window is None or window >= self.train_shape.seq_len):
+            raise ValueError(
+                f"ttt_e2e: its sliding_window_size must be below the training length "
+                f"{self.train_shape.seq_len}, so that recall needs its inner loop; got {window}"
+            )
 
     @property
     def task(self) -> str:
@@ -100,12 +108,40 @@ class RunSpec:
         }
 
 
+def build_e2e(spec: RunSpec) -> E2EForCausalLM:
+    """The seeded TTT-E2E model of the ``ttt_e2e`` row: the spec's width, layers and heads, its task's
+    vocabulary, SwiGLU MLPs of width 4x and an untied head as the Llama backbone has, weights
+    N(0, 0.02); window, mini-batch and suffix from ``spec.mixer_options`` (``presets.E2E_RECALL``).
+    No BOS: E2E's inner loss skips targets equal to ``bos_token_id``."""
+    torch.manual_seed(spec.seed)
+    config = E2EConfig(
+        vocab_size=len(spec.vocabulary),
+        hidden_size=spec.width,
+        intermediate_size=4 * spec.width,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        initializer_range=0.02,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        **spec.mixer_options,
+    )
+    return E2EForCausalLM(config)
+
+
+# the builder of each model row (tests/recall_gap/test_e2e_row.py checks it covers RECALL_GAP_MODELS)
+MODEL_BUILDERS = {"ttt_e2e": build_e2e}
+
+
 def build_model(spec: RunSpec) -> PreTrainedModel:
     """The seeded backbone with ``spec.mixer`` in every layer (see ``presets.BACKBONES``): token
     embedding, RMSNorms and an untied head, with SwiGLU MLPs of width 4x ("llama") or without MLPs
     ("mamba"); weights N(0, 0.02), the range of Llama and fla (transformers' Mamba mixers keep
     transformers' own init, and Longhorn its ``initializer_range`` when its options give one,
-    ``swap_mixer``)."""
+    ``swap_mixer``). A model row (``presets.RECALL_GAP_MODELS``) is built by its own builder."""
+    if spec.mixer in RECALL_GAP_MODELS:
+        return MODEL_BUILDERS[spec.mixer](spec)
     shared = {
         "vocab_size": len(spec.vocabulary),
         "hidden_size": spec.width,
