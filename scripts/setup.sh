@@ -20,6 +20,17 @@ else
     torch=$cpu_torch
 fi
 
+# what this environment is installed from; set-up skips pip when an earlier run installed the same
+# (scripts/main.sh runs set-up before every run: about 30 s of pip checks otherwise)
+stamp="$venv/.ttt-mixer-setup"
+wanted=$(cat "$0" pyproject.toml requirements/no-deps.txt <(echo "$torch $lock") \
+    $([[ $lock == --newest ]] || echo "$lock") | sha256sum)
+if [[ $lock != --newest && -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
+    echo "$venv is set up from $lock (delete $stamp to reinstall)"
+    exit 0
+fi
+rm -f "$stamp"
+
 python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 if [[ $lock == --newest ]]; then
@@ -30,3 +41,4 @@ else
     "${pip[@]}" --no-deps -e .
 fi
 "${pip[@]}" --no-deps -r requirements/no-deps.txt
+[[ $lock == --newest ]] || echo "$wanted" > "$stamp"
