@@ -19,7 +19,7 @@ from ttt_mixer.adapters import MIXER_NAMES
 from ttt_mixer.e2e import E2EConfig, E2EForCausalLM
 from ttt_mixer.models.causal_lm import CACHE_FIELD
 from ttt_mixer.recall_gap import DESCRIPTION, add_arguments, main
-from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset
+from ttt_mixer.recall_gap.data import MQARDataset
 from ttt_mixer.recall_gap.evaluate import StateSize, e2e_state_size, state_size
 from ttt_mixer.recall_gap.presets import (
     ALL_MIXERS,
@@ -33,6 +33,7 @@ from ttt_mixer.recall_gap.presets import (
 from ttt_mixer.recall_gap.report import TABLE_JSON
 from ttt_mixer.recall_gap.runner import RELATIVE_CPU_COST, plan
 from ttt_mixer.recall_gap.train import MODEL_BUILDERS, MODEL_DIR, RunSpec, build_model, train_run
+from ttt_mixer.recall_gap.vocabulary import EOS_ID, PAD_ID, VOCAB
 
 
 def tiny_spec(steps: int = 2, **options: object) -> RunSpec:

@@ -31,7 +31,7 @@ from transformers import (
 
 from ttt_mixer.adapters import MIXER_NAMES, MixerLlamaForCausalLM, MixerMambaForCausalLM
 from ttt_mixer.recall_gap import main, seed_list
-from ttt_mixer.recall_gap.data import VOCAB, mqar_tokenizer
+from ttt_mixer.recall_gap.data import mqar_tokenizer
 from ttt_mixer.recall_gap.evaluate import StateSize, state_size
 from ttt_mixer.recall_gap.pipeline import recall_gap
 from ttt_mixer.recall_gap.presets import ALL_MIXERS, CPU, ZOOLOGY_GPU, MQARShape
@@ -54,6 +54,7 @@ from ttt_mixer.recall_gap.train import (
     build_model,
     train_run,
 )
+from ttt_mixer.recall_gap.vocabulary import VOCAB
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -16,7 +16,7 @@ import pytest
 
 from ttt_mixer.eval_tasks import set_disjointness as task
 from ttt_mixer.recall_gap import add_arguments, main, resolve_preset
-from ttt_mixer.recall_gap.data import IGNORE_INDEX, VOCAB, word_tokenizer
+from ttt_mixer.recall_gap.data import SetDisjointnessDataset, encode_set_disjointness_example, word_tokenizer
 from ttt_mixer.recall_gap.evaluate import StateSize, _requests
 from ttt_mixer.recall_gap.pipeline import _summary
 from ttt_mixer.recall_gap.presets import CPU, ZOOLOGY_GPU, MQARShape
@@ -26,10 +26,9 @@ from ttt_mixer.recall_gap.set_disjointness import (
     FIRST_FRACTIONS,
     MAX_LENGTH,
     SET_DISJOINTNESS_VOCAB,
-    SetDisjointnessDataset,
     SetDisjointnessShape,
-    encode_example,
 )
+from ttt_mixer.recall_gap.vocabulary import IGNORE_INDEX, VOCAB
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -119,7 +118,7 @@ def test_shapes_refuse_lengths_and_orders_the_task_cannot_make() -> None:
 @pytest.mark.parametrize("fraction", FIRST_FRACTIONS)
 def test_a_training_document_is_the_eval_tasks_context_and_its_answer(fraction: float) -> None:
     length = 20
-    example = encode_example(np.random.default_rng(5), length, fraction)
+    example = encode_set_disjointness_example(np.random.default_rng(5), length, fraction)
     # the same draw through the eval task's own construction
     first, second, shared = task.sets(np.random.default_rng(5), length, fraction)
     assert (len(first), len(second)) == task.set_sizes(length, fraction)

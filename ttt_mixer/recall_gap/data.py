@@ -1,4 +1,4 @@
-"""MQAR training data and the word-level tokenizer, built in code.
+"""MQAR and set-disjointness training data and the word-level tokenizer, built in code.
 
 Sequences come from the evaluation task's own generator (:func:`ttt_mixer.eval_tasks.recall.mqar_sequence`),
 and the tokenizer maps every MQAR symbol to one token and splits on whitespace, so a training sequence
@@ -17,11 +17,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from ttt_mixer.eval_tasks import recall
-
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
-PAD_ID, EOS_ID = 0, 1
-VOCAB = {token: i for i, token in enumerate(SPECIAL_TOKENS + recall.MQAR_KEYS + recall.MQAR_VALUES)}
-IGNORE_INDEX = -100  # transformers' label for "no loss here"
+from ttt_mixer.eval_tasks import set_disjointness as task
+from ttt_mixer.recall_gap.set_disjointness import SET_DISJOINTNESS_VOCAB, SetDisjointnessShape
+from ttt_mixer.recall_gap.vocabulary import IGNORE_INDEX, VOCAB
 
 
 def mqar_tokenizer() -> PreTrainedTokenizerFast:
@@ -85,3 +83,33 @@ class MQARDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
         return encode_example(rng, self.seq_len, self.pairs[index % len(self.pairs)], self.power_a)
+
+
+def encode_set_disjointness_example(
+    rng: np.random.Generator, length: int, first_fraction: float
+) -> dict[str, torch.Tensor]:
+    """One document and its answer as ``input_ids`` and ``labels`` for a causal LM that shifts labels
+    itself: the shared symbol is the last token and the one label, every other label is ignored."""
+    first, second, shared = task.sets(rng, length, first_fraction)
+    tokens = [*task.prompt(first, second, twice=False).split(), shared]
+    input_ids = torch.tensor([SET_DISJOINTNESS_VOCAB[token] for token in tokens])
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[-1] = input_ids[-1]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class SetDisjointnessDataset(torch.utils.data.Dataset):
+    """``size`` training documents of one shape, example ``i`` drawn from its own RNG seeded with
+    ``(seed, i)``: the same data in any order, on any number of processes, after any resume."""
+
+    def __init__(self, size: int, shape: SetDisjointnessShape, seed: int) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size, self.shape, self.seed = size, shape, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        return encode_set_disjointness_example(rng, self.shape.seq_len, self.shape.first_fraction)

@@ -1,5 +1,5 @@
 """Set disjointness in the recall gap (``ttt-mixer recall-gap --task set_disjointness``): its shapes,
-a preset's recipe for it, the word-level vocabulary and the training data.
+a preset's recipe for it and the word-level vocabulary (the training data: ``data``).
 
 Documents come from the evaluation task's own construction (:mod:`ttt_mixer.eval_tasks.set_disjointness`:
 two sets sharing one symbol, ``A | B =``, the answer the shared symbol), so a training sequence is
@@ -16,11 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-import torch
-
 from ttt_mixer.eval_tasks import set_disjointness as task
-from ttt_mixer.recall_gap.data import IGNORE_INDEX, VOCAB
+from ttt_mixer.recall_gap.vocabulary import VOCAB
 
 # the first set's share of the symbols: the short set first, then the long set first (the task's
 # default 0.25 and its mirror)
@@ -112,31 +109,3 @@ def eval_shapes(
             for fraction in FIRST_FRACTIONS
         )
     )
-
-
-def encode_example(rng: np.random.Generator, length: int, first_fraction: float) -> dict[str, torch.Tensor]:
-    """One document and its answer as ``input_ids`` and ``labels`` for a causal LM that shifts labels
-    itself: the shared symbol is the last token and the one label, every other label is ignored."""
-    first, second, shared = task.sets(rng, length, first_fraction)
-    tokens = [*task.prompt(first, second, twice=False).split(), shared]
-    input_ids = torch.tensor([SET_DISJOINTNESS_VOCAB[token] for token in tokens])
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[-1] = input_ids[-1]
-    return {"input_ids": input_ids, "labels": labels}
-
-
-class SetDisjointnessDataset(torch.utils.data.Dataset):
-    """``size`` training documents of one shape, example ``i`` drawn from its own RNG seeded with
-    ``(seed, i)``: the same data in any order, on any number of processes, after any resume."""
-
-    def __init__(self, size: int, shape: SetDisjointnessShape, seed: int) -> None:
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        self.size, self.shape, self.seed = size, shape, seed
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, index])
-        return encode_example(rng, self.shape.seq_len, self.shape.first_fraction)

@@ -31,13 +31,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from ttt_mixer.adapters import swap_mixer
 from ttt_mixer.e2e import E2EConfig, E2EForCausalLM
 from ttt_mixer.recall_gap import launch
-from ttt_mixer.recall_gap.data import EOS_ID, PAD_ID, VOCAB, MQARDataset, word_tokenizer
+from ttt_mixer.recall_gap.data import MQARDataset, SetDisjointnessDataset, word_tokenizer
 from ttt_mixer.recall_gap.presets import RECALL_GAP_MODELS, TrainShape, check_backbone
 from ttt_mixer.recall_gap.set_disjointness import (
     SET_DISJOINTNESS_VOCAB,
-    SetDisjointnessDataset,
     SetDisjointnessShape,
 )
+from ttt_mixer.recall_gap.vocabulary import EOS_ID, PAD_ID, VOCAB
 from ttt_mixer.training import FiniteLossTrainer
 
 MODEL_DIR, TRAINER_DIR, TRAIN_RESULT = "model", "trainer", "train.json"
