@@ -32,7 +32,7 @@ from ttt_mixer.recall_gap.presets import (
 )
 from ttt_mixer.recall_gap.report import TABLE_JSON
 from ttt_mixer.recall_gap.runner import RELATIVE_CPU_COST, plan
-from ttt_mixer.recall_gap.train import MODEL_BUILDERS, MODEL_DIR, RunSpec, build_model, train_run
+from ttt_mixer.recall_gap.train import MODEL_DIR, MODEL_ROWS, RunSpec, build_model, train_run
 from ttt_mixer.recall_gap.vocabulary import EOS_ID, PAD_ID, VOCAB
 
 
@@ -44,7 +44,7 @@ def tiny_spec(steps: int = 2, **options: object) -> RunSpec:
 
 def test_model_rows_are_one_table_beside_the_mixers_and_the_command_line_offers_them() -> None:
     assert not set(RECALL_GAP_MODELS) & set(MIXER_NAMES)
-    assert set(MODEL_BUILDERS) == set(RECALL_GAP_MODELS)
+    assert set(MODEL_ROWS) == set(RECALL_GAP_MODELS)
     assert (*ALL_MIXERS, *RECALL_GAP_MODELS) == ROW_NAMES
     for name, recipe in RECALL_GAP_MODELS.items():
         assert 0 < recipe.cpu_learning_rate < 1 and recipe.relative_cpu_cost > 0 and recipe.description

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,12 +79,8 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
-        window = self.mixer_options.get("sliding_window_size")
-        if self.mixer == "ttt_e2e" and (window is None or window >= self.train_shape.seq_len):
-            raise ValueError(
-                f"ttt_e2e: its sliding_window_size must be below the training length "
-                f"{self.train_shape.seq_len}, so that recall needs its inner loop; got {window}"
-            )
+        if self.mixer in MODEL_ROWS:
+            MODEL_ROWS[self.mixer].check(self)
 
     @property
     def task(self) -> str:
@@ -106,6 +102,17 @@ class RunSpec:
             "train_shape": asdict(self.train_shape),
             "mixer_options": dict(self.mixer_options),
         }
+
+
+def check_e2e(spec: RunSpec) -> None:
+    """The ``ttt_e2e`` row's window must be below the training length, so that recall needs its inner
+    loop."""
+    window = spec.mixer_options.get("sliding_window_size")
+    if window is None or window >= spec.train_shape.seq_len:
+        raise ValueError(
+            f"ttt_e2e: its sliding_window_size must be below the training length "
+            f"{spec.train_shape.seq_len}, so that recall needs its inner loop; got {window}"
+        )
 
 
 def build_e2e(spec: RunSpec) -> E2EForCausalLM:
@@ -130,8 +137,16 @@ def build_e2e(spec: RunSpec) -> E2EForCausalLM:
     return E2EForCausalLM(config)
 
 
-# the builder of each model row (tests/recall_gap/test_e2e_row.py checks it covers RECALL_GAP_MODELS)
-MODEL_BUILDERS = {"ttt_e2e": build_e2e}
+@dataclass(frozen=True)
+class ModelRow:
+    """How a model row (``presets.RECALL_GAP_MODELS``) is built, and what its run spec must satisfy."""
+
+    build: Callable[[RunSpec], PreTrainedModel]
+    check: Callable[[RunSpec], None]  # ValueError for a spec the row cannot mean anything with
+
+
+# one per model row (tests/recall_gap/test_e2e_row.py checks it covers RECALL_GAP_MODELS)
+MODEL_ROWS = {"ttt_e2e": ModelRow(build=build_e2e, check=check_e2e)}
 
 
 def build_model(spec: RunSpec) -> PreTrainedModel:
@@ -141,7 +156,7 @@ def build_model(spec: RunSpec) -> PreTrainedModel:
     transformers' own init, and Longhorn its ``initializer_range`` when its options give one,
     ``swap_mixer``). A model row (``presets.RECALL_GAP_MODELS``) is built by its own builder."""
     if spec.mixer in RECALL_GAP_MODELS:
-        return MODEL_BUILDERS[spec.mixer](spec)
+        return MODEL_ROWS[spec.mixer].build(spec)
     shared = {
         "vocab_size": len(spec.vocabulary),
         "hidden_size": spec.width,
