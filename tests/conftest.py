@@ -16,6 +16,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+from transformers import LlamaConfig
+
 from ttt_mixer import TTTConfig, TTTForCausalLM, TTTLayer
 
 
@@ -88,6 +90,21 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn
             noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
             parameter.add_(scale * noise.to(parameter.dtype))
     return module
+
+
+def tiny_llama_config(**overrides: object) -> LlamaConfig:
+    """A tiny Llama config with grouped keys and values: 3 layers of width 32, 4 query heads sharing 2
+    key-value heads, vocabulary 40 (``overrides`` replace any field)."""
+    fields = dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=1000.0,
+    )
+    return LlamaConfig(**(fields | overrides))
 
 
 def make_config(ttt_layer_type: str = "linear", backbone: str = "transformer", **overrides) -> TTTConfig:

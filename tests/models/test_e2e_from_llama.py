@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -25,17 +25,7 @@ ROPE_ANGLE_TOLERANCE = 1e-6
 
 def tiny_llama(**overrides: object) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=1000.0,
-        **overrides,
-    )
-    return LlamaForCausalLM(config).double().eval()
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).double().eval()
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 from ttt_mixer.cli import main
@@ -25,28 +26,23 @@ FLOAT32_TOLERANCE = 1e-6
 SETTINGS = ["--sliding-window-size", "32", "--suffix-len", "2", "--mini-batch-size", "8"]
 
 
-def tiny_llama_config(**overrides: object) -> LlamaConfig:
+def byte_llama_config(**overrides: object) -> LlamaConfig:
+    """``tiny_llama_config`` over the byte tokenizer's vocabulary and special tokens."""
     tokenizer = byte_tokenizer()
     fields = dict(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=1000.0,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return LlamaConfig(**(fields | overrides))
+    return tiny_llama_config(**(fields | overrides))
 
 
 def saved_llama(folder: Path) -> LlamaForCausalLM:
     """A tiny random float32 Llama (grouped keys and values) saved in ``folder`` with the byte
     tokenizer."""
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(tiny_llama_config()).eval()
+    llama = LlamaForCausalLM(byte_llama_config()).eval()
     llama.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return llama
@@ -82,7 +78,7 @@ def qwen2_folder(folder: Path) -> None:
 
 def llama_config_folder(folder: Path, **overrides: object) -> None:
     """Only the config: a refusal must come before the weights are read."""
-    tiny_llama_config(**overrides).save_pretrained(folder)
+    byte_llama_config(**overrides).save_pretrained(folder)
 
 
 @pytest.mark.parametrize(
