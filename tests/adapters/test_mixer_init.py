@@ -245,6 +245,7 @@ TTT_MODEL_CASES = {
     "ttt_linear": {"ttt_layer_type": "linear"},
     "ttt_mlp": {"ttt_layer_type": "mlp"},
     "titans": {"ttt_preset": "titans"},
+    "titans-residual-norm": {"ttt_preset": "titans", "memory_residual_norm": True},
     "lact": {"ttt_preset": "lact", "window_size": 3},
 }
 

@@ -15,14 +15,22 @@ from ttt_mixer.layers import FAMILY_PRESETS, TTTFamilyLayer
 from ttt_mixer.modules.sliding_window import sliding_window_attention
 
 HIDDEN, T = 16, 11
-presets = pytest.mark.parametrize("preset", FAMILY_PRESETS)
+# id -> (preset, options): each preset, and Titans with its memory's residual and LayerNorm
+VARIANTS = {
+    **{preset: (preset, {}) for preset in FAMILY_PRESETS},
+    "titans-residual-norm": ("titans", {"memory_residual_norm": True}),
+}
+presets = pytest.mark.parametrize("variant", VARIANTS)
 
 
-def make_family_layer(preset: str, seed: int = 0) -> TTTFamilyLayer:
+def make_family_layer(
+    variant: str, seed: int = 0, hidden: int = HIDDEN, mini_batch: int = 4
+) -> TTTFamilyLayer:
     """Mini-batches of 4 and (LaCT) a window of 3, so that updates and the window both act."""
     torch.manual_seed(seed)
-    extra = {"window_size": 3} if preset == "lact" else {}
-    layer = TTTFamilyLayer(HIDDEN, 2, preset, mini_batch_size=4, layer_idx=0, **extra)
+    preset, options = VARIANTS[variant]
+    extra = {"window_size": mini_batch - 1} if preset == "lact" else {}
+    layer = TTTFamilyLayer(hidden, 2, preset, mini_batch_size=mini_batch, layer_idx=0, **extra, **options)
     return perturb_(layer, seed + 1).double()
 
 
@@ -52,8 +60,8 @@ def assert_all_close(got: list[torch.Tensor], expected: list[torch.Tensor], tol:
 
 @presets
 @pytest.mark.parametrize("lengths", [[5, 6], [4, 7], [1] * T, [3, 1, 5, 2], [9, 1, 1]], ids=str)
-def test_continuation_equals_one_pass(preset: str, lengths: list[int]) -> None:
-    layer = make_family_layer(preset)
+def test_continuation_equals_one_pass(variant: str, lengths: list[int]) -> None:
+    layer = make_family_layer(variant)
     x = randn(2, T, HIDDEN, seed=1)
     whole, whole_state = in_pieces(layer, x, [T])
     assert_all_close([layer(x)[0]], [whole])
@@ -63,8 +71,8 @@ def test_continuation_equals_one_pass(preset: str, lengths: list[int]) -> None:
 
 @presets
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_and_packed_equal_each_sequence_alone(preset: str, side: str) -> None:
-    layer = make_family_layer(preset)
+def test_padded_and_packed_equal_each_sequence_alone(variant: str, side: str) -> None:
+    layer = make_family_layer(variant)
     lengths = (11, 3, 7)
     sequences = [randn(n, HIDDEN, seed=10 + n) for n in lengths]
     x = randn(3, T, HIDDEN, seed=2) * 10
@@ -100,10 +108,8 @@ def test_sliding_window_attention_matches_a_written_out_softmax() -> None:
 
 
 @presets
-def test_gradcheck_wrt_input(preset: str) -> None:
-    torch.manual_seed(0)
-    extra = {"window_size": 2} if preset == "lact" else {}
-    layer = perturb_(TTTFamilyLayer(8, 2, preset, mini_batch_size=2, layer_idx=0, **extra), 1).double()
+def test_gradcheck_wrt_input(variant: str) -> None:
+    layer = make_family_layer(variant, hidden=8, mini_batch=3)
     x = randn(1, 5, 8, seed=6).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: layer(t)[0], (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -119,8 +125,21 @@ def test_gradcheck_wrt_input(preset: str) -> None:
         ({"base_lr": -1.0}, ValueError, "base_lr"),
         ({"preset": "titans", "window_size": 8}, ValueError, "window_size and use_muon belong to the preset"),
         ({"preset": "titans", "use_muon": True}, ValueError, "window_size and use_muon belong to the preset"),
+        ({"memory_residual_norm": True}, ValueError, "memory_residual_norm belongs to the preset 'titans'"),
+        ({"preset": "titans", "memory_residual_norm": 1}, TypeError, "memory_residual_norm"),
     ],
-    ids=["preset", "heads", "mini_batch", "window", "muon", "base_lr", "titans-window", "titans-muon"],
+    ids=[
+        "preset",
+        "heads",
+        "mini_batch",
+        "window",
+        "muon",
+        "base_lr",
+        "titans-window",
+        "titans-muon",
+        "lact-residual-norm",
+        "residual-norm-type",
+    ],
 )
 def test_constructor_rejects_bad_options(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
@@ -134,6 +153,13 @@ def test_constructor_rejects_bad_options(kwargs: dict, error: type, match: str) 
         ({"ttt_preset": "lact", "window_size": 0}, ValueError, "window_size"),
         ({"use_muon": True}, ValueError, "belong to ttt_preset 'lact'"),
         ({"ttt_preset": "titans", "window_size": 8}, ValueError, "window_size and use_muon belong"),
+        ({"memory_residual_norm": True}, ValueError, "memory_residual_norm to 'titans'"),
+        (
+            {"ttt_preset": "lact", "memory_residual_norm": True},
+            ValueError,
+            "memory_residual_norm belongs to the preset 'titans'",
+        ),
+        ({"ttt_preset": "titans", "memory_residual_norm": "yes"}, TypeError, "memory_residual_norm"),
     ],
 )
 def test_config_rejects_bad_preset_fields(fields: dict, error: type, match: str) -> None:
@@ -143,8 +169,12 @@ def test_config_rejects_bad_preset_fields(fields: dict, error: type, match: str)
 
 @pytest.fixture(
     scope="module",
-    params=[("titans", {}), ("lact", {"window_size": 3, "use_muon": True})],
-    ids=["titans", "lact-muon"],
+    params=[
+        ("titans", {}),
+        ("titans", {"memory_residual_norm": True}),
+        ("lact", {"window_size": 3, "use_muon": True}),
+    ],
+    ids=["titans", "titans-residual-norm", "lact-muon"],
 )
 def preset_model(request: pytest.FixtureRequest) -> TTTForCausalLM:
     preset, fields = request.param
@@ -164,6 +194,7 @@ def test_preset_model_saves_and_reloads(preset_model: TTTForCausalLM, tmp_path) 
     preset_model.save_pretrained(tmp_path)
     reloaded = TTTForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float64).eval()
     assert reloaded.config.ttt_preset == preset_model.config.ttt_preset
+    assert reloaded.config.memory_residual_norm == preset_model.config.memory_residual_norm
     ids = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         assert_same_model_outputs(reloaded(ids).logits, preset_model(ids).logits)

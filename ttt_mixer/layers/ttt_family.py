@@ -69,13 +69,17 @@ def check_family_layer_options(options: dict[str, object], names: dict[str, str]
         # Titans has no attention branch and no Muon: the options would be silently ignored
         window, muon = names.get("window_size", "window_size"), names.get("use_muon", "use_muon")
         raise ValueError(f"{window} and {muon} belong to the preset 'lact', not {preset!r}")
+    if preset != "titans" and options.get("memory_residual_norm"):
+        # LaCT's fast weights have a dot-product loss, which has no LayerNorm to fuse
+        name = names.get("memory_residual_norm", "memory_residual_norm")
+        raise ValueError(f"{name} belongs to the preset 'titans', not {preset!r}")
     for option, value in options.items():
         name = names.get(option, option)
         if option in ("hidden_size", "num_heads", "conv_size") or (
             option in ("mini_batch_size", "window_size") and value is not None
         ):
             check_int(name, value)
-        elif option == "use_muon":
+        elif option in ("use_muon", "memory_residual_norm"):
             check_bool(name, value)
         elif option in ("rope_theta", "norm_eps") or (option == "base_lr" and value is not None):
             check_positive_float(name, value)
@@ -97,6 +101,9 @@ class TTTFamilyLayer(PackedMixerLayer):
         conv_size: width of Titans' depthwise convolutions after the q, k, v projections.
         window_size: LaCT's attention window (None: 2048 tokens, the token itself included).
         use_muon: LaCT's Newton-Schulz orthogonalised update.
+        memory_residual_norm: Titans' memory as k + LN(MLP(k)) (TTT-MLP's form, and the public
+            titans-pytorch's default), its LayerNorm fused into the reconstruction loss, instead of
+            the bare MLP (docs/recall_gap.md, "Titans and LaCT in the CPU preset").
         rope_theta: RoPE base (LaCT's attention and fast-weight queries and keys).
         norm_eps: epsilon of the output RMSNorm.
         layer_idx: index of this layer's state in the cache.
@@ -112,6 +119,7 @@ class TTTFamilyLayer(PackedMixerLayer):
         conv_size: int = 4,
         window_size: int | None = None,
         use_muon: bool = False,
+        memory_residual_norm: bool = False,
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
         layer_idx: int | None = None,
@@ -127,6 +135,7 @@ class TTTFamilyLayer(PackedMixerLayer):
                 "conv_size": conv_size,
                 "window_size": window_size,
                 "use_muon": use_muon,
+                "memory_residual_norm": memory_residual_norm,
                 "rope_theta": rope_theta,
                 "norm_eps": norm_eps,
             }
@@ -140,6 +149,7 @@ class TTTFamilyLayer(PackedMixerLayer):
         self.base_lr = defaults["base_lr"] if base_lr is None else float(base_lr)
         self.spec = family_spec(preset, self.mini_batch_size, use_muon)
         self.window_size = defaults.get("window_size") if window_size is None else window_size
+        self.memory_residual_norm = memory_residual_norm
         self.rope_theta = rope_theta
         self.norm_eps = norm_eps
         self.layer_idx = layer_idx
@@ -158,6 +168,9 @@ class TTTFamilyLayer(PackedMixerLayer):
             )
             self.forget_proj = nn.Linear(hidden_size, H, bias=True)
             self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+            if memory_residual_norm:
+                self.memory_norm_weight = nn.Parameter(torch.empty(H, d))
+                self.memory_norm_bias = nn.Parameter(torch.empty(H, d))
         else:
             # LaCT's per-channel rescaling of the shared q, k for the fast weights, and its output scale
             self.qk_scale = nn.Parameter(torch.empty(2, hidden_size))
@@ -178,6 +191,9 @@ class TTTFamilyLayer(PackedMixerLayer):
                 nn.init.zeros_(parameter)
         if self.preset == "titans":
             nn.init.constant_(self.forget_proj.bias, FORGET_BIAS_INIT)
+            if self.memory_residual_norm:
+                nn.init.ones_(self.memory_norm_weight)
+                nn.init.zeros_(self.memory_norm_bias)
         else:
             nn.init.ones_(self.qk_scale)
             nn.init.zeros_(self.qk_offset)
@@ -188,7 +204,8 @@ class TTTFamilyLayer(PackedMixerLayer):
     def extra_repr(self) -> str:
         return (
             f"preset={self.preset!r}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-            f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, window_size={self.window_size}"
+            f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, window_size={self.window_size}, "
+            f"memory_residual_norm={self.memory_residual_norm}"
         )
 
     def mix(
@@ -223,6 +240,7 @@ class TTTFamilyLayer(PackedMixerLayer):
         """The family op over [B, T, H, d] inputs: the decode step when every sequence has one token."""
         chunk_op, step_op = family_ops(self.spec, "torch")
         op = step_op if one_token_each(q, cu_seqlens) else chunk_op
+        norm = (self.memory_norm_weight, self.memory_norm_bias) if self.memory_residual_norm else (None, None)
         return op(
             self.spec,
             q,
@@ -230,8 +248,7 @@ class TTTFamilyLayer(PackedMixerLayer):
             v,
             lr,
             None,
-            None,
-            None,
+            *norm,
             self.inner_params(),
             momentum=momentum,
             forget=forget,
