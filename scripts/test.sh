@@ -13,14 +13,16 @@ cd "$(dirname "$0")/.."
 if [[ ${1:-} == --newest ]]; then
     shift
     bash scripts/setup.sh .venv-newest --newest
-    .venv-newest/bin/python -m pytest -q -m compat "$@"
+    .venv-newest/bin/python -m pytest -q -n auto -m compat "$@"
     exit
 fi
 
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-TTT_MIXER_LOCK=requirements/lock-cpu.txt .venv/bin/python -m pytest -q "$@"
+# one pytest-xdist worker per core (the tests keep one torch thread each, tests/conftest.py); the
+# slowest tests are listed at the end, to keep CI's time in view
+TTT_MIXER_LOCK=requirements/lock-cpu.txt .venv/bin/python -m pytest -q -n auto --durations=15 "$@"
 
 bash scripts/setup.sh .venv-floor requirements/floor-cpu.txt
-TTT_MIXER_LOCK=requirements/floor-cpu.txt .venv-floor/bin/python -m pytest -q -m compat
+TTT_MIXER_LOCK=requirements/floor-cpu.txt .venv-floor/bin/python -m pytest -q -n auto -m compat

@@ -31,6 +31,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 # The tests run tiny tensors, for which one thread is fastest; several threads on a small or busy
 # machine spin against each other and run ten to a hundred times slower.
 torch.set_num_threads(1)
+# Under pytest-xdist (scripts/test.sh runs a worker per core) the subprocesses that tests start take
+# one thread too, so that two workers' subprocesses do not spin against each other either
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 INNER_MODELS = ("linear", "mlp")
 BACKBONES = ("transformer", "mamba")
