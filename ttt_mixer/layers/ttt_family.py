@@ -103,7 +103,7 @@ class TTTFamilyLayer(PackedMixerLayer):
         use_muon: LaCT's Newton-Schulz orthogonalised update.
         memory_residual_norm: Titans' memory as k + LN(MLP(k)) (TTT-MLP's form, and the public
             titans-pytorch's default), its LayerNorm fused into the reconstruction loss, instead of
-            the bare MLP (docs/recall_gap.md, "Titans and LaCT in the CPU preset").
+            the bare MLP (docs/recall_gap.md, "Titans with the memory's residual and LayerNorm").
         rope_theta: RoPE base (LaCT's attention and fast-weight queries and keys).
         norm_eps: epsilon of the output RMSNorm.
         layer_idx: index of this layer's state in the cache.

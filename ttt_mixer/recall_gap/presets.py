@@ -195,8 +195,8 @@ SHORT_CONV = {"use_short_conv": True}
 # weights update within a training sequence and its window covers half of it
 LACT_SHORT = {"mini_batch_size": 16, "window_size": 16}
 # Titans' memory as k + LN(MLP(k)), TTT-MLP's form and the public titans-pytorch's default: with the
-# bare MLP it did not learn the training shape at any outer rate (docs/recall_gap.md, "Titans and LaCT
-# in the CPU preset")
+# bare MLP it did not learn the training shape at any outer rate (docs/recall_gap.md, "Titans with the
+# memory's residual and LayerNorm")
 TITANS_MEMORY = {"memory_residual_norm": True}
 # transformers' Mamba mixer takes its init range from its config, which in a Mamba backbone is the
 # backbone's (0.02 here): transformers' own 0.1, as Mamba-2's config has it
