@@ -32,7 +32,7 @@ from ttt_mixer.adapters import swap_mixer
 from ttt_mixer.e2e import E2EConfig, E2EForCausalLM
 from ttt_mixer.recall_gap import launch
 from ttt_mixer.recall_gap.data import MQARDataset, SetDisjointnessDataset, word_tokenizer
-from ttt_mixer.recall_gap.presets import RECALL_GAP_MODELS, TrainShape, check_backbone
+from ttt_mixer.recall_gap.presets import TrainShape, check_backbone
 from ttt_mixer.recall_gap.set_disjointness import (
     SET_DISJOINTNESS_VOCAB,
     SetDisjointnessShape,
@@ -155,7 +155,7 @@ def build_model(spec: RunSpec) -> PreTrainedModel:
     ("mamba"); weights N(0, 0.02), the range of Llama and fla (transformers' Mamba mixers keep
     transformers' own init, and Longhorn its ``initializer_range`` when its options give one,
     ``swap_mixer``). A model row (``presets.RECALL_GAP_MODELS``) is built by its own builder."""
-    if spec.mixer in RECALL_GAP_MODELS:
+    if spec.mixer in MODEL_ROWS:
         return MODEL_ROWS[spec.mixer].build(spec)
     shared = {
         "vocab_size": len(spec.vocabulary),
