@@ -248,6 +248,7 @@ TTT_MODEL_CASES = {
     "titans": {"ttt_preset": "titans"},
     "titans-residual-norm": {"ttt_preset": "titans", "memory_residual_norm": True},
     "lact": {"ttt_preset": "lact", "window_size": 3},
+    "lact-short-conv": {"ttt_preset": "lact", "window_size": 3, "use_short_conv": True},
 }
 
 

@@ -1,7 +1,8 @@
 """Tests of the TTT-family layers (``TTTFamilyLayer``: Titans and LaCT) in float64: exact continuation
 through fla's Cache at every split, padding and packed sequences equal to each sequence alone, LaCT's
-sliding-window attention against a written-out softmax, gradients, bad options, and the presets in
-TTTConfig: save and reload, generation with the cache equal to recomputation."""
+sliding-window attention against a written-out softmax and its short convolutions, gradients, bad
+options, and the presets in TTTConfig: save and reload, generation with the cache equal to
+recomputation."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from ttt_mixer.layers import FAMILY_PRESETS, TTTFamilyLayer
 from ttt_mixer.modules.sliding_window import sliding_window_attention
 
 HIDDEN, T = 16, 11
-# id -> (preset, options): each preset, and Titans with its memory's residual and LayerNorm
+# id -> (preset, options): each preset, Titans with its memory's residual and LayerNorm, LaCT with
+# its q, k, v convolved
 VARIANTS = {
     **{preset: (preset, {}) for preset in FAMILY_PRESETS},
     "titans-residual-norm": ("titans", {"memory_residual_norm": True}),
+    "lact-short-conv": ("lact", {"use_short_conv": True}),
 }
 presets = pytest.mark.parametrize("variant", VARIANTS)
 
@@ -38,9 +41,13 @@ def randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def flat_tensors(value: torch.Tensor | tuple) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else [t for item in value for t in flat_tensors(item)]
+
+
 def cache_tensors(cache: Cache) -> list[torch.Tensor]:
     entry = cache[0]
-    return [*entry["recurrent_state"], *entry["conv_state"]]
+    return flat_tensors((entry["recurrent_state"], entry["conv_state"]))
 
 
 def in_pieces(layer: TTTFamilyLayer, x: torch.Tensor, lengths: list[int], **kwargs) -> tuple:
@@ -93,6 +100,23 @@ def test_padded_and_packed_equal_each_sequence_alone(variant: str, side: str) ->
             assert_all_close([t[i : i + 1] for t in state], alone_state)
 
 
+def test_lact_short_conv_convolves_q_k_v_before_both_branches() -> None:
+    """With identity kernels (last tap 1, bias 0) the convolved layer is LaCT without them; any other
+    kernel changes its output."""
+    plain = make_family_layer("lact")
+    convolved = make_family_layer("lact-short-conv")
+    convolved.load_state_dict(plain.state_dict(), strict=False)
+    x = randn(2, T, HIDDEN, seed=3)
+    with torch.no_grad():
+        for conv in (convolved.q_conv1d, convolved.k_conv1d, convolved.v_conv1d):
+            conv.weight.zero_()
+            conv.weight[..., -1] = 1.0
+            conv.bias.zero_()
+        assert_all_close([convolved(x)[0]], [plain(x)[0]])
+        convolved.k_conv1d.weight[..., 0] = 0.5
+        assert (convolved(x)[0] - plain(x)[0]).abs().max() > 1e-3
+
+
 def test_sliding_window_attention_matches_a_written_out_softmax() -> None:
     q, k, v = (randn(2, 9, 2, 4, seed=s) for s in (3, 4, 5))
     window = 3
@@ -127,6 +151,12 @@ def test_gradcheck_wrt_input(variant: str) -> None:
         ({"preset": "titans", "use_muon": True}, ValueError, "window_size and use_muon belong to the preset"),
         ({"memory_residual_norm": True}, ValueError, "memory_residual_norm belongs to the preset 'titans'"),
         ({"preset": "titans", "memory_residual_norm": 1}, TypeError, "memory_residual_norm"),
+        (
+            {"preset": "titans", "use_short_conv": True},
+            ValueError,
+            "use_short_conv belongs to the preset 'lact'",
+        ),
+        ({"use_short_conv": "yes"}, TypeError, "use_short_conv"),
     ],
     ids=[
         "preset",
@@ -139,6 +169,8 @@ def test_gradcheck_wrt_input(variant: str) -> None:
         "titans-muon",
         "lact-residual-norm",
         "residual-norm-type",
+        "titans-short-conv",
+        "short-conv-type",
     ],
 )
 def test_constructor_rejects_bad_options(kwargs: dict, error: type, match: str) -> None:
@@ -160,6 +192,12 @@ def test_constructor_rejects_bad_options(kwargs: dict, error: type, match: str) 
             "memory_residual_norm belongs to the preset 'titans'",
         ),
         ({"ttt_preset": "titans", "memory_residual_norm": "yes"}, TypeError, "memory_residual_norm"),
+        ({"use_short_conv": True}, ValueError, "use_short_conv belong to ttt_preset 'lact'"),
+        (
+            {"ttt_preset": "titans", "use_short_conv": True},
+            ValueError,
+            "use_short_conv belongs to the preset 'lact'",
+        ),
     ],
 )
 def test_config_rejects_bad_preset_fields(fields: dict, error: type, match: str) -> None:
@@ -173,8 +211,9 @@ def test_config_rejects_bad_preset_fields(fields: dict, error: type, match: str)
         ("titans", {}),
         ("titans", {"memory_residual_norm": True}),
         ("lact", {"window_size": 3, "use_muon": True}),
+        ("lact", {"window_size": 3, "use_short_conv": True}),
     ],
-    ids=["titans", "titans-residual-norm", "lact-muon"],
+    ids=["titans", "titans-residual-norm", "lact-muon", "lact-short-conv"],
 )
 def preset_model(request: pytest.FixtureRequest) -> TTTForCausalLM:
     preset, fields = request.param
@@ -195,6 +234,7 @@ def test_preset_model_saves_and_reloads(preset_model: TTTForCausalLM, tmp_path) 
     reloaded = TTTForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float64).eval()
     assert reloaded.config.ttt_preset == preset_model.config.ttt_preset
     assert reloaded.config.memory_residual_norm == preset_model.config.memory_residual_norm
+    assert reloaded.config.use_short_conv == preset_model.config.use_short_conv
     ids = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         assert_same_model_outputs(reloaded(ids).logits, preset_model(ids).logits)

@@ -2,9 +2,10 @@
 
 Both keep fla's forward signature and their state in fla's ``Cache`` (``recurrent_state``: the
 family state; ``conv_state``: the layer's window over the last tokens, the short convolutions' inputs
-for Titans, the sliding-window attention's keys and values for LaCT), take padding masks and
-``cu_seqlens`` as ``TTTLayer`` does (unpad, run packed, repad), and run the family's chunked form,
-or its decode step when every sequence of a call has one token. PyTorch only: no Triton kernel yet.
+for Titans, the sliding-window attention's keys and values for LaCT, with its convolutions' windows
+under ``use_short_conv``), take padding masks and ``cu_seqlens`` as ``TTTLayer`` does (unpad, run
+packed, repad), and run the family's chunked form, or its decode step when every sequence of a call
+has one token. PyTorch only: no Triton kernel yet.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def check_family_layer_options(options: dict[str, object], names: dict[str, str]
         # Titans has no attention branch and no Muon: the options would be silently ignored
         window, muon = names.get("window_size", "window_size"), names.get("use_muon", "use_muon")
         raise ValueError(f"{window} and {muon} belong to the preset 'lact', not {preset!r}")
+    if preset != "lact" and options.get("use_short_conv"):
+        # Titans always convolves its q, k, v
+        name = names.get("use_short_conv", "use_short_conv")
+        raise ValueError(f"{name} belongs to the preset 'lact' (Titans always has it), not {preset!r}")
     if preset != "titans" and options.get("memory_residual_norm"):
         # LaCT's fast weights have a dot-product loss, which has no LayerNorm to fuse
         name = names.get("memory_residual_norm", "memory_residual_norm")
@@ -79,7 +84,7 @@ def check_family_layer_options(options: dict[str, object], names: dict[str, str]
             option in ("mini_batch_size", "window_size") and value is not None
         ):
             check_int(name, value)
-        elif option in ("use_muon", "memory_residual_norm"):
+        elif option in ("use_muon", "memory_residual_norm", "use_short_conv"):
             check_bool(name, value)
         elif option in ("rope_theta", "norm_eps") or (option == "base_lr" and value is not None):
             check_positive_float(name, value)
@@ -98,9 +103,14 @@ class TTTFamilyLayer(PackedMixerLayer):
         mini_batch_size: tokens per update (None: 16 for Titans, 2048 for LaCT).
         base_lr: Titans: lr = base_lr * sigmoid(x W + c) (None: 0.1); LaCT: lr = softplus(x W + c +
             softplus^-1(base_lr)), one per fast-weight matrix (None: 1e-3).
-        conv_size: width of Titans' depthwise convolutions after the q, k, v projections.
+        conv_size: width of the depthwise causal convolutions after the q, k, v projections (Titans',
+            and LaCT's with ``use_short_conv``).
         window_size: LaCT's attention window (None: 2048 tokens, the token itself included).
         use_muon: LaCT's Newton-Schulz orthogonalised update.
+        use_short_conv: LaCT's q, k, v each through a depthwise causal convolution before both
+            branches (no activation of its own), as fla's layers with ``use_short_conv`` and Titans
+            have: without it LaCT did not learn the recall gap's MQAR (docs/recall_gap.md, "LaCT
+            with a short convolution").
         memory_residual_norm: Titans' memory as k + LN(MLP(k)) (TTT-MLP's form, and the public
             titans-pytorch's default), its LayerNorm fused into the reconstruction loss, instead of
             the bare MLP (docs/recall_gap.md, "Titans with the memory's residual and LayerNorm").
@@ -119,6 +129,7 @@ class TTTFamilyLayer(PackedMixerLayer):
         conv_size: int = 4,
         window_size: int | None = None,
         use_muon: bool = False,
+        use_short_conv: bool = False,
         memory_residual_norm: bool = False,
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
@@ -135,6 +146,7 @@ class TTTFamilyLayer(PackedMixerLayer):
                 "conv_size": conv_size,
                 "window_size": window_size,
                 "use_muon": use_muon,
+                "use_short_conv": use_short_conv,
                 "memory_residual_norm": memory_residual_norm,
                 "rope_theta": rope_theta,
                 "norm_eps": norm_eps,
@@ -149,6 +161,7 @@ class TTTFamilyLayer(PackedMixerLayer):
         self.base_lr = defaults["base_lr"] if base_lr is None else float(base_lr)
         self.spec = family_spec(preset, self.mini_batch_size, use_muon)
         self.window_size = defaults.get("window_size") if window_size is None else window_size
+        self.use_short_conv = use_short_conv
         self.memory_residual_norm = memory_residual_norm
         self.rope_theta = rope_theta
         self.norm_eps = norm_eps
@@ -162,10 +175,11 @@ class TTTFamilyLayer(PackedMixerLayer):
         # one learning rate per head (Titans) or per head and fast-weight matrix (LaCT)
         self.lr_proj = nn.Linear(hidden_size, H * (3 if preset == "lact" else 1), bias=True)
         self.ttt_norm = nn.RMSNorm(d, eps=norm_eps)
-        if preset == "titans":
+        if preset == "titans" or use_short_conv:
             self.q_conv1d, self.k_conv1d, self.v_conv1d = (
                 DepthwiseCausalConv(hidden_size, conv_size) for _ in range(3)
             )
+        if preset == "titans":
             self.forget_proj = nn.Linear(hidden_size, H, bias=True)
             self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
             if memory_residual_norm:
@@ -205,7 +219,7 @@ class TTTFamilyLayer(PackedMixerLayer):
         return (
             f"preset={self.preset!r}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, window_size={self.window_size}, "
-            f"memory_residual_norm={self.memory_residual_norm}"
+            f"use_short_conv={self.use_short_conv}, memory_residual_norm={self.memory_residual_norm}"
         )
 
     def mix(
@@ -257,6 +271,22 @@ class TTTFamilyLayer(PackedMixerLayer):
             cu_seqlens=cu_seqlens,
         )
 
+    def short_convs(
+        self,
+        projected: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        windows: tuple[torch.Tensor | None, ...] | None,
+        use_cache: bool,
+        cu_seqlens: torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
+        """q, k, v [B, T, D] through their depthwise causal convolutions, each continuing from its
+        cached window; the new windows when ``use_cache``."""
+        windows = windows if windows is not None else (None, None, None)
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        outputs = [
+            conv(t, w, use_cache, cu_seqlens) for conv, t, w in zip(convs, projected, windows, strict=True)
+        ]
+        return [y for y, _ in outputs], tuple(w for _, w in outputs) if use_cache else None
+
     def titans_mix(
         self,
         x: torch.Tensor,
@@ -267,39 +297,35 @@ class TTTFamilyLayer(PackedMixerLayer):
     ) -> tuple[torch.Tensor, State | None, tuple | None]:
         """q, k, v through a depthwise causal convolution and SiLU, q and k l2-normalised; the memory's
         output RMS-normed and gated by silu(x W_g)."""
-        windows = windows if windows is not None else (None, None, None)
-        projected = []
-        new_windows = []
-        for proj, conv, window in zip(
-            (self.q_proj, self.k_proj, self.v_proj),
-            (self.q_conv1d, self.k_conv1d, self.v_conv1d),
-            windows,
-            strict=True,
-        ):
-            y, window = conv(proj(x), window, use_cache, cu_seqlens)
-            projected.append(self.heads(F.silu(y)))
-            new_windows.append(window)
-        q, k, v = projected
+        convolved, windows = self.short_convs(
+            (self.q_proj(x), self.k_proj(x), self.v_proj(x)), windows, use_cache, cu_seqlens
+        )
+        q, k, v = (self.heads(F.silu(t)) for t in convolved)
         lr = self.base_lr * torch.sigmoid(self.lr_proj(x))
         momentum, forget = torch.sigmoid(self.momentum_proj(x)), torch.sigmoid(self.forget_proj(x))
         o, state = self.fast_weights(
             l2_normalise(q), l2_normalise(k), v, lr, momentum, forget, state, use_cache, cu_seqlens
         )
         o = self.ttt_norm(o).flatten(-2) * F.silu(self.g_proj(x))
-        return o, state, tuple(new_windows) if use_cache else None
+        return o, state, windows
 
     def lact_mix(
         self,
         x: torch.Tensor,
         state: State | None,
-        window: WindowState | None,
+        conv_state: WindowState | tuple | None,
         use_cache: bool,
         cu_seqlens: torch.Tensor | None,
     ) -> tuple[torch.Tensor, State | None, tuple | None]:
         """Sliding-window attention on q, k, v with RoPE, plus the SwiGLU fast weights on SiLU'd,
         rescaled q, k (l2-normalised, RoPE'd) and v; the fast-weight output RMS-normed and scaled by
-        silu(x W_s) per head, then added to the attention's."""
+        silu(x W_s) per head, then added to the attention's. With ``use_short_conv``, q, k, v are
+        first convolved and the cached state is (the window, the convolutions' windows)."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        window = conv_state
+        if self.use_short_conv:
+            window, conv_windows = conv_state if conv_state is not None else (None, None)
+            (q, k, v), conv_windows = self.short_convs((q, k, v), conv_windows, use_cache, cu_seqlens)
         positions = token_positions(window, x.shape[0], x.shape[1], cu_seqlens, x.device)
         rotated_q, rotated_k = (
             apply_interleaved_rotary(self.heads(t), positions, self.rope_theta) for t in (q, k)
@@ -318,5 +344,7 @@ class TTTFamilyLayer(PackedMixerLayer):
         o, state = self.fast_weights(
             fast_q, fast_k, self.heads(F.silu(v)), lr, momentum, None, state, use_cache, cu_seqlens
         )
-        o = self.ttt_norm(o) * F.silu(self.ttt_scale_proj(x))[..., None]
-        return attended.flatten(-2) + o.flatten(-2), state, window if use_cache else None
+        o = attended.flatten(-2) + (self.ttt_norm(o) * F.silu(self.ttt_scale_proj(x))[..., None]).flatten(-2)
+        if not use_cache:
+            return o, state, None
+        return o, state, (window, conv_windows) if self.use_short_conv else window

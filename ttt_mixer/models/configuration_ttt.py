@@ -66,8 +66,9 @@ class TTTConfig(PretrainedConfig):
     ``backbone`` picks the Transformer or Mamba block layout, whose flags (``pre_conv``, ``share_qk``,
     ``use_gate``) can still be set one by one. ``ttt_preset`` ("titans" or "lact"; None: the paper's
     TTT of ``ttt_layer_type``) puts a member of the TTT family in every block (docs/math.md section 13);
-    ``window_size`` (LaCT's sliding-window attention) and ``use_muon`` (LaCT's orthogonalised update)
-    belong to it, ``memory_residual_norm`` (Titans' memory as k + LN(MLP(k))) to Titans.
+    ``window_size`` (LaCT's sliding-window attention), ``use_muon`` (LaCT's orthogonalised update) and
+    ``use_short_conv`` (LaCT's q, k, v through short convolutions) belong to LaCT,
+    ``memory_residual_norm`` (Titans' memory as k + LN(MLP(k))) to Titans.
     """
 
     model_type = "ttt_mixer"
@@ -86,6 +87,7 @@ class TTTConfig(PretrainedConfig):
         ttt_preset: str | None = None,
         window_size: int | None = None,
         use_muon: bool = False,
+        use_short_conv: bool = False,
         memory_residual_norm: bool = False,
         backbone: str = "transformer",
         pre_conv: bool | None = None,
@@ -149,16 +151,17 @@ class TTTConfig(PretrainedConfig):
                     "conv_size": conv_kernel,
                     "window_size": window_size,
                     "use_muon": use_muon,
+                    "use_short_conv": use_short_conv,
                     "memory_residual_norm": memory_residual_norm,
                     "rope_theta": rope_theta,
                     "norm_eps": ttt_norm_eps,
                 },
                 names=LAYER_OPTION_FIELDS,
             )
-        elif window_size is not None or use_muon or memory_residual_norm:
+        elif window_size is not None or use_muon or use_short_conv or memory_residual_norm:
             raise ValueError(
-                f"window_size and use_muon belong to ttt_preset 'lact', memory_residual_norm to 'titans' "
-                f"(of {FAMILY_PRESETS})"
+                "window_size, use_muon and use_short_conv belong to ttt_preset 'lact', "
+                f"memory_residual_norm to 'titans' (of {FAMILY_PRESETS})"
             )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -171,6 +174,7 @@ class TTTConfig(PretrainedConfig):
         self.ttt_preset = ttt_preset
         self.window_size = window_size
         self.use_muon = use_muon
+        self.use_short_conv = use_short_conv
         self.memory_residual_norm = memory_residual_norm
         self.backbone = backbone
         self.pre_conv = flags["pre_conv"]

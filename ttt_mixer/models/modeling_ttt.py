@@ -80,6 +80,7 @@ def mixer_layer(config: TTTConfig, layer_idx: int) -> TTTLayer | TTTFamilyLayer:
             preset=config.ttt_preset,
             window_size=config.window_size,
             use_muon=config.use_muon,
+            use_short_conv=config.use_short_conv,
             memory_residual_norm=config.memory_residual_norm,
             **shared_options,
         )
