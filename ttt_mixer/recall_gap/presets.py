@@ -343,8 +343,8 @@ CPU = Preset(
     # the best of 1e-3, 3e-3 and 1e-2 at the training shape, ties to the lower final training loss
     # (docs/recall_gap.md); Mamba and Longhorn with their CPU start: over seeds 0-2, the rate with
     # the most seeds at 0.9 or more, then the best median, then the best mean; GLA at the lower of its
-    # two best (1e-2 stalled on unseen seeds; see its recipe); Titans, not swept in this backbone,
-    # keeps its Llama-backbone rate; LaCT's is the best of the three over seeds 105-107
+    # two best (1e-2 stalled on unseen seeds; see its recipe); Titans (with its memory's residual and
+    # LayerNorm) and LaCT (with its short convolutions): the best of the three over seeds 105-107
     learning_rates={name: recipe.cpu_learning_rate for name, recipe in RECALL_GAP_ROWS.items()},
     mixer_options={**CPU_MIXER_OPTIONS, **MODEL_OPTIONS},
     backbone="mamba",
