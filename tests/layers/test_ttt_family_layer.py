@@ -100,7 +100,7 @@ def test_padded_and_packed_equal_each_sequence_alone(variant: str, side: str) ->
             assert_all_close([t[i : i + 1] for t in state], alone_state)
 
 
-def test_lact_short_conv_convolves_q_k_v_before_both_branches() -> None:
+def test_lact_short_conv_with_identity_kernels_is_lact_without_it() -> None:
     """With identity kernels (last tap 1, bias 0) the convolved layer is LaCT without them; any other
     kernel changes its output."""
     plain = make_family_layer("lact")
