@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ttt_mixer.adapters.distill import check_precision, distill, perplexity
 from ttt_mixer.adapters.swap import swap_mixer
 from ttt_mixer.paths import checkpoint_source, prepare_output_folder
-from ttt_mixer.tokenizer import require_tokenizer
+from ttt_mixer.tokenizer import require_tokenizer, save_source_tokenizer
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -41,8 +41,7 @@ def _load(path: str) -> Any:
 def _save(model: Any, source: str, destination: Path) -> None:
     # the destination was checked before any work (prepare_output_folder)
     model.save_pretrained(destination)
-    if Path(source, "tokenizer_config.json").exists():
-        AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+    save_source_tokenizer(source, destination)
     print(f"wrote {destination}")
 
 
@@ -61,7 +60,7 @@ def swap_command(args: argparse.Namespace) -> None:
     prepare_output_folder(args.destination, args.overwrite)
     model = swap_mixer(_load(source), args.mixer, layers, args.init, **options)
     print(f"mixers: {model.config.mixers}")
-    _save(model, args.source, args.destination)
+    _save(model, source, args.destination)
 
 
 def text_windows(tokenizer: Any, path: Path, seq_len: int) -> torch.Tensor:
@@ -90,7 +89,7 @@ def distill_command(args: argparse.Namespace) -> None:
     # processes learn their ranks when the Trainer sets them up
     prepare_output_folder(args.destination, args.overwrite)
     teacher, student = _load(teacher_source), _load(student_source)
-    windows = text_windows(AutoTokenizer.from_pretrained(args.student), args.text, args.seq_len)
+    windows = text_windows(AutoTokenizer.from_pretrained(student_source), args.text, args.seq_len)
     held_out = max(1, len(windows) // 10)
     train, test = windows[:-held_out], windows[-held_out:]
     before = perplexity(student, test)
@@ -111,5 +110,5 @@ def distill_command(args: argparse.Namespace) -> None:
             f"held-out perplexity: teacher {perplexity(teacher, test):.3f}, "
             f"student before {before:.3f}, after {perplexity(student, test):.3f}"
         )
-        _save(student, args.student, args.destination)
+        _save(student, student_source, args.destination)
     PartialState().wait_for_everyone()

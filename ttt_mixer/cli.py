@@ -195,7 +195,9 @@ def recall_gap(args: argparse.Namespace) -> None:
 def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("teacher", help="the original checkpoint folder")
     parser.add_argument("student", help="the swapped checkpoint folder (ttt-mixer swap); needs a tokenizer")
-    parser.add_argument("destination", type=Path, help="folder for the distilled checkpoint")
+    parser.add_argument(
+        "destination", type=Path, help="folder for the distilled checkpoint and its tokenizer"
+    )
     parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to distil on; required")
     parser.add_argument(
         "--seq-len", type=int_at_least(2), default=256, help="tokens per training window of the text"
@@ -229,9 +231,12 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
 def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
-        help="checkpoint folder (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a swapped model)",
+        help="checkpoint folder or Hub model id (Llama, full-attention Mistral or Qwen2, Mamba, Mamba-2, or a "
+        "swapped model)",
     )
-    parser.add_argument("destination", type=Path, help="folder for the swapped checkpoint")
+    parser.add_argument(
+        "destination", type=Path, help="folder for the swapped checkpoint and the source's tokenizer"
+    )
     parser.add_argument(
         "--mixer",
         choices=MIXER_NAMES,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 EOS = "<eos>"
@@ -30,12 +30,34 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer that AutoTokenizer can read."""
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def save_source_tokenizer(source: str, destination: Path) -> bool:
+    """Save the tokenizer of the checkpoint ``source`` beside the model saved in ``destination``:
+    a folder's own, or a Hub model id's, fetched as transformers fetches the model (from the local
+    cache, downloading what is missing unless offline). False, with a line that says so, when the
+    source has none."""
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download  # a Hub id: its tokenizer files alone
+
+        folder = Path(snapshot_download(source, allow_patterns=list(TOKENIZER_FILES)))
+    if not has_tokenizer(folder):
+        print(f"{source} has no tokenizer: none saved beside the model")
+        return False
+    AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+    return True
+
+
 def require_tokenizer(folder: str, what: str) -> None:
     """ValueError, in one line with the fix, when ``folder`` is a local checkpoint without a tokenizer
     (transformers would instead blame a missing sentencepiece or tiktoken). A hub name is left to
     transformers."""
     path = Path(folder)
-    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if path.is_dir() and not has_tokenizer(path):
         raise ValueError(
             f"{what} {folder} has no tokenizer: save one beside the model, e.g. "
             f"ttt_mixer.tokenizer.byte_tokenizer().save_pretrained('{folder}') for a byte-level model "

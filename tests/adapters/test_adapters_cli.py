@@ -1,19 +1,25 @@
 """``ttt-mixer swap`` and ``ttt-mixer distill`` on saved checkpoints: the swapped checkpoint holds the
-named mixers and its tokenizer, distillation lowers the student's held-out perplexity, the result
-loads in the ``lm_eval`` command line, and bad arguments end with a message naming the option."""
+named mixers and its tokenizer (from a folder or a Hub model id), distillation lowers the student's
+held-out perplexity, the result loads in the ``lm_eval`` command line, and bad arguments end with a
+message naming the option."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 from eval_models import character_tokenizer, run_lm_eval, save_checkpoint, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ttt_mixer.cli import main
 from ttt_mixer.eval_tasks import tasks_path
+from ttt_mixer.tokenizer import TOKENIZER_FILES
 
 pytestmark = pytest.mark.slow  # training or subprocesses
 
@@ -87,6 +93,46 @@ def test_swap_then_distill(llama_checkpoint: Path, tmp_path: Path, capsys: pytes
     scores = json.loads(results.read_text())["results"]["ttt_mqar"]
     assert 0.0 <= scores["acc@16,none"] <= 1.0, scores
     assert all(v > 1.0 for k, v in scores.items() if k.startswith("word_perplexity")), scores
+
+
+def cache_as_hub_download(checkpoint: Path, cache: Path, repo_id: str, with_tokenizer: bool) -> None:
+    """``checkpoint``'s files laid out as the Hugging Face cache holds a downloaded ``repo_id`` (its
+    ``main`` ref naming one snapshot), with or without the tokenizer's files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    tokenizer_files = {*TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja"}
+    for file in checkpoint.iterdir():
+        if with_tokenizer or file.name not in tokenizer_files:
+            shutil.copy(file, snapshot / file.name)
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False], ids=["with-tokenizer", "without"])
+def test_swap_from_a_hub_model_id_saves_its_tokenizer(
+    llama_checkpoint: Path, tmp_path: Path, with_tokenizer: bool
+) -> None:
+    """A Hub id (here served offline from a cache laid out as a download leaves it) gets its
+    tokenizer saved beside the swapped model, as a folder does; one without a tokenizer says so."""
+    cache_as_hub_download(llama_checkpoint, tmp_path / "cache", "someone/tiny-llama", with_tokenizer)
+    out = tmp_path / "out"
+    swap = ["swap", "someone/tiny-llama", str(out), "--mixer", "ttt_linear", "--layers", "0"]
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, ttt_mixer_cli; ttt_mixer_cli.main(sys.argv[1:])", *swap],
+        env=subprocess_env(HF_HUB_CACHE=str(tmp_path / "cache"), PYTHONWARNINGS="ignore"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).config.mixers[0] == "ttt_linear"
+    if with_tokenizer:
+        assert len(AutoTokenizer.from_pretrained(out)) == len(character_tokenizer())
+    else:
+        assert "someone/tiny-llama has no tokenizer: none saved beside the model" in result.stdout
+        assert not any((out / name).exists() for name in TOKENIZER_FILES)
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ttt_mixer.e2e.from_llama import check_llama, from_llama
 from ttt_mixer.paths import checkpoint_source, prepare_output_folder
-from ttt_mixer.tokenizer import TOKENIZER_FILES
+from ttt_mixer.tokenizer import save_source_tokenizer
 
 
 def local_checkpoint(name: str) -> Path:
@@ -55,10 +55,7 @@ def to_e2e_command(args: argparse.Namespace) -> None:
         inner_clip_gradient=args.inner_clip_gradient,
     )
     model.save_pretrained(args.destination)
-    if any((source / name).is_file() for name in TOKENIZER_FILES):
-        AutoTokenizer.from_pretrained(source).save_pretrained(args.destination)
-    else:
-        print(f"{args.source} has no tokenizer: none saved beside the model")
+    save_source_tokenizer(str(source), args.destination)
     print(
         f"TTT-E2E: {config.num_hidden_layers} blocks with a {args.sliding_window_size}-token window, the "
         f"last {args.suffix_len} with an inner MLP (an SGD step of rate {args.inner_lr} per "
