@@ -35,11 +35,11 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
-def save_source_tokenizer(source: str, destination: Path) -> bool:
+def save_source_tokenizer(source: str, destination: Path) -> None:
     """Save the tokenizer of the checkpoint ``source`` beside the model saved in ``destination``:
     a folder's own, or a Hub model id's, fetched as transformers fetches the model (from the local
-    cache, downloading what is missing unless offline). False, with a line that says so, when the
-    source has none."""
+    cache, downloading what is missing unless offline); a line that says so when the source has
+    none."""
     folder = Path(source)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download  # a Hub id: its tokenizer files alone
@@ -47,9 +47,8 @@ def save_source_tokenizer(source: str, destination: Path) -> bool:
         folder = Path(snapshot_download(source, allow_patterns=list(TOKENIZER_FILES)))
     if not has_tokenizer(folder):
         print(f"{source} has no tokenizer: none saved beside the model")
-        return False
+        return
     AutoTokenizer.from_pretrained(source).save_pretrained(destination)
-    return True
 
 
 def require_tokenizer(folder: str, what: str) -> None:
